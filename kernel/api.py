@@ -1,0 +1,108 @@
+"""The node API: everything a protocol author needs, and nothing about how messages travel."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol as _TypingProtocol
+
+import numpy as np
+
+from kernel.messages import Message
+
+
+class Context:
+    """A node's handle on the world: its id, clock, seeded randomness, and ways to act."""
+
+    id: int
+    neighbours: tuple[int, ...]
+    n_nodes: int
+    params: Mapping[str, Any]
+
+    @property
+    def now(self) -> float:
+        """Seconds since the run started: virtual on inproc, wall-clock on ray and grpc."""
+        raise NotImplementedError
+
+    @property
+    def rng(self) -> np.random.Generator:
+        """A generator seeded from the run seed and this node's id, the same on every transport."""
+        raise NotImplementedError
+
+    def send(self, dst: int, kind: str, **body: Any) -> None:
+        """Send one message; it arrives later (never inside this call), or is lost."""
+        raise NotImplementedError
+
+    def multicast(self, dsts: Iterable[int], kind: str, **body: Any) -> None:
+        """Send one body to many nodes; it is encoded once, however many receive it."""
+        raise NotImplementedError
+
+    def set_timer(self, delay: float, key: Hashable) -> None:
+        """Call `on_timer(ctx, key)` after `delay` seconds; setting a key again replaces it."""
+        raise NotImplementedError
+
+    def cancel_timer(self, key: Hashable) -> None:
+        """Forget the timer named `key`; unknown keys are ignored."""
+        raise NotImplementedError
+
+    def compute(self, work: float = 1.0, label: str = "train") -> float:
+        """Declare local work; on inproc the compute model turns it into virtual seconds during
+        which this node is busy (its later sends leave then). Returns those seconds."""
+        raise NotImplementedError
+
+    def emit(self, name: str, value: Any, **fields: Any) -> None:
+        """Record a metric row: `{"name", "value", "node", "t", **fields}` in metrics.jsonl."""
+        raise NotImplementedError
+
+    def finish(self, result: Mapping[str, Any]) -> None:
+        """End the whole run with `result` (put the final model under "model")."""
+        raise NotImplementedError
+
+
+class Protocol:
+    """The behaviour of one node: the kernel calls these four methods, one at a time."""
+
+    def on_start(self, ctx: Context) -> None:
+        """Called once when the node starts (again after a simulated crash and restart)."""
+
+    def on_message(self, ctx: Context, msg: Message) -> None:
+        """Called for every message that reaches this node."""
+
+    def on_timer(self, ctx: Context, key: Hashable) -> None:
+        """Called when a timer set with `ctx.set_timer` fires."""
+
+    def on_stop(self, ctx: Context) -> None:
+        """Called once when the run ends, for nodes that exist then."""
+
+
+@dataclass(frozen=True)
+class Deployment:
+    """What a protocol's `build(config)` returns: the nodes, how to make each, who neighbours whom."""
+
+    node_ids: Sequence[int]
+    make_node: Callable[[int], Protocol]
+    neighbours: Callable[[int], Sequence[int]] | None = None
+    # Protocol parameters every node's ctx.params exposes.
+    params: Mapping[str, Any] = field(default_factory=dict)
+    # Heavy shared read-only state (test sets, initial models) a shard builds once: name -> thunk.
+    describe: str = ""
+
+
+class Network(_TypingProtocol):
+    """What inproc asks of a network model, in virtual time; `transports.netmodel` implements it."""
+
+    def arrivals(self, src: int, dst: int, depart: float, nbytes: int) -> Sequence[float]:
+        """Arrival times of one message (empty when lost, several when duplicated)."""
+        ...
+
+    def node_events(self) -> Sequence[tuple[float, int, str]]:
+        """(time, node, "crash" | "restart") events, scheduled before the run starts."""
+        ...
+
+    def compute_time(self, node: int, work: float, label: str) -> float:
+        """Virtual seconds that `work` units of local computation take on `node`."""
+        ...
+
+
+class RunError(RuntimeError):
+    """A run could not go on: a dead peer or shard, a timeout, or a protocol that raised."""

@@ -1,0 +1,1 @@
+"""Transports carry messages between shards: inproc (virtual time), ray and grpc (wall clock)."""
