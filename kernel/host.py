@@ -2,18 +2,34 @@
 
 A transport makes one host per shard. Messages to nodes of the same host stay in memory (through
 the network model on inproc); messages to other hosts go to the transport's `outbox`.
+
+Node life cycle under a network model's crash schedule: a crash stops the node at once (even in
+the middle of a computation), forgets its protocol instance, its timers and the events waiting
+for it; while down it runs nothing, so it sends nothing, and messages reaching it are dropped
+(counted in `stats["dropped"]`). A restart makes a fresh protocol instance with `make_node` and
+calls its `on_start`; the node keeps its id, rng stream and message sequence numbers.
+
+A busy node (one that called `ctx.compute`) handles nothing until its computation ends: events
+reaching it wait in its mailbox and then run in arrival order, before anything that arrives
+later. Its sends depart, and its timers count from, the end of the computation.
 """
 
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
-from typing import Any, Protocol as _TypingProtocol
+from typing import Any
+from typing import Protocol as _TypingProtocol
 
 import numpy as np
 
 from kernel.api import Context, Deployment, Network, Protocol, RunError
-from kernel.loop import CALL, CRASH, DELIVER, RESTART, TIMER, Scheduler
+from kernel.loop import CALL, CRASH, DELIVER, RESTART, TIMER, WAKE, Scheduler
 from kernel.messages import Message
+
+_INF = float("inf")
+# Building the tuple directly skips the namedtuple's Python-level __new__ on the hot path.
+_new_message = tuple.__new__
 
 
 class Outbox(_TypingProtocol):
@@ -33,21 +49,37 @@ class Roundtrip(_TypingProtocol):
 class NodeContext(Context):
     """The context the host gives one node."""
 
-    __slots__ = ("id", "neighbours", "n_nodes", "params", "_host", "_rng", "_seq", "busy_until")
+    __slots__ = (
+        "id", "neighbours", "n_nodes", "params", "proto", "busy_until", "hold", "pending",
+        "timers", "_host", "_sched", "_rng", "_seq", "_direct", "_local",
+    )
 
     def __init__(self, host: Host, node: int, neighbours: tuple[int, ...]) -> None:
         self.id = node
         self.neighbours = neighbours
         self.n_nodes = host.n_nodes
         self.params = host.params
+        # The running protocol instance; None while the node is down (or not started).
+        self.proto: Protocol | None = None
+        # End of the current computation (virtual time); sends depart then.
+        self.busy_until = 0.0
+        # Events for this node run directly only while `hold <= now`: `hold` is busy_until
+        # normally and +inf while the node is down or has events waiting in `pending`.
+        self.hold = _INF
+        self.pending: deque[tuple[int, Any]] = deque()
+        self.timers: dict[Hashable, int] = {}
         self._host = host
+        self._sched = host.sched
         self._rng: np.random.Generator | None = None
         self._seq = 0
-        self.busy_until = 0.0
+        # Sends to a local node go straight onto the scheduler's FIFO when nothing (network
+        # model, codec, sizer) has to see them: the kernel's fast path.
+        self._direct = host._direct
+        self._local = host.local
 
     @property
     def now(self) -> float:
-        t = self._host.sched.now
+        t = self._sched.now
         return t if t >= self.busy_until else self.busy_until
 
     @property
@@ -57,6 +89,12 @@ class NodeContext(Context):
         return self._rng
 
     def send(self, dst: int, kind: str, **body: Any) -> None:
+        direct = self._direct
+        if direct is not None and dst in self._local:
+            self._seq = seq = self._seq + 1
+            direct((DELIVER, dst, _new_message(
+                Message, (self.id, dst, kind, body, self._sched.now, seq))))
+            return
         self._host.send(self, (dst,), kind, body)
 
     def multicast(self, dsts: Iterable[int], kind: str, **body: Any) -> None:
@@ -65,17 +103,25 @@ class NodeContext(Context):
     def set_timer(self, delay: float, key: Hashable) -> None:
         if not delay >= 0:
             raise ValueError(f"node {self.id}: timer {key!r} needs a delay >= 0, got {delay!r}")
-        self._host.set_timer(self, delay, key)
+        host = self._host
+        host._timer_token += 1
+        token = host._timer_token
+        self.timers[key] = token
+        self._sched.push(self.now + delay, TIMER, self.id, (key, token))
 
     def cancel_timer(self, key: Hashable) -> None:
-        self._host.timers[self.id].pop(key, None)
+        self.timers.pop(key, None)
 
     def compute(self, work: float = 1.0, label: str = "train") -> float:
-        host = self._host
-        if host.network is None or host.sched.wall:
+        network = self._host.network
+        if network is None or self._sched.wall:
             return 0.0
-        dt = host.network.compute_time(self.id, work, label)
+        dt = network.compute_time(self.id, work, label)
+        if not dt >= 0:
+            raise ValueError(f"compute model gave {dt!r} s for node {self.id}, label {label!r}")
         self.busy_until = self.now + dt
+        if not self.pending:
+            self.hold = self.busy_until
         return dt
 
     def emit(self, name: str, value: Any, **fields: Any) -> None:
@@ -88,7 +134,11 @@ class NodeContext(Context):
 
 
 class Host:
-    """Runs `local` nodes of a deployment on one scheduler."""
+    """Runs `local` nodes of a deployment on one scheduler.
+
+    The network model, strict codec and sizer are fixed at construction (the send fast path is
+    chosen then).
+    """
 
     def __init__(
         self,
@@ -114,6 +164,7 @@ class Host:
         self.on_metric = on_metric or (lambda row: None)
         self.sizer = sizer
         self.local = frozenset(local)
+        self.all_ids = frozenset(deployment.node_ids)
         self.nodes: dict[int, Protocol] = {}
         self.ctxs: dict[int, NodeContext] = {}
         self.timers: dict[int, dict[Hashable, int]] = {}
@@ -121,42 +172,86 @@ class Host:
         self.result: Mapping[str, Any] | None = None
         self.finished_by: int | None = None
         self.error: BaseException | None = None
+        self._stop = False
         self._timer_token = 0
-        # Counters a transport reports; `bytes` counts encoded sizes where a message was encoded.
-        self.stats = {"messages": 0, "bytes": 0, "events": 0, "dropped": 0}
+        self._direct = (
+            self.sched._fifo.append if network is None and strict is None and sizer is None
+            else None
+        )
+        # Counters (see `stats`); messages are counted from the senders' sequence numbers.
+        self._extra_messages = 0
+        self._bytes = 0
+        self._events = 0
+        self._dropped = 0
+        self._lost = 0
+        # Crash times per node: a send that would depart (after a computation) at or after a
+        # crash of its sender never leaves.
+        self._crash_at: dict[int, list[float]] = {}
+        missing = self.local - self.all_ids
+        if missing:
+            raise ValueError(f"local nodes {sorted(missing)} are not in the deployment's node_ids")
         nb = deployment.neighbours
         for node in sorted(self.local):
             neigh = tuple(nb(node)) if nb is not None else ()
-            self.ctxs[node] = NodeContext(self, node, neigh)
-            self.timers[node] = {}
+            ctx = NodeContext(self, node, neigh)
+            self.ctxs[node] = ctx
+            self.timers[node] = ctx.timers
+
+    @property
+    def stats(self) -> dict[str, int]:
+        """Counters a transport reports: messages sent (one per destination), bytes (encoded or
+        estimated sizes, where a codec or sizer saw them), events run, messages dropped at a down
+        node, messages the network model lost."""
+        return {
+            "messages": sum(c._seq for c in self.ctxs.values()) + self._extra_messages,
+            "bytes": self._bytes,
+            "events": self._events,
+            "dropped": self._dropped,
+            "lost": self._lost,
+        }
 
     # -- lifecycle -------------------------------------------------------------------------
     def start(self) -> None:
-        """Create every local node and call its `on_start` (in id order), then queue the
-        network model's crash and restart events."""
-        for node in sorted(self.local):
-            self._start_node(node)
-            if self.result is not None:
-                return
+        """Queue the network model's crash and restart events, then create every local node
+        and call its `on_start` (in id order). Queued first, a crash or restart comes before
+        anything else due at the same time: a node is down during [crash, restart)."""
         if self.network is not None:
             for t, node, what in sorted(self.network.node_events()):
+                if what not in ("crash", "restart"):
+                    raise ValueError(f"network node event {what!r} for node {node} at t={t}; "
+                                     f"expected 'crash' or 'restart'")
                 if node in self.local:
                     self.sched.push(t, CRASH if what == "crash" else RESTART, node, None)
+                    if what == "crash":
+                        self._crash_at.setdefault(node, []).append(t)
+        for node in sorted(self.local):
+            self._start_node(node)
+            if self._stop:
+                return
 
     def _start_node(self, node: int) -> None:
+        ctx = self.ctxs[node]
         proto = self.deployment.make_node(node)
         self.nodes[node] = proto
-        self._call(proto.on_start, node, self.ctxs[node])
+        ctx.proto = proto
+        ctx.busy_until = ctx.hold = self.sched.now
+        self._call(proto.on_start, node, ctx)
 
     def stop(self) -> None:
-        """Call `on_stop` on every node that exists, in id order."""
+        """Call `on_stop` on every node that is up, in id order; raise a protocol's error."""
         for node in sorted(self.nodes):
             self._call(self.nodes[node].on_stop, node, self.ctxs[node])
+        if self.error is not None:
+            raise self.error
 
     def run(self, until: float | None = None, max_events: int | None = None) -> str:
-        """Run until a node finishes, nothing is left, `until` or `max_events`; say which."""
-        reason, n = self.sched.run(self._dispatch, until=until, max_events=max_events)
-        self.stats["events"] += n
+        """Run until a node finishes, nothing is left, `until` or `max_events`; say which.
+        Raises RunError (naming node, handler, message and time) when a protocol raised."""
+        if not self._stop:
+            reason, n = self.sched.run(self._dispatch, until=until, max_events=max_events)
+            self._events += n
+        else:
+            reason = "finished"
         if self.error is not None:
             raise self.error
         return reason
@@ -168,6 +263,7 @@ class Host:
             self._fail(node, fn.__name__, exc)
 
     def _fail(self, node: int, where: str, exc: Exception, msg: Message | None = None) -> None:
+        self._stop = True
         if self.error is not None:
             return
         what = f" handling {msg.kind!r} from node {msg.src}" if msg is not None else ""
@@ -180,94 +276,168 @@ class Host:
 
     # -- the hot path ----------------------------------------------------------------------
     def _dispatch(self, etype: int, node: int, payload: Any) -> bool:
-        if etype == CALL:
-            payload()
-            return self.result is not None or self.error is not None
-        if node in self.down:
-            if etype == RESTART:
-                self.down.discard(node)
-                self.ctxs[node].busy_until = self.sched.now
-                self._start_node(node)
-                return self.result is not None or self.error is not None
-            self.stats["dropped"] += etype == DELIVER
-            return False
-        ctx = self.ctxs[node]
-        if ctx.busy_until > self.sched.now:
-            # The node is still computing: the event waits for it, in order.
-            self.sched.push(ctx.busy_until, etype, node, payload)
-            return False
         if etype == DELIVER:
-            proto = self.nodes[node]
+            ctx = self.ctxs[node]
+            if ctx.hold > self.sched.now:
+                return self._hold(ctx, etype, payload)
             try:
-                proto.on_message(ctx, payload)
+                ctx.proto.on_message(ctx, payload)  # type: ignore[union-attr]
             except Exception as exc:
                 self._fail(node, "on_message", exc, payload)
-                return True
-        elif etype == TIMER:
-            key, token = payload
-            timers = self.timers[node]
-            if timers.get(key) != token:
-                return False
-            del timers[key]
-            self._call(self.nodes[node].on_timer, node, ctx, key)
-        elif etype == CRASH:
-            self.down.add(node)
-            self.nodes.pop(node, None)
-            self.timers[node].clear()
-            self.on_metric({"t": self.sched.now, "node": node, "name": "crash", "value": 1})
-        # A RESTART for a node that is up changes nothing.
-        return self.result is not None or self.error is not None
+            return self._stop
+        return self._dispatch_other(etype, node, payload)
 
-    def send(self, ctx: NodeContext, dsts: tuple[int, ...], kind: str, body: dict[str, Any]) -> None:
+    def _hold(self, ctx: NodeContext, etype: int, payload: Any) -> bool:
+        """An event for a node that is down (dropped) or busy (kept in its mailbox)."""
+        if ctx.proto is None:
+            self._dropped += etype == DELIVER
+            return False
+        if not ctx.pending:
+            ctx.hold = _INF
+            self.sched.push(ctx.busy_until, WAKE, ctx.id, None)
+        ctx.pending.append((etype, payload))
+        return False
+
+    def _dispatch_other(self, etype: int, node: int, payload: Any) -> bool:
+        if etype == CALL:
+            try:
+                payload()
+            except RunError as exc:
+                self._stop = True
+                self.error = self.error or exc
+            except Exception as exc:
+                self._stop = True
+                if self.error is None:
+                    self.error = RunError(f"transport callback {payload!r} raised "
+                                          f"{type(exc).__name__}: {exc}")
+                    self.error.__cause__ = exc
+            return self._stop
+        ctx = self.ctxs[node]
+        if etype == TIMER:
+            if ctx.hold > self.sched.now:
+                return self._hold(ctx, etype, payload)
+            self._timer(ctx, payload)
+        elif etype == WAKE:
+            self._drain(ctx)
+        elif etype == CRASH:
+            if ctx.proto is not None:
+                self._crash(ctx)
+        elif etype == RESTART:
+            if ctx.proto is None:
+                self.down.discard(node)
+                self.on_metric({"t": self.sched.now, "node": node, "name": "restart", "value": 1})
+                self._start_node(node)
+        else:
+            raise ValueError(f"unknown event type {etype} for node {node}")
+        return self._stop
+
+    def _timer(self, ctx: NodeContext, payload: tuple[Hashable, int]) -> None:
+        key, token = payload
+        timers = ctx.timers
+        # A replaced or cancelled timer leaves its old event in the queue: the token tells.
+        if timers.get(key) != token:
+            return
+        del timers[key]
+        self._call(ctx.proto.on_timer, ctx.id, ctx, key)  # type: ignore[union-attr]
+
+    def _drain(self, ctx: NodeContext) -> None:
+        """Run a node's waiting events in order until it is busy again or none are left."""
+        now = self.sched.now
+        if ctx.proto is None or ctx.busy_until > now:
+            return  # down, or a stale wake-up from before a restart: the right one comes later
+        pending = ctx.pending
+        while pending:
+            etype, payload = pending.popleft()
+            if etype == DELIVER:
+                try:
+                    ctx.proto.on_message(ctx, payload)
+                except Exception as exc:
+                    self._fail(ctx.id, "on_message", exc, payload)
+            else:
+                self._timer(ctx, payload)
+            if self._stop:
+                return
+            if ctx.busy_until > now:
+                if pending:
+                    ctx.hold = _INF
+                    self.sched.push(ctx.busy_until, WAKE, ctx.id, None)
+                return
+        ctx.hold = ctx.busy_until
+
+    def _crash(self, ctx: NodeContext) -> None:
+        node = ctx.id
+        self.down.add(node)
+        self.nodes.pop(node, None)
+        ctx.proto = None
+        ctx.hold = _INF
+        ctx.busy_until = self.sched.now
+        ctx.pending.clear()
+        ctx.timers.clear()
+        self.on_metric({"t": self.sched.now, "node": node, "name": "crash", "value": 1})
+
+    def send(
+        self, ctx: NodeContext, dsts: tuple[int, ...], kind: str, body: dict[str, Any]
+    ) -> None:
         """Route one body from `ctx`'s node to `dsts`; the body is shared, never copied."""
+        n = len(dsts)
+        if n == 0:
+            return
         sched = self.sched
         t = sched.now
         if ctx.busy_until > t:
             t = ctx.busy_until
         ctx._seq += 1
-        msg = Message(ctx.id, dsts[0] if len(dsts) == 1 else -1, kind, body, t, ctx._seq)
-        stats = self.stats
-        stats["messages"] += len(dsts)
+        self._extra_messages += n - 1
+        if t > sched.now and self._crash_at and self._dies_before(ctx.id, t):
+            self._lost += n
+            return
+        msg = _new_message(Message, (ctx.id, dsts[0] if n == 1 else -1, kind, body, t, ctx._seq))
         nbytes = 0
         if self.strict is not None:
             msg, nbytes = self.strict.roundtrip(msg)
-            stats["bytes"] += nbytes * len(dsts)
+            self._bytes += nbytes * n
         elif self.sizer is not None:
             nbytes = self.sizer(body)
-            stats["bytes"] += nbytes * len(dsts)
+            self._bytes += nbytes * n
         local = self.local
         remote: list[int] = []
         network = self.network
-        one = len(dsts) == 1
         for dst in dsts:
             if dst not in local:
                 remote.append(dst)
                 continue
-            m = msg if one else msg._replace(dst=dst)
+            m = msg if n == 1 and msg.dst == dst else msg._replace(dst=dst)
             if network is None:
                 sched.push(t, DELIVER, dst, m)
             else:
-                for arrival in network.arrivals(ctx.id, dst, t, nbytes):
+                arrivals = network.arrivals(ctx.id, dst, t, nbytes)
+                if not arrivals:
+                    self._lost += 1
+                for arrival in arrivals:
                     sched.push(arrival, DELIVER, dst, m)
         if remote:
-            if self.outbox is None:
-                unknown = [d for d in remote if d not in self.deployment.node_ids]
+            unknown = [d for d in remote if d not in self.all_ids]
+            if unknown or self.outbox is None:
                 raise RunError(
                     f"node {ctx.id} sent {kind!r} to unknown node(s) {unknown or remote}; "
-                    f"this run's nodes are 0..{self.n_nodes - 1}"
+                    f"this run's nodes are {_describe_ids(self.all_ids)}"
                 )
             self.outbox.post(msg, remote)
 
+    def _dies_before(self, node: int, depart: float) -> bool:
+        now = self.sched.now
+        return any(now <= c < depart for c in self._crash_at.get(node, ()))
+
     def set_timer(self, ctx: NodeContext, delay: float, key: Hashable) -> None:
-        self._timer_token += 1
-        token = self._timer_token
-        self.timers[ctx.id][key] = token
-        self.sched.push(ctx.now + delay, TIMER, ctx.id, (key, token))
+        """Same as `ctx.set_timer(delay, key)` (kept for callers that hold the host)."""
+        ctx.set_timer(delay, key)
 
     def finish(self, node: int, result: Mapping[str, Any]) -> None:
+        """End the run with `result`; the first node to finish wins."""
         if self.result is None:
             self.result = result
             self.finished_by = node
+        self._stop = True
 
     # -- entry points for transports ---------------------------------------------------------
     def deliver(self, msg: Message, dsts: Sequence[int], threadsafe: bool = False) -> None:
@@ -276,7 +446,7 @@ class Host:
             if dst not in self.local:
                 raise RunError(f"message {msg.kind!r} from node {msg.src} for node {dst}, "
                                f"which this host does not run")
-            m = msg._replace(dst=dst)
+            m = msg if msg.dst == dst else msg._replace(dst=dst)
             if threadsafe:
                 self.sched.push_threadsafe(DELIVER, dst, m)
             else:
@@ -286,3 +456,9 @@ class Host:
         """Run `fn` on the loop's thread, between events."""
         self.sched.push_threadsafe(CALL, -1, fn)
 
+
+def _describe_ids(ids: frozenset[int]) -> str:
+    lo, hi = min(ids, default=0), max(ids, default=-1)
+    if len(ids) == hi - lo + 1:
+        return f"{lo}..{hi}"
+    return ", ".join(map(str, sorted(ids)))

@@ -1,8 +1,13 @@
 """The event queue and its clocks: virtual time that jumps from event to event, or the wall clock.
 
-Events are ordered by (time, insertion sequence). Execution is single-threaded and everything that
+Events are ordered by (time, insertion order). Execution is single-threaded and everything that
 inserts events is deterministic given the seed, so the order is total and replays exactly.
-Events due now go to a FIFO (about 3x cheaper than the heap); the heap holds the future.
+Events due now go to a FIFO (about 3x cheaper than the heap); the heap holds the future. Virtual
+time only advances when the FIFO is empty, and then moves every heap event due at the new time
+to the FIFO in (time, insertion) order, so the FIFO order is the total order.
+
+In wall mode the clock is `time.monotonic()` since the scheduler was made; other threads hand
+events in with `push_threadsafe` and the loop sleeps on a `threading.Event` between events.
 """
 
 from __future__ import annotations
@@ -14,20 +19,26 @@ from collections import deque
 from collections.abc import Callable
 from typing import Any
 
-# Event types; small ints so the tuples compare and dispatch cheaply.
-DELIVER, TIMER, CRASH, RESTART, CALL = 0, 1, 2, 3, 4
+# Event types; small ints so the tuples compare and dispatch cheaply. WAKE tells a host that a
+# busy node's computation has ended and its waiting events can run.
+DELIVER, TIMER, CRASH, RESTART, CALL, WAKE = 0, 1, 2, 3, 4, 5
 
 Event = tuple[int, int, Any]  # (etype, node, payload)
 
+# The longest a wall-clock loop sleeps before looking at its clock again (and calling
+# `idle_wait`, which transports use to notice dead peers).
+IDLE_POLL_S = 0.05
+
 
 class Scheduler:
-    """An event queue with a clock; `virtual` jumps, `wall` waits for real time to pass."""
+    """An event queue with a clock; virtual time jumps, `wall=True` waits for real time to pass."""
 
     __slots__ = ("now", "_heap", "_fifo", "_seq", "wall", "_t0", "_inbox", "_wake")
 
     def __init__(self, wall: bool = False) -> None:
         self.now = 0.0
         self._heap: list[tuple[float, int, int, int, Any]] = []
+        # Friends in kernel.host append (etype, node, payload) here directly for events due now.
         self._fifo: deque[Event] = deque()
         self._seq = 0
         self.wall = wall
@@ -37,7 +48,8 @@ class Scheduler:
         self._wake = threading.Event()
 
     def push(self, t: float, etype: int, node: int, payload: Any) -> None:
-        """Schedule an event at time `t` (at once when `t` is not in the future)."""
+        """Schedule an event at time `t` (at once, after those already due, when `t` is not in
+        the future). Call only from the loop's thread (or before it runs)."""
         if t <= self.now:
             self._fifo.append((etype, node, payload))
         else:
@@ -76,35 +88,51 @@ class Scheduler:
         """Run events through `dispatch` (which returns True to stop) and say why it stopped.
 
         Returns (reason, events) with reason one of "finished", "idle", "until", "max_events".
-        In wall mode "idle" is never returned: the loop waits (up to `until`) for events from
-        other threads, calling `idle_wait(seconds)` each time it would block.
+        Events at exactly `until` still run. In wall mode "idle" is never returned: the loop
+        waits (up to `until`) for events from other threads, calling `idle_wait(seconds)` each
+        time it is about to block.
         """
-        heap, fifo, inbox = self._heap, self._fifo, self._inbox
+        if max_events is not None and max_events <= 0:
+            return "max_events", 0
+        if self.wall:
+            return self._run_wall(dispatch, until, max_events, idle_wait)
+        heap, fifo = self._heap, self._fifo
         pop, popleft = heapq.heappop, fifo.popleft
+        # A limit the count never reaches keeps the hot loop to one comparison.
         limit = max_events if max_events is not None else -1
         n = 0
-        if not self.wall:
-            while True:
-                if not fifo:
-                    if not heap:
-                        return "idle", n
-                    t = heap[0][0]
-                    if until is not None and t > until:
-                        self.now = until
-                        return "until", n
-                    self.now = t
-                    # Move everything due at t to the FIFO so (time, seq) order holds exactly.
-                    while heap and heap[0][0] == t:
-                        e = pop(heap)
-                        fifo.append((e[2], e[3], e[4]))
-                etype, node, payload = popleft()
+        while True:
+            while fifo:
                 n += 1
-                if dispatch(etype, node, payload):
+                if dispatch(*popleft()):
                     return "finished", n
                 if n == limit:
                     return "max_events", n
-        t0 = self._t0
-        clock = time.monotonic
+            if not heap:
+                return "idle", n
+            t = heap[0][0]
+            if until is not None and t > until:
+                if until > self.now:
+                    self.now = until
+                return "until", n
+            self.now = t
+            # Move everything due at t to the FIFO so (time, insertion) order holds exactly.
+            while heap and heap[0][0] == t:
+                e = pop(heap)
+                fifo.append((e[2], e[3], e[4]))
+
+    def _run_wall(
+        self,
+        dispatch: Callable[[int, int, Any], bool],
+        until: float | None,
+        max_events: int | None,
+        idle_wait: Callable[[float], None] | None,
+    ) -> tuple[str, int]:
+        heap, fifo, inbox = self._heap, self._fifo, self._inbox
+        pop, popleft = heapq.heappop, fifo.popleft
+        limit = max_events if max_events is not None else -1
+        t0, clock, wake = self._t0, time.monotonic, self._wake
+        n = 0
         while True:
             self.now = clock() - t0
             while inbox:
@@ -113,23 +141,28 @@ class Scheduler:
                 e = pop(heap)
                 fifo.append((e[2], e[3], e[4]))
             if fifo:
-                while fifo:
-                    etype, node, payload = popleft()
+                # Only the events due as of this look at the clock: events they cause wait for
+                # the next look, so a chatty node cannot starve timers or other threads' input.
+                for _ in range(len(fifo)):
                     n += 1
-                    if dispatch(etype, node, payload):
+                    if dispatch(*popleft()):
                         return "finished", n
                     if n == limit:
                         return "max_events", n
                 continue
             if until is not None and self.now >= until:
                 return "until", n
-            wait = 0.05
+            wait = IDLE_POLL_S
             if heap:
                 wait = min(wait, heap[0][0] - self.now)
             if until is not None:
                 wait = min(wait, until - self.now)
+            wait = max(wait, 0.0)
             if idle_wait is not None:
-                idle_wait(max(wait, 0.0))
-            if not inbox:
-                self._wake.wait(max(wait, 0.0))
-            self._wake.clear()
+                idle_wait(wait)
+            # A push_threadsafe between the inbox check above and this wait sets the event,
+            # so the wait returns at once: no wake-up is lost, and clear() happens before the
+            # next look at the inbox.
+            if not inbox and not fifo:
+                wake.wait(wait)
+            wake.clear()

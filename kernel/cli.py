@@ -1,0 +1,154 @@
+"""The `fedloom` command.
+
+    fedloom run [CONFIG] [--set key=value ...] [--out DIR] [--quiet] [--debug]
+    fedloom perf compare|micro ...     (implemented by perf.cli)
+    fedloom inspect DIR                (implemented by perf.cli)
+
+`fedloom run` without CONFIG runs the built-in default (workload W1: FedAvg, 10 clients,
+5 rounds, mlp, inproc). Outputs go to `--out`, else `[output] dir`, else `runs/<config stem>`
+(`runs/default` for the built-in config); files of an earlier run there are replaced.
+
+Exit codes: 0 the run finished; 1 an error (bad config, a failed run: the message without a
+traceback unless --debug); 2 bad command-line usage; 3 the run stopped (time limit, event
+limit, nothing left to do) before any node called `finish`; 130 interrupted.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import traceback
+from collections.abc import Mapping, Sequence
+from importlib import import_module
+from pathlib import Path
+from typing import Any
+
+from kernel.api import RunError
+from kernel.config import DEFAULT_CONFIG_NAME, ConfigError, default_config, load
+from kernel.progress import human_bytes
+from kernel.registry import UnknownName
+
+EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNFINISHED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
+# Subcommands another package implements: `fedloom perf X ...` calls perf.cli.main(["X", ...]),
+# `fedloom inspect DIR` calls perf.cli.main(["inspect", DIR]). Imported only when used, so the
+# kernel does not depend on perf.
+DELEGATED = {"perf": "perf.cli", "inspect": "perf.cli"}
+# Errors a user can fix from the message alone: shown without a traceback.
+USER_ERRORS = (ConfigError, RunError, UnknownName, OSError)
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Run the command line `argv` (default sys.argv[1:]) and return the exit code."""
+    args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] in DELEGATED:
+        return _delegate(args[0], args[1:])
+    parser = _parser()
+    ns = parser.parse_args(args)
+    if ns.command is None:
+        parser.print_help(sys.stderr)
+        return EXIT_USAGE
+    try:
+        return _run(ns)
+    except KeyboardInterrupt:
+        print("fedloom: interrupted", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    except USER_ERRORS as exc:
+        if ns.debug:
+            traceback.print_exc()
+        print(f"fedloom: error: {exc}", file=sys.stderr)
+        return EXIT_ERROR
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="fedloom",
+        description="Simulate federated and decentralised learning protocols.",
+    )
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    p = sub.add_parser("run", help="run one config and write its results",
+                       description="Run one config and write metrics.jsonl, result.json, "
+                       "final_model.npz and config.toml into the output directory.")
+    p.add_argument("config", nargs="?", type=Path,
+                   help="TOML config file (default: the built-in W1 FedAvg run on inproc)")
+    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set transport.kind=ray "
+                        "--set run.seed=3 (repeatable; values are TOML, else strings)")
+    p.add_argument("--out", type=Path, metavar="DIR",
+                   help="output directory (default: [output] dir, else runs/<config stem>)")
+    p.add_argument("--quiet", action="store_true",
+                   help="print nothing but errors (no progress, no summary)")
+    p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
+    sub.add_parser("perf", help="benchmarks: fedloom perf compare|micro ... (see fedloom perf -h)",
+                   add_help=False)
+    sub.add_parser("inspect", help="summarise a run directory: fedloom inspect DIR",
+                   add_help=False)
+    return parser
+
+
+def _run(ns: argparse.Namespace) -> int:
+    if ns.config is None:
+        config = default_config(ns.overrides)
+        stem = DEFAULT_CONFIG_NAME
+    else:
+        config = load(ns.config, ns.overrides)
+        stem = ns.config.stem
+    out_dir = ns.out
+    if out_dir is None:
+        configured = config.get("output", {}).get("dir", "")
+        out_dir = Path(configured) if configured else Path("runs") / stem
+    # Imported here so `fedloom --help` and config errors stay fast.
+    from kernel.runner import run
+
+    result = run(config, out_dir, quiet=ns.quiet)
+    finished = result.get("reason") == "finished"
+    if not ns.quiet:
+        print(summary(result, out_dir))
+    if not finished:
+        print(f"fedloom: the run stopped ({result.get('reason')}) before any node called "
+              f"finish; {out_dir} has no final model", file=sys.stderr)
+        return EXIT_UNFINISHED
+    return EXIT_OK
+
+
+def summary(result: Mapping[str, Any], out_dir: Path) -> str:
+    """A few lines a person reads at the end of a run."""
+    acc = result.get("test_accuracy")
+    virtual = result.get("virtual_s")
+    lines = [
+        f"{result['protocol']} on {result['transport']}, seed {result['seed']}: "
+        f"{result['reason']}" + (f" by node {result['finished_by']}"
+                                 if result.get("finished_by") is not None else ""),
+        f"  rounds         {result['rounds']}",
+        f"  test accuracy  {acc:.4f}" if isinstance(acc, float) else "  test accuracy  -",
+        f"  wall s         {result['wall_s']:.2f} (startup {result['startup_s']:.2f}, "
+        f"rounds {result['rounds_s']:.2f})",
+    ]
+    if virtual is not None:
+        lines.append(f"  virtual s      {virtual:.6g}")
+    lines += [
+        f"  messages       {result['messages']}",
+        f"  bytes          {result['bytes']} ({human_bytes(result['bytes'])})",
+        f"  peak RSS       {result['peak_rss_mb']:.0f} MB",
+        f"  model sha256   {result['final_model_sha256'] or '-'}",
+        f"  outputs        {out_dir}",
+    ]
+    return "\n".join(lines)
+
+
+def _delegate(command: str, rest: list[str]) -> int:
+    module_name = DELEGATED[command]
+    try:
+        module = import_module(module_name)
+    except ModuleNotFoundError as exc:
+        if exc.name is not None and module_name.startswith(exc.name):
+            print(f"fedloom: error: 'fedloom {command}' needs {module_name}, which is not "
+                  f"installed", file=sys.stderr)
+            return EXIT_ERROR
+        raise
+    argv = rest if command == "perf" else [command, *rest]
+    code = module.main(argv)
+    return int(code or 0)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

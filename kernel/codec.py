@@ -1,0 +1,432 @@
+"""The wire format: a message (or a bare body) as a list of frame parts, and any byte string back
+to a message or a CodecError; never pickle, never eval.
+
+Frame: an 8-byte prefix `b"FL"`, version, kind (`M` message, `B` body) and the u32 length of
+the msgpack header; the header; zero padding to a multiple of 64; then the payload region, where
+each out-of-band tensor's bytes start at a multiple of 64. A message header is
+`[src, dst, kind, sent_at, seq, body]`, a body frame's header is the body dict. Tensors are ext
+records (see kernel.tensorwire); `encode` hands their payloads out as views of the arrays (no
+copy) and `decode` reads them in place (read-only numpy views of the given buffer).
+
+What round-trips: None, bool, int (-2**63 .. 2**64-1), float, str, bytes (bytearray and
+memoryview come back as bytes), numpy arrays of bool/int/uint/float/complex dtypes (read-only,
+native little-endian), numpy scalars (as numpy scalars of the same dtype, np.float64 included),
+torch tensors (bfloat16 included; dense, on the CPU, detached), lists, tuples (as tuples) and
+dicts whose keys are any of these hashable values (str and int keys included). Subclasses come
+back as their base type (a namedtuple as a tuple, an OrderedDict as a dict).
+"""
+
+from __future__ import annotations
+
+import operator
+import struct
+import sys
+import threading
+from collections.abc import Mapping
+from typing import Any
+
+import msgpack
+import numpy as np
+from msgpack import ExtType, Timestamp
+
+from kernel.config import ConfigError, options
+from kernel.messages import Message
+from kernel.tensorwire import (
+    ALIGN,
+    EXT_NDARRAY,
+    EXT_SCALAR,
+    EXT_TORCH,
+    POLICIES,
+    CodecError,
+    TensorReader,
+    TensorWriter,
+)
+
+__all__ = ["Codec", "CodecError", "body_nbytes", "join", "DEFAULTS"]
+
+MAGIC = b"FL"
+VERSION = 1
+KIND_MESSAGE = ord("M")
+KIND_BODY = ord("B")
+_PREFIX = struct.Struct("<2sBBI")
+EXT_TUPLE = 4  # empty record opening a msgpack array that decodes as a tuple
+
+DEFAULTS: dict[str, Any] = {
+    "compression": "auto",  # per tensor: "auto", "none", "lz4" or "shuffle+lz4"
+    "min_compress_bytes": 4096,  # tensors smaller than this are never compressed
+    "inline_bytes": 1024,  # tensors up to this size travel inside the header
+    "max_message_bytes": 1 << 32,  # a frame, and the tensors it decodes to, in all
+    "max_tensor_bytes": 1 << 31,  # one tensor, decoded
+    "max_depth": 32,  # nesting of lists, tuples and dicts (the body dict is depth 1)
+    "max_items": 1 << 22,  # entries of one list, tuple or dict
+}
+_RANGES = {
+    "min_compress_bytes": (0, 1 << 62),
+    "inline_bytes": (0, 1 << 16),
+    "max_message_bytes": (64, 1 << 62),
+    "max_tensor_bytes": (0, 1 << 62),
+    "max_depth": (1, 256),
+    "max_items": (1, 1 << 40),
+}
+_TUPLE_RECORD = ExtType(EXT_TUPLE, b"")
+_TUPLE_MARK = object()  # what the tuple record decodes to before its list becomes a tuple
+_FIELDS = ("src", "dst", "kind", "sent_at", "seq", "body")
+_FIELD_TYPES = (int, int, str, float, int, dict)
+_PACK_OPTS = {"use_bin_type": True, "strict_types": True, "datetime": False}
+
+
+class Codec:
+    """Encodes messages and bodies into frames and decodes frames, under one compression policy
+    and one set of limits (see DEFAULTS); stateless, so one instance serves many threads."""
+
+    def __init__(self, **settings: Any) -> None:
+        cfg = _validated(settings)
+        self.compression: str = cfg["compression"]
+        self.min_compress_bytes: int = cfg["min_compress_bytes"]
+        self.inline_bytes: int = cfg["inline_bytes"]
+        self.max_message_bytes: int = cfg["max_message_bytes"]
+        self.max_tensor_bytes: int = cfg["max_tensor_bytes"]
+        self.max_depth: int = cfg["max_depth"]
+        self.max_items: int = cfg["max_items"]
+        self._local = threading.local()
+
+    @classmethod
+    def from_config(cls, section: Mapping[str, Any]) -> Codec:
+        """A codec from the `[codec]` config table; an unknown key or bad value is a ConfigError
+        naming it."""
+        return cls(**section)
+
+    def __repr__(self) -> str:
+        return (f"Codec(compression={self.compression!r}, max_message_bytes="
+                f"{self.max_message_bytes}, max_tensor_bytes={self.max_tensor_bytes})")
+
+    # ------------------------------------------------------------------------------ encoding
+
+    def encode(self, msg: Message) -> list[bytes | memoryview]:
+        """`msg` as frame parts, header first; tensor payloads are views of the arrays, not
+        copies, so the arrays must not change until the parts are written out."""
+        return self._frame(KIND_MESSAGE, _header(msg), check=True)
+
+    def encode_body(self, body: Mapping[str, Any]) -> list[bytes | memoryview]:
+        """A bare body (a checkpoint, a result) as frame parts, the same way as `encode`."""
+        return self._frame(KIND_BODY, _as_dict(body), check=True)
+
+    def _frame(self, kind: int, obj: Any, check: bool) -> list[Any]:
+        if check:
+            body = obj[5] if kind == KIND_MESSAGE else obj
+            _check_tree(body, self.max_depth, self.max_depth, self.max_items)
+        try:
+            packer, w = self._local.tools
+        except AttributeError:
+            # Building a Packer costs more than packing a small header: one per thread, reused.
+            w = _Writer(self)
+            packer = msgpack.Packer(default=w.default, **_PACK_OPTS)
+            self._local.tools = packer, w
+        w.parts = []
+        w.end = 0
+        w.current = None
+        try:
+            header = packer.pack(obj)
+        except CodecError as e:
+            w.parts = []
+            where = _path_to(obj[5] if kind == KIND_MESSAGE else obj, w.current)
+            raise CodecError(f"cannot encode {where}: {e}") from None
+        except Exception as e:
+            w.parts = []
+            raise CodecError(f"cannot encode the body: {_explain(e)}") from None
+        hl = len(header)
+        parts = w.parts
+        if not parts:
+            if 8 + hl > self.max_message_bytes:
+                raise CodecError(f"frame of {8 + hl} bytes exceeds max_message_bytes "
+                                 f"{self.max_message_bytes}")
+            return [_PREFIX.pack(MAGIC, VERSION, kind, hl) + header]
+        w.parts = []  # the payload views leave with the frame, not with the writer
+        pad = -(8 + hl) % ALIGN
+        total = 8 + hl + pad + w.end
+        if total > self.max_message_bytes:
+            raise CodecError(f"frame of {total} bytes exceeds max_message_bytes "
+                             f"{self.max_message_bytes}")
+        first = b"".join((_PREFIX.pack(MAGIC, VERSION, kind, hl), header, bytes(pad)))
+        return [first, *parts]
+
+    # ------------------------------------------------------------------------------ decoding
+
+    def decode(self, data: bytes | bytearray | memoryview) -> Message:
+        """The message in frame `data`; its arrays are read-only views into `data` (torch
+        tensors share `data` too and must be treated as read-only)."""
+        h = self._unframe(data, KIND_MESSAGE)
+        if type(h) is not list or len(h) != 6:
+            raise CodecError("message header must be a list of 6 fields [src, dst, kind, "
+                             f"sent_at, seq, body]; got {_describe(h)}")
+        src, dst, kind, sent_at, seq, body = h
+        if (type(src) is not int or type(dst) is not int or type(kind) is not str
+                or type(sent_at) is not float or type(seq) is not int or type(body) is not dict):
+            for name, value, want in zip(_FIELDS, h, _FIELD_TYPES):
+                if type(value) is not want:
+                    raise CodecError(f"message header field {name!r} is {_describe(value)}; "
+                                     f"expected {want.__name__}")
+        _check_tree(body, self.max_depth, self.max_depth, self.max_items)
+        return Message(src, dst, kind, body, sent_at, seq)
+
+    def decode_body(self, data: bytes | bytearray | memoryview) -> dict[Any, Any]:
+        """The body in a frame made by `encode_body`."""
+        body = self._unframe(data, KIND_BODY)
+        if type(body) is not dict:
+            raise CodecError(f"body frame must hold a dict; got {_describe(body)}")
+        _check_tree(body, self.max_depth, self.max_depth, self.max_items)
+        return body
+
+    def roundtrip(self, msg: Message) -> tuple[Message, int]:
+        """`msg` after encoding and decoding (what a receiver in another process would get, in
+        fresh memory) and the frame's size in bytes."""
+        parts = self._frame(KIND_MESSAGE, _header(msg), check=False)
+        data = parts[0] if len(parts) == 1 else join(parts)
+        return self.decode(data), len(data)
+
+    def _unframe(self, data: Any, kind: int) -> Any:
+        try:
+            mv = memoryview(data)
+        except TypeError:
+            raise CodecError(f"cannot decode {type(data).__name__}: need bytes, bytearray or "
+                             "memoryview") from None
+        if mv.ndim != 1 or mv.itemsize != 1:
+            try:
+                mv = mv.cast("B")
+            except TypeError:
+                raise CodecError("cannot decode a non-contiguous buffer") from None
+        n = len(mv)
+        if n > self.max_message_bytes:
+            raise CodecError(f"frame of {n} bytes exceeds max_message_bytes "
+                             f"{self.max_message_bytes}")
+        if n < 8:
+            raise CodecError(f"truncated at byte offset {n}: a frame starts with an 8-byte prefix")
+        magic, version, got, hl = _PREFIX.unpack_from(mv)
+        if magic != MAGIC:
+            raise CodecError(f"not a fedloom frame: bytes 0-1 are {magic!r}, expected {MAGIC!r}")
+        if version != VERSION:
+            raise CodecError(f"frame version {version} at byte offset 2; this codec reads "
+                             f"version {VERSION}")
+        if got != kind:
+            raise CodecError(f"frame kind {bytes((got,))!r} at byte offset 3; expected "
+                             f"{bytes((kind,))!r} ({'message' if kind == KIND_MESSAGE else 'body'})")
+        hend = 8 + hl
+        if hend > n:
+            raise CodecError(f"truncated at byte offset {n}: the header declares {hl} bytes "
+                             "from byte offset 8")
+        r = _Reader(mv, -(-hend // ALIGN) * ALIGN, self.max_tensor_bytes, self.max_message_bytes)
+        lim = min(hl, self.max_items)
+        try:
+            obj = msgpack.unpackb(
+                mv[8:hend], ext_hook=r.ext_hook, list_hook=r.list_hook, strict_map_key=False,
+                max_str_len=hl, max_bin_len=hl, max_ext_len=hl, max_array_len=lim,
+                max_map_len=lim,
+            )
+        except CodecError:
+            raise
+        except Exception as e:
+            raise CodecError(f"bad header at byte offsets 8-{hend}: {_explain(e)}") from None
+        if r.marks:
+            raise CodecError(f"{r.marks} tuple record(s) out of place in the header")
+        end = r.base + r.end if r.seen else hend
+        if n != end:
+            raise CodecError(f"{n - end} unexpected bytes after the frame's end at byte offset "
+                             f"{end}")
+        return obj
+
+
+# ---------------------------------------------------------------------------------- helpers
+
+class _Writer(TensorWriter):
+    """msgpack's `default` for one frame: tensors become records, tuples tagged lists, and
+    subclasses of plain types their base type."""
+
+    __slots__ = ("current",)
+
+    def __init__(self, codec: Codec) -> None:
+        super().__init__(codec.compression, codec.min_compress_bytes, codec.inline_bytes,
+                         codec.max_tensor_bytes)
+        self.current: Any = None  # the value being converted, to name it in an error
+
+    def default(self, obj: Any) -> Any:
+        self.current = obj
+        t = type(obj)
+        if t is np.ndarray:
+            return self.ndarray(obj)
+        if t is tuple:
+            return [_TUPLE_RECORD, *obj]
+        torch = sys.modules.get("torch")
+        if torch is not None and isinstance(obj, torch.Tensor):
+            return self.tensor(obj)
+        if isinstance(obj, np.generic):
+            if isinstance(obj, np.bool_ | np.number):
+                return self.scalar(obj)
+            if isinstance(obj, str | bytes):  # np.str_, np.bytes_
+                return str(obj) if isinstance(obj, str) else bytes(obj)
+        elif isinstance(obj, np.ndarray):
+            if isinstance(obj, np.ma.MaskedArray):
+                raise CodecError("a masked array (its mask would be lost)")
+            return self.ndarray(np.asarray(obj))
+        elif isinstance(obj, tuple):
+            return [_TUPLE_RECORD, *obj]
+        else:
+            for base in (bool, int, float, str, bytes, list, dict):
+                if isinstance(obj, base):
+                    return base(obj)
+        raise CodecError(f"unsupported type {t.__module__}.{t.__qualname__}")
+
+
+class _Reader(TensorReader):
+    """msgpack's `ext_hook` and `list_hook` for one frame."""
+
+    __slots__ = ("marks",)
+
+    def __init__(self, mv: memoryview, base: int, max_tensor: int, budget: int) -> None:
+        super().__init__(mv, base, max_tensor, budget)
+        self.marks = 0  # tuple records seen but not yet turned into tuples
+
+    def ext_hook(self, code: int, data: bytes) -> Any:
+        if code == EXT_TUPLE:
+            if data:
+                raise CodecError(f"tuple record holds {len(data)} bytes; expected none")
+            self.marks += 1
+            return _TUPLE_MARK
+        if code == EXT_NDARRAY or code == EXT_TORCH or code == EXT_SCALAR:
+            return self.record(code, data)
+        raise CodecError(f"unknown ext code {code} in the header; expected {EXT_NDARRAY} "
+                         f"(numpy), {EXT_TORCH} (torch), {EXT_SCALAR} (numpy scalar) or "
+                         f"{EXT_TUPLE} (tuple)")
+
+    def list_hook(self, items: list[Any]) -> Any:
+        if items and items[0] is _TUPLE_MARK:
+            self.marks -= 1
+            return tuple(items[1:])
+        return items
+
+
+def _header(msg: Message) -> list[Any]:
+    src, dst, kind, body, sent_at, seq = msg
+    try:
+        if type(src) is not int:
+            src = operator.index(src)
+        if type(dst) is not int:
+            dst = operator.index(dst)
+        if type(seq) is not int:
+            seq = operator.index(seq)
+        if type(sent_at) is not float:
+            sent_at = float(sent_at)
+    except TypeError as e:
+        raise CodecError(f"cannot encode message header: {e}") from None
+    if type(kind) is not str:
+        raise CodecError(f"message kind must be a str; got {_describe(kind)}")
+    return [src, dst, kind, sent_at, seq, _as_dict(body)]
+
+
+def _as_dict(body: Any) -> dict[Any, Any]:
+    if type(body) is dict:
+        return body
+    if isinstance(body, Mapping):
+        return dict(body)
+    raise CodecError(f"a body must be a dict; got {_describe(body)}")
+
+
+def _check_tree(obj: Any, left: int, limit: int, max_items: int) -> None:
+    """Refuse nesting deeper than `limit` (`obj` itself is at depth limit - left + 1), a
+    container of more than `max_items` entries, and msgpack timestamps (never written here)."""
+    if left <= 0:
+        raise CodecError(f"body nested deeper than max_depth {limit}")
+    if len(obj) > max_items:
+        raise CodecError(f"a {type(obj).__name__} of {len(obj)} entries exceeds max_items "
+                         f"{max_items}")
+    if type(obj) is dict:
+        for k in obj:
+            tk = type(k)
+            if tk is str or tk is int:
+                continue
+            if tk is tuple:
+                _check_tree(k, left - 1, limit, max_items)
+            elif tk is Timestamp:
+                raise CodecError(_NO_TIMESTAMPS)
+        values: Any = obj.values()
+    else:
+        values = obj
+    for v in values:
+        t = type(v)
+        if t is dict or t is list or t is tuple:
+            _check_tree(v, left - 1, limit, max_items)
+        elif t is Timestamp:
+            raise CodecError(_NO_TIMESTAMPS)
+
+
+_NO_TIMESTAMPS = "msgpack timestamp (ext code -1) in the header; this format has no timestamps"
+
+
+def _path_to(root: Any, target: Any) -> str:
+    """Where `target` sits in `root`, as `body['a'][2]` (only on the error path)."""
+    stack: list[tuple[Any, str]] = [(root, "body")]
+    while stack:
+        obj, path = stack.pop()
+        if obj is target:
+            return path
+        if isinstance(obj, dict):
+            stack.extend((v, f"{path}[{k!r}]") for k, v in obj.items())
+        elif isinstance(obj, list | tuple):
+            stack.extend((v, f"{path}[{i}]") for i, v in enumerate(obj))
+    return "the body"
+
+
+def _describe(v: Any) -> str:
+    r = repr(v)
+    return f"{type(v).__name__} {r if len(r) <= 60 else r[:57] + '...'}"
+
+
+def _explain(e: BaseException) -> str:
+    return f"{type(e).__name__}: {e}" if str(e) else type(e).__name__
+
+
+def _validated(given: Mapping[str, Any]) -> dict[str, Any]:
+    cfg = options("codec", given, DEFAULTS, choices={"compression": POLICIES})
+    for key, (lo, hi) in _RANGES.items():
+        v = cfg[key]
+        if not lo <= v <= hi:
+            raise ConfigError(f"[codec] {key} = {v!r} is out of range; expected an integer from "
+                              f"{lo} to {hi}")
+    return cfg
+
+
+# ------------------------------------------------------------------------------- free helpers
+
+_SMALL = 16  # estimated bytes of one scalar entry (key, type tag, value)
+
+
+def body_nbytes(body: Mapping[str, Any]) -> int:
+    """A cheap estimate of a body's encoded size: tensor bytes (uncompressed) plus a small
+    constant per scalar and the length of strings and bytes."""
+    n = 32
+    for v in body.values():
+        t = type(v)
+        if t is np.ndarray:
+            n += v.nbytes + 48
+        elif t is float or t is int or t is bool or v is None:
+            n += _SMALL
+        else:
+            n += _value_nbytes(v)
+    return n
+
+
+def _value_nbytes(v: Any) -> int:
+    if isinstance(v, str | bytes | bytearray):
+        return len(v) + _SMALL
+    if isinstance(v, dict):
+        return _SMALL + sum(_value_nbytes(k) + _value_nbytes(x) for k, x in v.items())
+    if isinstance(v, list | tuple):
+        return _SMALL + sum(_value_nbytes(x) for x in v)
+    nb = getattr(v, "nbytes", None)  # numpy arrays and scalars, torch tensors, memoryviews
+    if isinstance(nb, int):
+        return nb + 48
+    return _SMALL
+
+
+def join(parts: list[Any]) -> bytearray:
+    """Frame parts as one buffer (one copy)."""
+    return bytearray().join(parts)

@@ -1,0 +1,256 @@
+"""The runner: a config in, one run on the transport it names, result.json's content out.
+
+The runner finds the protocol and the transport through `kernel.registry` only; it imports
+neither. Timing and memory fields of the result (all wall-clock, so they differ run to run):
+
+- `wall_s`: from `started_at` (default: this process's start time, from psutil, so the CLI
+  reports interpreter start-up and imports too) until the transport returned the outcome.
+- `build_s`: the protocol's `build(config)`; `startup_s`: what the transport reports as its own
+  start-up (Ray init, shard processes); `rounds_s`: time inside `transport.run` minus startup_s;
+  `close_s`: `transport.close()`.
+- `peak_rss_mb`: the largest sum of resident memory over this process, all its descendants and
+  the processes the transport reports (`Outcome.pids`), sampled every `RSS_INTERVAL_S` by a
+  background thread, and never less than this process's own peak (getrusage). Shared pages
+  (Ray's object store) count once per process that maps them, so it overstates a little.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import resource
+import sys
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import psutil
+
+from kernel import registry
+from kernel.api import RunError
+from kernel.config import DEFAULT_TRANSPORT, WALL_TIME_LIMIT_S, validate
+from kernel.outputs import jsonable, model_sha256, named_arrays, write_outputs
+from kernel.progress import Progress
+
+RSS_INTERVAL_S = 0.2
+# Result entries that result.json reports under their own names; the rest go under "extra".
+_PROMOTED = ("model", "rounds", "test_accuracy")
+
+
+@dataclass
+class RunRecord:
+    """Everything one run produced: result.json's content, the metric rows in emission order
+    (as plain JSON values), the final model (None when no node finished) and the config."""
+
+    result: dict[str, Any]
+    rows: list[dict[str, Any]]
+    model: dict[str, np.ndarray] | None
+    config: dict[str, Any]
+
+
+def run(
+    config: Mapping[str, Any],
+    out_dir: str | Path | None = None,
+    *,
+    quiet: bool = False,
+    progress: Progress | None = None,
+    started_at: float | None = None,
+) -> dict[str, Any]:
+    """Run `config` and return result.json's content; with `out_dir`, also write the run's
+    files there (see `kernel.outputs.write_outputs`)."""
+    record = execute(config, quiet=quiet, progress=progress, started_at=started_at)
+    if out_dir is not None:
+        save_model = record.config.get("output", {}).get("save_model", True)
+        write_outputs(out_dir, record.config, record.result, record.rows, record.model,
+                      save_model=save_model)
+    return record.result
+
+
+def execute(
+    config: Mapping[str, Any],
+    *,
+    quiet: bool = False,
+    progress: Progress | None = None,
+    started_at: float | None = None,
+) -> RunRecord:
+    """Run `config` and keep everything in memory (what `run` writes to disk).
+
+    Progress: `progress` if given; otherwise a `Progress` on stderr unless `quiet` or
+    `[run] progress = false`. Errors of the run (`RunError`) and of the config (`ConfigError`)
+    propagate with their messages.
+    """
+    if started_at is None:
+        started_at = process_start_time()
+    cfg = validate(config)
+    run_cfg = cfg["run"]
+    seed: int = run_cfg["seed"]
+    name: str = cfg["protocol"]["name"]
+    kind: str = cfg["transport"]["kind"]
+    if progress is None and not quiet and run_cfg["progress"]:
+        progress = Progress(run_cfg["rounds"])
+
+    t = time.perf_counter()
+    build = _load("protocols", name, "protocol")
+    deployment = build(cfg)
+    build_s = time.perf_counter() - t
+
+    transport_cls = _load("transports", kind, "transport")
+    virtual = bool(getattr(transport_cls, "virtual_clock", kind == DEFAULT_TRANSPORT))
+    until = run_cfg.get("time_limit")
+    if until is None and not virtual:
+        until = WALL_TIME_LIMIT_S
+
+    rows: list[dict[str, Any]] = []
+    show = progress.update if progress is not None else None
+
+    def on_metric(row: dict[str, Any]) -> None:
+        # Converted now: a protocol may keep mutating an array it emitted.
+        plain = jsonable(row)
+        rows.append(plain)
+        if show is not None:
+            show(plain)
+
+    job = _job_class()(
+        config=cfg,
+        deployment=deployment,
+        seed=seed,
+        until=until,
+        max_events=run_cfg.get("max_events"),
+        on_metric=on_metric,
+    )
+    rss = PeakRss(RSS_INTERVAL_S)
+    rss.start()
+    try:
+        transport = transport_cls({k: v for k, v in cfg["transport"].items() if k != "kind"})
+        try:
+            if progress is not None:
+                progress.start()
+            t = time.perf_counter()
+            outcome = transport.run(job)
+            run_s = time.perf_counter() - t
+            wall_s = time.time() - started_at
+            rss.watch(getattr(outcome, "pids", ()) or ())
+            rss.sample()
+        finally:
+            t = time.perf_counter()
+            transport.close()
+            close_s = time.perf_counter() - t
+    finally:
+        rss.stop()
+        if progress is not None:
+            progress.close()
+
+    res: Mapping[str, Any] = outcome.result if outcome.result is not None else {}
+    model = named_arrays(res["model"]) if "model" in res else None
+    startup_s = float(outcome.startup_s)
+    rounds = res.get("rounds")
+    if rounds is None:
+        done = [r["value"] for r in rows if r.get("name") == "round"]
+        rounds = done[-1] if done else 0
+    result: dict[str, Any] = {
+        "protocol": name,
+        "transport": kind,
+        "seed": seed,
+        "rounds": rounds,
+        "reason": outcome.reason,
+        "finished_by": outcome.finished_by,
+        "wall_s": wall_s,
+        "build_s": build_s,
+        "startup_s": startup_s,
+        "rounds_s": max(run_s - startup_s, 0.0),
+        "close_s": close_s,
+        "clock_s": float(outcome.clock_s),
+        "virtual_s": float(outcome.clock_s) if virtual else None,
+        "messages": outcome.messages,
+        "bytes": outcome.bytes,
+        "events": outcome.events,
+        "test_accuracy": res.get("test_accuracy"),
+        "final_model_sha256": model_sha256(model) if model is not None else None,
+        "peak_rss_mb": rss.peak_mb(),
+        "shards": outcome.shards,
+        "extra": {k: v for k, v in res.items() if k not in _PROMOTED},
+    }
+    return RunRecord(jsonable(result), rows, model, cfg)
+
+
+def _load(group: str, name: str, what: str) -> Any:
+    try:
+        return registry.load(group, name)
+    except (ImportError, AttributeError) as exc:
+        raise RunError(f"{what} {name!r} cannot be imported: {exc}") from exc
+
+
+def _job_class() -> Callable[..., Any]:
+    # Job lives in transports/base.py; the kernel may not import a transport module, so it is
+    # fetched by name through the registry, like the transports themselves.
+    job: Callable[..., Any] = registry.load("transports", "transports.base:Job")
+    return job
+
+
+def process_start_time() -> float:
+    """This process's start as a Unix time (psutil; resolution about 10 ms)."""
+    return float(psutil.Process().create_time())
+
+
+class PeakRss:
+    """Samples the resident memory of this process tree (plus watched pids) in a daemon thread
+    and keeps the largest sum seen."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.peak = 0
+        self._me = psutil.Process()
+        self._watched: dict[int, psutil.Process] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, name="fedloom-rss", daemon=True)
+        self._lock = threading.Lock()
+
+    def start(self) -> None:
+        """Take a first sample and start sampling."""
+        self.sample()
+        self._thread.start()
+
+    def watch(self, pids: Any) -> None:
+        """Also count these processes (a transport's workers that are not our descendants)."""
+        with self._lock:
+            for pid in pids:
+                if pid not in self._watched:
+                    with contextlib.suppress(psutil.Error):
+                        self._watched[pid] = psutil.Process(pid)
+
+    def sample(self) -> None:
+        """Add up the tree's memory now; processes that vanish while we look are skipped."""
+        with self._lock:
+            procs = {self._me.pid: self._me, **self._watched}
+            try:
+                for child in self._me.children(recursive=True):
+                    procs.setdefault(child.pid, child)
+            except psutil.Error:
+                pass
+            total = 0
+            for proc in procs.values():
+                try:
+                    total += proc.memory_info().rss
+                except psutil.Error:
+                    continue
+            self.peak = max(self.peak, total)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def stop(self) -> None:
+        """Stop sampling (waits for the thread at most a few seconds)."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout=5.0)
+
+    def peak_mb(self) -> float:
+        """The peak in MiB, at least this process's own lifetime peak."""
+        own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
+        if sys.platform == "darwin":
+            own //= 1024  # bytes on macOS
+        return round(max(self.peak, own) / (1024 * 1024), 1)

@@ -1,0 +1,216 @@
+"""Micro-benchmarks against their floors: each `perf.bench_<name>` module measures one part of
+fedloom beside the bare library it sits on (heapq, tobytes/lz4, ray.put, grpcio, raw TCP), and
+this driver prints every measurement next to its floor as a ratio, in one table.
+
+A bench module provides `run(quick: bool = False) -> list[dict]`, one dict per measurement:
+`name` (what was measured), `value` (ours, a median), `unit`, `floor` (the same measurement of
+the floor, or None), `floor_name` (what the floor is) and optionally `higher_is_better` (else
+inferred: a unit with "/s" is a rate). Any other keys are kept in micro.jsonl as they are.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import sys
+import time
+import traceback
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import IO, Any
+
+from perf.procs import machine_info
+
+BENCHES = ("kernel", "codec", "ray", "grpc", "fedavg", "gossip")
+# Other spellings bench modules may use for the standard keys.
+_ALIASES = {
+    "value": ("value", "median", "ours", "ours_median"),
+    "floor": ("floor", "floor_value", "floor_median", "baseline"),
+    "floor_name": ("floor_name", "floor_label", "against", "baseline_name"),
+    "name": ("name", "label", "case", "what"),
+    "unit": ("unit", "units"),
+}
+
+
+class MicroError(ValueError):
+    """The micro run was asked for wrongly (an unknown bench name)."""
+
+
+@dataclass
+class BenchOutcome:
+    """What one bench module gave: its rows, or why it was skipped or failed."""
+
+    bench: str
+    module: str
+    rows: list[dict[str, Any]] = field(default_factory=list)
+    skipped: str | None = None
+    error: str | None = None
+    seconds: float = 0.0
+
+
+def _pick(row: Mapping[str, Any], key: str) -> Any:
+    for k in _ALIASES[key]:
+        if k in row:
+            return row[k]
+    return None
+
+
+def _number(x: Any) -> float | None:
+    return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
+
+
+def normalise(row: Mapping[str, Any]) -> dict[str, Any]:
+    """A bench row with the standard keys filled in and `cost`: how many times the floor's cost
+    ours is (ours/floor for times, floor/ours for rates; 1.0 = as cheap as the floor)."""
+    out = dict(row)
+    for key in _ALIASES:
+        out[key] = _pick(row, key)
+    ours, floor = _number(out["value"]), _number(out["floor"])
+    unit = str(out.get("unit") or "")
+    hib = row.get("higher_is_better")
+    if hib is None:
+        hib = "/s" in unit or unit.lower().endswith("ps")
+    out["higher_is_better"] = bool(hib)
+    cost = None
+    if ours is not None and floor is not None and ours > 0 and floor > 0:
+        cost = floor / ours if hib else ours / floor
+    out["cost"] = cost
+    return out
+
+
+def run_bench(bench: str, quick: bool) -> BenchOutcome:
+    """Import `perf.bench_<bench>` only now and run it; a missing module or dependency is a skip
+    with a note, an exception inside it is recorded as that bench's error."""
+    module = f"perf.bench_{bench}"
+    outcome = BenchOutcome(bench, module)
+    t0 = time.perf_counter()
+    try:
+        mod = importlib.import_module(module)
+        rows = mod.run(quick=quick)
+    except ModuleNotFoundError as exc:
+        if exc.name in (module, "perf"):
+            outcome.skipped = f"{module} is not there (no such module)"
+        else:
+            outcome.skipped = f"{module} needs {exc.name!r}, which is not installed"
+    except Exception as exc:
+        tb = traceback.format_exc().strip().splitlines()
+        outcome.error = f"{type(exc).__name__}: {exc}\n" + "\n".join(tb[-6:])
+    else:
+        if not isinstance(rows, list) or not all(isinstance(r, Mapping) for r in rows):
+            outcome.error = f"{module}.run() returned {type(rows).__name__}, not a list of dicts"
+        else:
+            outcome.rows = [normalise(r) for r in rows]
+    outcome.seconds = time.perf_counter() - t0
+    return outcome
+
+
+def select(only: Sequence[str] | None) -> list[str]:
+    """The benches to run: all, or those named (in the order named); names an unknown one."""
+    if not only:
+        return list(BENCHES)
+    unknown = [b for b in only if b not in BENCHES]
+    if unknown:
+        raise MicroError(f"--only: no bench named {', '.join(map(repr, unknown))}; "
+                         f"known: {', '.join(BENCHES)}")
+    return list(dict.fromkeys(only))
+
+
+def _fmt(x: Any) -> str:
+    v = _number(x)
+    if v is None:
+        return "–" if x is None else str(x)
+    if v != 0 and (abs(v) >= 1e5 or abs(v) < 1e-3):
+        return f"{v:.3e}"
+    return f"{v:.4g}"
+
+
+def table(outcomes: Sequence[BenchOutcome]) -> list[list[str]]:
+    """One line per measurement: bench, what, ours, floor, its value, cost against it."""
+    body = []
+    for o in outcomes:
+        for r in o.rows:
+            cost = r["cost"]
+            body.append([o.bench, str(r["name"]), f"{_fmt(r['value'])} {r.get('unit') or ''}",
+                         str(r["floor_name"] or "–"),
+                         "–" if r["floor"] is None else f"{_fmt(r['floor'])} {r.get('unit') or ''}",
+                         "–" if cost is None else f"{cost:.2f}x"])
+    return body
+
+
+HEADER = ["bench", "measurement", "ours", "floor", "floor value", "cost vs floor"]
+
+
+def render_text(outcomes: Sequence[BenchOutcome]) -> str:
+    """The table for a terminal, then one line per skipped or failed bench."""
+    body = table(outcomes)
+    widths = [max(len(h), *(len(row[i]) for row in body)) if body else len(h)
+              for i, h in enumerate(HEADER)]
+    line = "  ".join
+    out = [line(h.ljust(w) for h, w in zip(HEADER, widths, strict=True)),
+           line("-" * w for w in widths)]
+    out += [line(c.ljust(w) for c, w in zip(row, widths, strict=True)) for row in body]
+    out += _notes(outcomes)
+    out.append("cost vs floor: ours/floor for times, floor/ours for rates; 1.00x = as cheap "
+               "as the floor.")
+    return "\n".join(out) + "\n"
+
+
+def _notes(outcomes: Sequence[BenchOutcome]) -> list[str]:
+    out = []
+    for o in outcomes:
+        if o.skipped:
+            out.append(f"skipped {o.bench}: {o.skipped}")
+        if o.error:
+            out.append(f"FAILED {o.bench}: {o.error.splitlines()[0]}")
+    return out
+
+
+def render_md(outcomes: Sequence[BenchOutcome], machine: Mapping[str, Any], quick: bool) -> str:
+    """micro.md: the same table in markdown, with the machine and any skips or failures."""
+    from perf.report import machine_line
+
+    out = ["# fedloom perf micro", "",
+           f"{sum(len(o.rows) for o in outcomes)} measurements from "
+           f"{sum(1 for o in outcomes if o.rows)} benches"
+           f"{' (--quick)' if quick else ''}. Machine: {machine_line(machine)}.", "",
+           "Cost vs floor: ours/floor for times, floor/ours for rates; 1.00x = as cheap as the "
+           "floor.", "",
+           "| " + " | ".join(HEADER) + " |", "|" + "|".join("---" for _ in HEADER) + "|"]
+    out += ["| " + " | ".join(row) + " |" for row in table(outcomes)]
+    notes = _notes(outcomes)
+    if notes:
+        out += ["", *[f"- {n}" for n in notes]]
+    for o in outcomes:
+        if o.error:
+            out += ["", f"## {o.bench} failed", "", "```", o.error, "```"]
+    return "\n".join(out) + "\n"
+
+
+def run_micro(only: Sequence[str] | None, quick: bool, out: Path,
+              stream: IO[str] | None = None) -> list[BenchOutcome]:
+    """Run the selected benches one after another, print the table, write micro.jsonl/.md."""
+    stream = stream or sys.stdout
+    benches = select(only)
+    out.mkdir(parents=True, exist_ok=True)
+    machine = machine_info()
+    outcomes = []
+    for b in benches:
+        stream.write(f"running {b} ...\n")
+        stream.flush()
+        o = run_bench(b, quick)
+        outcomes.append(o)
+        state = o.skipped and "skipped" or o.error and "FAILED" or f"{len(o.rows)} measurements"
+        stream.write(f"  {b}: {state} in {o.seconds:.1f} s\n")
+    with (out / "micro.jsonl").open("w") as f:
+        for o in outcomes:
+            base = {"bench": o.bench, "module": o.module, "quick": quick, "seconds": o.seconds,
+                    "machine": machine}
+            for r in o.rows:
+                f.write(json.dumps({**base, **r}, default=str) + "\n")
+            if o.skipped or o.error:
+                f.write(json.dumps({**base, "skipped": o.skipped, "error": o.error}) + "\n")
+    (out / "micro.md").write_text(render_md(outcomes, machine, quick))
+    stream.write("\n" + render_text(outcomes))
+    stream.write(f"\nwrote {out / 'micro.jsonl'} and {out / 'micro.md'}\n")
+    return outcomes

@@ -1,0 +1,536 @@
+"""Decentralised averaging: synchronous and asynchronous gossip, push-sum, decentralised SGD.
+
+Entries (registry group "protocols"):
+
+- `gossip` (`build`): node i holds `default_rng(i).standard_normal(dim)` as float32.
+  mode = "sync": in round r every node sends x_i to its neighbours, waits for their round-r
+  values (later rounds' values that arrive early are buffered), and sets
+  x_i = sum_j w_ij x_j over itself and its neighbours in sorted id order, in float32 (the same
+  operations on every transport, so the same bytes). It needs reliable links: a lost message
+  stalls the round and the run ends idle. mode = "async": push-pull on timers: every `period`
+  (jittered) a node sends x_i to a random neighbour j, which moves half the difference
+  d = (x_i - x_j)/2 into x_j and replies d, which the initiator subtracts; as only d travels
+  back, the sum is preserved even when exchanges overlap (not when a reply is lost).
+- `pushsum` (`build_pushsum`): push-sum on a directed graph, tolerant of delay, reordering,
+  duplication and loss. Each node keeps (s, w), starting at (x_i in float64, 1); every
+  `period` it keeps a share 1/(outdeg+1) and pushes one share to each out-neighbour; its
+  estimate is s/w. variant = "robust" (default) is running-sum push-sum (Hadjicostis,
+  Vaidya, Dominguez-Garcia 2016): a node sends the cumulative total it has ever pushed on a
+  link, sigma, and the receiver adds sigma - rho, rho being the last total it took from that
+  sender (older totals, by sequence number, are ignored). A lost message's mass arrives with
+  the next one, so mass is conserved exactly (sum s + the per-link sigma - rho still in
+  flight) and the estimates converge to the true average under loss. variant = "plain"
+  sends the shares themselves: lost mass is gone.
+- `dsgd` (`build_dsgd`): decentralised SGD (adapt then combine): each round every node trains
+  one `learners.train` call on its client's data, then the synchronous gossip step above
+  mixes the trained models. Node i is client i; `[workload] clients` nodes.
+
+Rounds are `[run] rounds` (ticks per node for the timer-driven modes). Node 0 emits the
+"round" rows. At the end every node sends its final vector to node 0, which finishes with
+{"model": node 0's model, "rounds", "max_abs_dev": max_i max|x_i - mean_i x_i|} (over the
+vectors that reached it; "reports" says how many). Timer-driven modes stop waiting for
+reports `drain` seconds after node 0's last tick.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Hashable, Mapping
+from typing import Any
+
+import numpy as np
+
+from kernel.api import Context, Deployment, Protocol
+from kernel.config import ConfigError, options
+from kernel.messages import Message
+from protocols import common, learners, topology
+
+GOSSIP_DEFAULTS: dict[str, Any] = {
+    "name": "gossip",
+    "mode": "sync",
+    "nodes": 64,
+    "dim": 100_000,
+    "topology": {},
+    "period": 1.0,  # async: mean seconds between a node's exchanges
+    "drain": 5.0,  # async: seconds node 0 waits for the final vectors after its last tick
+    "track": True,  # sync: node 0 reports its local disagreement each round
+}
+PUSHSUM_DEFAULTS: dict[str, Any] = {
+    "name": "pushsum",
+    "variant": "robust",
+    "nodes": 16,
+    "dim": 1000,
+    "topology": {},
+    "period": 1.0,
+    "drain": 5.0,
+}
+DSGD_DEFAULTS: dict[str, Any] = {
+    "name": "dsgd",
+    "topology": {},
+    "eval_every": 1,  # node 0 evaluates its model every this many rounds (0: only at the end)
+    "track": True,
+}
+
+
+def initial_vector(node: int, dim: int) -> np.ndarray:
+    """Node `node`'s starting vector in `gossip` and `pushsum`: default_rng(node) normals."""
+    return np.random.default_rng(node).standard_normal(dim).astype(np.float32)
+
+
+def _run_rounds(config: Mapping[str, Any]) -> tuple[int, int]:
+    run = config.get("run", {})
+    seed, rounds = run.get("seed", 0), run.get("rounds", 1)
+    if not isinstance(rounds, int) or isinstance(rounds, bool) or rounds < 1:
+        raise ConfigError(f"[run] rounds = {rounds!r}; expected an integer >= 1")
+    if not isinstance(seed, int) or isinstance(seed, bool):
+        raise ConfigError(f"[run] seed = {seed!r}; expected an integer")
+    return seed, rounds
+
+
+def _positive(section: str, opts: Mapping[str, Any], *keys: str) -> None:
+    for key in keys:
+        if not opts[key] > 0:
+            raise ConfigError(f"[{section}] {key} = {opts[key]!r}; expected a number > 0")
+
+
+def _graph(opts: Mapping[str, Any], n: int, seed: int, *, directed_ok: bool) -> tuple[
+        topology.Graph, str]:
+    g, rule = topology.from_config(opts["topology"], n, seed)
+    if g.directed and not directed_ok:
+        raise ConfigError(f"[protocol.topology] {opts['name']} needs an undirected graph; "
+                          f"directed graphs are for pushsum")
+    return g, rule
+
+
+# -- final reports to node 0 -----------------------------------------------------------------
+
+class _Reports:
+    """Node 0's collection of every node's final vector, and the deviation it finishes with."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.got: dict[int, np.ndarray] = {}
+
+    def add(self, src: int, x: np.ndarray) -> bool:
+        """Keep `x` from `src` (the first one only); True once all n are in."""
+        self.got.setdefault(src, x)
+        return len(self.got) == self.n
+
+    def finish(self, ctx: Context, model: Mapping[str, np.ndarray], rounds: int,
+               **extra: Any) -> None:
+        ids = sorted(self.got)
+        dev = 0.0
+        if ids:
+            mean = np.zeros(np.shape(self.got[ids[0]]), np.float64)
+            for i in ids:
+                mean += self.got[i]
+            mean /= len(ids)
+            dev = max(float(np.max(np.abs(self.got[i] - mean), initial=0.0)) for i in ids)
+        ctx.finish({"model": dict(model), "rounds": rounds, "max_abs_dev": dev,
+                    "reports": len(ids), **extra})
+
+
+# -- synchronous rounds ----------------------------------------------------------------------
+
+class _Plan:
+    """What every node of a synchronous mixing run shares: weights, rounds, initial values."""
+
+    def __init__(self, g: topology.Graph, rule: str, rounds: int, track: bool) -> None:
+        self.rounds = rounds
+        self.track = track
+        self.n = g.n
+        self.neighbours = g.out
+        self.rows = topology.mixing_weights(g, rule)
+        # A row whose weights are all equal sums first and scales once: one pass fewer per value.
+        self.uniform = tuple(len({w for _, w in row}) == 1 for row in self.rows)
+
+
+class SyncGossip(Protocol):
+    """A node of synchronous gossip: round r mixes the round-r values of itself and its
+    neighbours into preallocated buffers (x^r lives in buffer r % 2: by the time a node
+    computes x^(r+2) every neighbour has already consumed x^r)."""
+
+    def __init__(self, node: int, plan: _Plan, init: Callable[[int], np.ndarray]) -> None:
+        self.id = node
+        self.plan = plan
+        self.init = init
+        self.row = plan.rows[node]
+        self.uniform = plan.uniform[node]
+        self.neigh = plan.neighbours[node]
+        self.need = len(self.neigh)
+        self.r = 0
+        self.x: np.ndarray = np.empty(0, np.float32)
+        self.sent: np.ndarray = self.x  # the value this node contributes to the next round
+        self.pending: dict[int, dict[int, np.ndarray]] = {}
+        self.bufs: list[np.ndarray] = []
+        self.tmp: np.ndarray | None = None
+        self.reports: _Reports | None = _Reports(plan.n) if node == 0 else None
+
+    def on_start(self, ctx: Context) -> None:
+        self.r = 0
+        self.pending = {}
+        self.x = self.init(self.id)
+        self.bufs = [np.empty_like(self.x), np.empty_like(self.x)]
+        self._send_round(ctx)
+
+    def local_update(self, ctx: Context) -> np.ndarray:
+        """The value this node contributes to round r + 1 (plain gossip: its current x)."""
+        return self.x
+
+    def _send_round(self, ctx: Context) -> None:
+        while True:
+            self.sent = self.local_update(ctx)
+            if self.neigh:
+                ctx.multicast(self.neigh, "g", r=self.r + 1, x=self.sent)
+            if not self._advance(ctx) or self.r >= self.plan.rounds:
+                return
+
+    def on_message(self, ctx: Context, msg: Message) -> None:
+        body = msg.body
+        if msg.kind == "g":
+            rnd = body["r"]
+            if rnd > self.r:  # older rounds are duplicates: ignore
+                self.pending.setdefault(rnd, {}).setdefault(msg.src, body["x"])
+                if rnd == self.r + 1 and self._advance(ctx) and self.r < self.plan.rounds:
+                    self._send_round(ctx)
+        elif msg.kind == "final" and self.reports is not None:
+            self._report(ctx, msg.src, body["x"])
+
+    def _advance(self, ctx: Context) -> bool:
+        """Complete round r + 1 if every value for it is in; True when it did."""
+        nxt = self.r + 1
+        got = self.pending.get(nxt)
+        if nxt > self.plan.rounds or (self.need and (got is None or len(got) < self.need)):
+            return False
+        vals = self.pending.pop(nxt, {})
+        vals[self.id] = self.sent
+        out = self.bufs[nxt & 1]
+        self._mix(out, vals)
+        self.x, self.r = out, nxt
+        if self.id == 0:
+            self.on_round(ctx, nxt, vals)
+        if nxt == self.plan.rounds:
+            if self.id == 0:
+                self._report(ctx, 0, self.x)
+            else:
+                ctx.send(0, "final", x=self.x)
+        return True
+
+    def _mix(self, out: np.ndarray, vals: Mapping[int, np.ndarray]) -> None:
+        row = self.row
+        if self.uniform:
+            if len(row) == 1:
+                np.multiply(vals[row[0][0]], row[0][1], out=out)
+                return
+            np.add(vals[row[0][0]], vals[row[1][0]], out=out)
+            for j, _ in row[2:]:
+                np.add(out, vals[j], out=out)
+            np.multiply(out, row[0][1], out=out)
+            return
+        if self.tmp is None:
+            self.tmp = np.empty_like(out)
+        tmp = self.tmp
+        np.multiply(vals[row[0][0]], row[0][1], out=out)
+        for j, w in row[1:]:
+            np.multiply(vals[j], w, out=tmp)
+            np.add(out, tmp, out=out)
+
+    def on_round(self, ctx: Context, r: int, vals: Mapping[int, np.ndarray]) -> None:
+        """Node 0's "round" row; `disagreement` = max_j max|x_j - x_0| over its neighbours'
+        values that entered round r."""
+        fields: dict[str, Any] = {}
+        if self.plan.track and self.neigh:
+            if self.tmp is None:
+                self.tmp = np.empty_like(self.x)
+            tmp, mine, dis = self.tmp, vals[self.id], 0.0
+            for j in self.neigh:
+                np.subtract(vals[j], mine, out=tmp)
+                np.abs(tmp, out=tmp)
+                dis = max(dis, float(tmp.max()))
+            fields["disagreement"] = dis
+        ctx.emit("round", r, **fields)
+
+    def model(self) -> dict[str, np.ndarray]:
+        """Node 0's final model, as the result carries it."""
+        return {"x": self.x}
+
+    def _report(self, ctx: Context, src: int, x: np.ndarray) -> None:
+        assert self.reports is not None
+        if self.reports.add(src, x) and self.r == self.plan.rounds:
+            self.reports.finish(ctx, self.model(), self.r, **self.extra_result())
+
+    def extra_result(self) -> dict[str, Any]:
+        """More result fields (DSGD adds the test accuracy)."""
+        return {}
+
+
+def build(config: Mapping[str, Any]) -> Deployment:
+    """The `gossip` deployment (sync or async averaging of seeded float32 vectors)."""
+    seed, rounds = _run_rounds(config)
+    o = options("protocol", config.get("protocol", {}), GOSSIP_DEFAULTS,
+                choices={"mode": ("sync", "async")})
+    _positive("protocol", o, "nodes", "dim", "period", "drain")
+    g, rule = _graph(o, o["nodes"], seed, directed_ok=False)
+    dim = o["dim"]
+
+    def init(i: int) -> np.ndarray:
+        return initial_vector(i, dim)
+
+    params = {"seed": seed, "rounds": rounds, "mode": o["mode"], "dim": dim, "nodes": g.n}
+    if o["mode"] == "sync":
+        plan = _Plan(g, rule, rounds, o["track"])
+        make: Callable[[int], Protocol] = lambda i: SyncGossip(i, plan, init)  # noqa: E731
+    else:
+        period, drain = o["period"], o["drain"]
+        make = lambda i: AsyncGossip(i, g, rounds, period, drain, init)  # noqa: E731
+    return Deployment(node_ids=tuple(range(g.n)), make_node=make, neighbours=g.neighbours,
+                      params=params, describe=f"gossip/{o['mode']} on {o['topology']}")
+
+
+# -- asynchronous push-pull ------------------------------------------------------------------
+
+class AsyncGossip(Protocol):
+    """A node of push-pull gossip: exchanges half-differences with a random neighbour."""
+
+    def __init__(self, node: int, g: topology.Graph, rounds: int, period: float, drain: float,
+                 init: Callable[[int], np.ndarray]) -> None:
+        self.id, self.neigh, self.n = node, g.out[node], g.n
+        self.rounds, self.period, self.drain, self.init = rounds, period, drain, init
+        self.x: np.ndarray = np.empty(0, np.float32)
+        self.ticks = 0
+        self.waiting = False
+        self.xid = 0  # exchanges this node started
+        self.open: set[int] = set()  # those whose reply has not come yet
+        self.seen: dict[int, int] = {}  # src -> newest exchange answered
+        self.reports: _Reports | None = _Reports(g.n) if node == 0 else None
+
+    def on_start(self, ctx: Context) -> None:
+        self.x = self.init(self.id)
+        self.ticks, self.waiting = 0, False
+        self.open, self.seen = set(), {}
+        ctx.set_timer(self.period * float(ctx.rng.uniform(0.0, 1.0)), "tick")
+
+    def on_timer(self, ctx: Context, key: Hashable) -> None:
+        if key == "tick":
+            self.ticks += 1
+            if self.id == 0:
+                ctx.emit("round", self.ticks)
+            if not self.waiting and self.neigh:
+                j = self.neigh[int(ctx.rng.integers(len(self.neigh)))]
+                self.xid += 1
+                self.open.add(self.xid)
+                ctx.send(j, "push", x=self.x, xid=self.xid)
+                self.waiting = True
+                ctx.set_timer(4 * self.period, "timeout")
+            if self.ticks < self.rounds:
+                ctx.set_timer(self.period * float(ctx.rng.uniform(0.5, 1.5)), "tick")
+            elif self.reports is not None:
+                ctx.set_timer(self.drain, "deadline")
+                self._report(ctx, 0, self.x)
+            else:
+                ctx.send(0, "final", x=self.x)
+        elif key == "timeout":
+            self.waiting = False  # a lost push or reply; a late reply is still applied
+        elif key == "deadline" and self.reports is not None:
+            self.reports.finish(ctx, {"x": self.x}, self.ticks)
+
+    def on_message(self, ctx: Context, msg: Message) -> None:
+        body = msg.body
+        if msg.kind == "push":
+            # Answer each exchange once: a duplicated or overtaken push would move mass twice.
+            if body["xid"] <= self.seen.get(msg.src, 0):
+                return
+            self.seen[msg.src] = body["xid"]
+            # New arrays, never in place: a sent x may still be read by its receiver.
+            d = (body["x"] - self.x) * np.float32(0.5)
+            self.x = self.x + d
+            ctx.send(msg.src, "pull", d=d, xid=body["xid"])
+        elif msg.kind == "pull":
+            if body["xid"] not in self.open:
+                return
+            self.open.discard(body["xid"])
+            self.x = self.x - body["d"]
+            if body["xid"] == self.xid:
+                self.waiting = False
+                ctx.cancel_timer("timeout")
+        elif msg.kind == "final" and self.reports is not None:
+            self._report(ctx, msg.src, body["x"])
+
+    def _report(self, ctx: Context, src: int, x: np.ndarray) -> None:
+        assert self.reports is not None
+        if self.reports.add(src, x) and self.ticks >= self.rounds:
+            self.reports.finish(ctx, {"x": self.x}, self.ticks)
+
+
+# -- push-sum --------------------------------------------------------------------------------
+
+class PushSum(Protocol):
+    """A push-sum node. State: `s` (float64 vector), `w`; robust variant also `sig_s`, `sig_w`
+    (cumulative pushed per out-link) and `rho[src] = (seq, s, w)` (last totals taken)."""
+
+    def __init__(self, node: int, out: tuple[int, ...], n: int, robust: bool, rounds: int,
+                 period: float, drain: float, init: Callable[[int], np.ndarray]) -> None:
+        self.id, self.out, self.n, self.robust = node, out, n, robust
+        self.rounds, self.period, self.drain, self.init = rounds, period, drain, init
+        self.share = 1.0 / (len(out) + 1)
+        self.s: np.ndarray = np.empty(0)
+        self.w = 1.0
+        self.sig_s: np.ndarray = np.empty(0)
+        self.sig_w = 0.0
+        self.rho: dict[int, tuple[int, np.ndarray, float]] = {}
+        self.ticks = 0
+        self.reports: _Reports | None = _Reports(n) if node == 0 else None
+
+    def on_start(self, ctx: Context) -> None:
+        # A restart after a crash starts afresh; the mass the node held is lost (documented).
+        self.s = self.init(self.id).astype(np.float64)
+        self.w, self.ticks, self.rho = 1.0, 0, {}
+        self.sig_s, self.sig_w = np.zeros_like(self.s), 0.0
+        ctx.set_timer(self.period * float(ctx.rng.uniform(0.0, 1.0)), "tick")
+
+    def estimate(self) -> np.ndarray:
+        """s / w as float32."""
+        return (self.s / self.w).astype(np.float32)
+
+    def on_timer(self, ctx: Context, key: Hashable) -> None:
+        if key == "tick":
+            self.ticks += 1
+            self._push(ctx)
+            if self.id == 0:
+                ctx.emit("round", self.ticks, w=self.w)
+            if self.ticks < self.rounds:
+                ctx.set_timer(self.period * float(ctx.rng.uniform(0.5, 1.5)), "tick")
+            elif self.reports is not None:
+                ctx.set_timer(self.drain, "deadline")
+                self._report(ctx, 0, self.estimate())
+            else:
+                ctx.set_timer(self.period, "report")
+        elif key == "report":
+            ctx.send(0, "final", x=self.estimate())
+        elif key == "deadline" and self.reports is not None:
+            self.reports.finish(ctx, {"x": self.estimate()}, self.ticks)
+
+    def _push(self, ctx: Context) -> None:
+        if not self.out:
+            return
+        share = self.share
+        part_s, part_w = self.s * share, self.w * share
+        self.s, self.w = part_s, part_w
+        if self.robust:
+            # New arrays each time: a sent total is read by its receivers later.
+            self.sig_s = self.sig_s + part_s
+            self.sig_w += part_w
+            ctx.multicast(self.out, "ps", k=self.ticks, s=self.sig_s, w=self.sig_w)
+        else:
+            ctx.multicast(self.out, "ps", k=self.ticks, s=part_s, w=part_w)
+
+    def on_message(self, ctx: Context, msg: Message) -> None:
+        body = msg.body
+        if msg.kind == "ps":
+            if not self.robust:
+                self.s = self.s + body["s"]
+                self.w += body["w"]
+                return
+            last = self.rho.get(msg.src)
+            if last is None:
+                self.s = self.s + body["s"]
+                self.w += body["w"]
+            elif body["k"] > last[0]:
+                self.s = self.s + (body["s"] - last[1])
+                self.w += body["w"] - last[2]
+            else:
+                return  # an older or repeated total
+            self.rho[msg.src] = (body["k"], body["s"], body["w"])
+        elif msg.kind == "final" and self.reports is not None:
+            self._report(ctx, msg.src, body["x"])
+
+    def _report(self, ctx: Context, src: int, x: np.ndarray) -> None:
+        assert self.reports is not None
+        if self.reports.add(src, x) and self.ticks >= self.rounds:
+            self.reports.finish(ctx, {"x": self.estimate()}, self.ticks)
+
+
+def build_pushsum(config: Mapping[str, Any]) -> Deployment:
+    """The `pushsum` deployment (directed graphs welcome; see the module docstring)."""
+    seed, rounds = _run_rounds(config)
+    o = options("protocol", config.get("protocol", {}), PUSHSUM_DEFAULTS,
+                choices={"variant": ("robust", "plain")})
+    _positive("protocol", o, "nodes", "dim", "period", "drain")
+    g, _ = _graph(o, o["nodes"], seed, directed_ok=True)
+    dim, robust = o["dim"], o["variant"] == "robust"
+    period, drain = o["period"], o["drain"]
+
+    def init(i: int) -> np.ndarray:
+        return initial_vector(i, dim)
+
+    def make(i: int) -> Protocol:
+        return PushSum(i, g.out[i], g.n, robust, rounds, period, drain, init)
+
+    return Deployment(node_ids=tuple(range(g.n)), make_node=make, neighbours=g.neighbours,
+                      params={"seed": seed, "rounds": rounds, "variant": o["variant"]},
+                      describe=f"pushsum/{o['variant']} on {o['topology']}")
+
+
+# -- decentralised SGD -----------------------------------------------------------------------
+
+class Dsgd(SyncGossip):
+    """A DSGD node: trains on its client's data, then mixes like synchronous gossip."""
+
+    def __init__(self, node: int, plan: _Plan, learner: learners.Learner, seed: int,
+                 eval_every: int) -> None:
+        super().__init__(node, plan, self._initial)
+        self.learner, self.seed, self.eval_every = learner, seed, eval_every
+        self.like: Mapping[str, np.ndarray] = {}
+        self.last_eval: dict[str, float] | None = None
+
+    def _initial(self, node: int) -> np.ndarray:
+        self.like = self.learner.init()
+        return common.flatten(self.like)
+
+    def local_update(self, ctx: Context) -> np.ndarray:
+        model = common.unflatten(self.x, self.like)
+        # An rng of (seed, node, round): the same draws whatever order events run in.
+        rng = common.derive_rng(self.seed, self.id, self.r + 1)
+        trained = self.learner.train(model, self.id, rng)
+        ctx.compute(self.learner.work(self.id))
+        return common.flatten(trained)
+
+    def on_round(self, ctx: Context, r: int, vals: Mapping[int, np.ndarray]) -> None:
+        fields: dict[str, Any] = {}
+        every = self.eval_every
+        if (every and r % every == 0) or r == self.plan.rounds:
+            self.last_eval = self.learner.evaluate(common.unflatten(self.x, self.like))
+            fields.update(self.last_eval or {})
+        if self.plan.track and self.neigh:
+            mine = vals[self.id]
+            fields["disagreement"] = max(float(np.max(np.abs(vals[j] - mine)))
+                                         for j in self.neigh)
+        ctx.emit("round", r, **fields)
+
+    def model(self) -> dict[str, np.ndarray]:
+        return common.unflatten(self.x, self.like)
+
+    def extra_result(self) -> dict[str, Any]:
+        if self.last_eval is None:
+            return {}
+        return {"test_accuracy": self.last_eval["accuracy"], "test_loss": self.last_eval["loss"]}
+
+
+def build_dsgd(config: Mapping[str, Any]) -> Deployment:
+    """The `dsgd` deployment: one node per `[workload] clients`, models from protocols.learners."""
+    seed, rounds = _run_rounds(config)
+    o = options("protocol", config.get("protocol", {}), DSGD_DEFAULTS)
+    if o["eval_every"] < 0:
+        raise ConfigError(f"[protocol] eval_every = {o['eval_every']}; expected an integer >= 0")
+    wl = learners.validate(config.get("workload", {}))
+    learner = learners.make(wl)
+    g, rule = _graph(o, wl["clients"], seed, directed_ok=False)
+    plan = _Plan(g, rule, rounds, o["track"])
+    every = o["eval_every"]
+
+    def make(i: int) -> Protocol:
+        return Dsgd(i, plan, learner, seed, every)
+
+    return Deployment(node_ids=tuple(range(g.n)), make_node=make, neighbours=g.neighbours,
+                      params={"seed": seed, "rounds": rounds},
+                      describe=f"dsgd on {o['topology']}, {wl['model']} x {g.n}")
+

@@ -1,0 +1,276 @@
+"""Gossip averaging (sync and async) and decentralised SGD: exact answers, conservation,
+independence from arrival order, determinism."""
+
+from __future__ import annotations
+
+import tomllib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from kernel.api import Deployment, Network
+from kernel.config import ConfigError
+from kernel.host import Host
+from protocols import common, gossip, learners, topology
+from transports.netmodel import NetworkModel
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class Scripted:
+    """A test double of kernel.api.Network: message k takes delays[k % len] seconds, so a
+    hypothesis-chosen list reorders messages at will; optional seeded loss and duplicates."""
+
+    def __init__(self, delays: Sequence[float], loss: float = 0.0, duplicate: float = 0.0,
+                 seed: int = 0) -> None:
+        self.delays, self.loss, self.duplicate = list(delays), loss, duplicate
+        self.rng = np.random.default_rng(seed)
+        self.k = 0
+
+    def _delay(self) -> float:
+        d = self.delays[self.k % len(self.delays)]
+        self.k += 1
+        return d
+
+    def arrivals(self, src: int, dst: int, depart: float, nbytes: int) -> list[float]:
+        if self.loss and self.rng.random() < self.loss:
+            return []
+        out = [depart + self._delay()]
+        if self.duplicate and self.rng.random() < self.duplicate:
+            out.append(depart + self._delay())
+        return out
+
+    def node_events(self) -> list[tuple[float, int, str]]:
+        return []
+
+    def compute_time(self, node: int, work: float, label: str) -> float:
+        return 0.0
+
+
+delays = st.lists(st.floats(0.0, 5.0, allow_nan=False), min_size=1, max_size=30)
+
+
+def run_host(dep: Deployment, seed: int = 0, network: Network | None = None,
+             drain: bool = False) -> tuple[Host, list[dict[str, Any]]]:
+    rows: list[dict[str, Any]] = []
+    host = Host(dep, dep.node_ids, seed=seed, network=network, on_metric=rows.append)
+    host.start()
+    reason = host.run(max_events=1_000_000)
+    assert reason in ("finished", "idle"), f"run stopped: {reason}"
+    while drain and reason != "idle":
+        # After the finish, one event per call: deliver what is still in flight.
+        reason = host.run(max_events=1_000_000)
+    return host, rows
+
+
+def config(n: int, dim: int, rounds: int, section: Mapping[str, Any] | None = None,
+           **protocol: Any) -> dict[str, Any]:
+    proto = {"name": "gossip", "nodes": n, "dim": dim,
+             "topology": dict(section or {"kind": "ring"}), **protocol}
+    return {"run": {"seed": 0, "rounds": rounds}, "protocol": proto}
+
+
+def start_values(n: int, dim: int) -> np.ndarray:
+    return np.stack([gossip.initial_vector(i, dim) for i in range(n)]).astype(np.float64)
+
+
+def finals(host: Host) -> np.ndarray:
+    return np.stack([np.asarray(host.nodes[i].x, np.float64) for i in sorted(host.nodes)])
+
+
+@st.composite
+def undirected(draw: st.DrawFn) -> tuple[int, dict[str, Any]]:
+    n = draw(st.integers(2, 12))
+    kind = draw(st.sampled_from(["complete", "ring", "torus", "random_regular", "erdos_renyi"]))
+    section: dict[str, Any] = {"kind": kind, "seed": draw(st.integers(0, 1000)),
+                               "weights": draw(st.sampled_from(topology.RULES))}
+    if kind == "random_regular":
+        section["degree"] = 2 if n > 2 else 1
+    if kind == "erdos_renyi":
+        section["p"] = 0.5
+    return n, section
+
+
+# -- synchronous gossip ----------------------------------------------------------------------
+
+def test_sync_gossip_ends_at_w_to_the_r_times_x0() -> None:
+    n, dim, rounds = 16, 1000, 10
+    sec = {"kind": "ring_lattice", "degree": 4}
+    host, rows = run_host(gossip.build(config(n, dim, rounds, sec)))
+    w = topology.mixing_matrix(topology.ring_lattice(n, 4))
+    want = np.linalg.matrix_power(w, rounds) @ start_values(n, dim)
+    got = finals(host)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    res = host.result
+    assert res is not None and res["rounds"] == rounds and res["reports"] == n
+    np.testing.assert_array_equal(res["model"]["x"], host.nodes[0].x)
+    assert res["model"]["x"].dtype == np.float32
+    dev = np.abs(got - got.mean(axis=0)).max()
+    assert res["max_abs_dev"] == pytest.approx(dev, abs=1e-6)
+    assert [r["value"] for r in rows if r["name"] == "round"] == list(range(1, rounds + 1))
+    dis = [r["disagreement"] for r in rows if r["name"] == "round"]
+    assert dis[-1] < dis[0]
+
+
+@given(undirected(), st.integers(1, 6))
+def test_sync_gossip_follows_w_and_a_doubly_stochastic_w_keeps_the_mean(
+        graph: tuple[int, dict[str, Any]], rounds: int) -> None:
+    n, section = graph
+    g, rule = topology.from_config(section, n)
+    host, _ = run_host(gossip.build(config(n, 8, rounds, section)))
+    w = topology.mixing_matrix(g, rule)
+    x0 = start_values(n, 8)
+    got = finals(host)
+    np.testing.assert_allclose(got, np.linalg.matrix_power(w, rounds) @ x0, atol=1e-5)
+    if np.allclose(w.sum(axis=0), 1.0):
+        np.testing.assert_allclose(got.mean(axis=0), x0.mean(axis=0), atol=1e-5)
+
+
+@given(undirected(), st.integers(1, 5), delays, st.floats(0.0, 0.5), st.integers(0, 100))
+def test_sync_gossip_result_does_not_depend_on_arrival_order(
+        graph: tuple[int, dict[str, Any]], rounds: int, ds: list[float], dup: float,
+        seed: int) -> None:
+    n, section = graph
+    dep = gossip.build(config(n, 16, rounds, section))
+    calm, _ = run_host(dep)
+    shaken, _ = run_host(dep, network=Scripted(ds, duplicate=dup, seed=seed))
+    assert shaken.result is not None
+    assert finals(shaken).tobytes() == finals(calm).tobytes()
+    assert shaken.result["model"]["x"].tobytes() == calm.result["model"]["x"].tobytes()
+
+
+def test_w4_workload_matches_numpy() -> None:
+    cfg = tomllib.loads((ROOT / "perf" / "workloads" / "w4.toml").read_text())
+    assert cfg["protocol"]["name"] == "gossip" and cfg["run"]["rounds"] == 50
+    host, _ = run_host(gossip.build(cfg))
+    n, dim = cfg["protocol"]["nodes"], cfg["protocol"]["dim"]
+    w = topology.mixing_matrix(topology.ring_lattice(n, 4))
+    want = np.linalg.matrix_power(w, 50) @ start_values(n, dim)
+    got = finals(host)
+    np.testing.assert_allclose(got, want, atol=1e-5)
+    assert host.result is not None
+    assert host.result["max_abs_dev"] == pytest.approx(
+        np.abs(want - want.mean(axis=0)).max(), abs=1e-5)
+
+
+def test_sync_gossip_under_loss_stalls_and_ends_idle() -> None:
+    dep = gossip.build(config(6, 4, 20))
+    host, _ = run_host(dep, network=Scripted([0.1], loss=0.3, seed=1))
+    assert host.result is None
+
+
+# -- asynchronous push-pull ------------------------------------------------------------------
+
+@given(undirected(), delays, st.floats(0.0, 0.3), st.integers(0, 1000))
+def test_async_gossip_keeps_the_sum_and_contracts(graph: tuple[int, dict[str, Any]],
+                                                  ds: list[float], dup: float,
+                                                  seed: int) -> None:
+    n, section = graph
+    g, _ = topology.from_config(section, n)
+    dep = gossip.build(config(n, 8, 30, section, mode="async", period=1.0, drain=20.0))
+    host, rows = run_host(dep, seed=seed, network=Scripted(ds, duplicate=dup, seed=seed),
+                          drain=True)
+    x0 = start_values(n, 8)
+    got = finals(host)
+    np.testing.assert_allclose(got.sum(axis=0), x0.sum(axis=0), atol=1e-4)
+    assert host.result is not None and host.result["rounds"] == 30
+    assert [r["value"] for r in rows if r["name"] == "round"] == list(range(1, 31))
+    if g.is_connected() and n > 1:
+        spread0 = np.abs(x0 - x0.mean(axis=0)).max()
+        assert np.abs(got - got.mean(axis=0)).max() < spread0
+
+
+def test_async_gossip_reaches_consensus_on_a_ring() -> None:
+    dep = gossip.build(config(8, 4, 200, mode="async", period=1.0))
+    host, _ = run_host(dep, network=Scripted([0.05, 0.2, 0.1]), drain=True)
+    got = finals(host)
+    np.testing.assert_allclose(got, np.broadcast_to(start_values(8, 4).mean(axis=0), got.shape),
+                               atol=1e-4)
+
+
+# -- determinism -----------------------------------------------------------------------------
+
+@pytest.mark.parametrize("protocol", [
+    {"mode": "sync"}, {"mode": "async", "period": 0.5},
+])
+def test_same_seed_same_model_bytes(protocol: dict[str, Any]) -> None:
+    cfg = config(10, 32, 8, {"kind": "random_regular", "degree": 3, "seed": 1}, **protocol)
+    cfg["network"] = {"latency": {"kind": "uniform", "low": 0.01, "high": 0.5}, "duplicate": 0.1}
+
+    def once() -> tuple[bytes, list[dict[str, Any]]]:
+        dep = gossip.build(cfg)
+        net = NetworkModel.from_config(cfg["network"], 5, dep.node_ids)
+        host, rows = run_host(dep, seed=5, network=net)
+        assert host.result is not None
+        return host.result["model"]["x"].tobytes(), rows
+
+    assert once() == once()
+
+
+# -- decentralised SGD -----------------------------------------------------------------------
+
+WORKLOAD = {"model": "linear", "clients": 4, "input_dim": 12, "samples_per_client": 40,
+            "batch_size": 8, "test_samples": 200, "lr": 0.1}
+
+
+def test_dsgd_equals_train_then_mix_computed_by_hand() -> None:
+    rounds, seed = 3, 11
+    cfg = {"run": {"seed": seed, "rounds": rounds},
+           "protocol": {"name": "dsgd", "topology": {"kind": "ring", "weights": "metropolis"}},
+           "workload": WORKLOAD}
+    host, rows = run_host(gossip.build_dsgd(cfg), seed=seed)
+    learner = learners.make(WORKLOAD)
+    w = topology.mixing_matrix(topology.ring(4), "metropolis")
+    models = [learner.init() for _ in range(4)]
+    for r in range(1, rounds + 1):
+        trained = [common.flatten(learner.train(models[i], i, common.derive_rng(seed, i, r)))
+                   for i in range(4)]
+        models = [common.unflatten(sum(w[i, j] * trained[j].astype(np.float64)
+                                       for j in range(4)), models[0]) for i in range(4)]
+    res = host.result
+    assert res is not None
+    for name in models[0]:
+        np.testing.assert_allclose(res["model"][name], models[0][name], atol=1e-5)
+    evaluated = learner.evaluate(models[0])
+    assert evaluated is not None
+    assert res["test_accuracy"] == pytest.approx(evaluated["accuracy"], abs=0.01)
+    assert [r["value"] for r in rows if r["name"] == "round"] == [1, 2, 3]
+
+
+def test_dsgd_is_deterministic_with_stragglers() -> None:
+    cfg = {"run": {"seed": 2, "rounds": 3},
+           "protocol": {"name": "dsgd", "topology": {"kind": "complete"}},
+           "workload": WORKLOAD,
+           "network": {"latency": 0.01, "compute": {"per_unit": 0.001, "spread": "uniform",
+                                                    "low": 1.0, "high": 5.0}}}
+
+    def once() -> tuple[bytes, list[dict[str, Any]]]:
+        dep = gossip.build_dsgd(cfg)
+        net = NetworkModel.from_config(cfg["network"], 2, dep.node_ids)
+        host, rows = run_host(dep, seed=2, network=net)
+        assert host.result is not None
+        return common.digest(host.result["model"]).encode(), rows
+
+    first = once()
+    assert first == once()
+    assert first[1][-1]["t"] > 3 * 40 * 0.001  # the compute model made time pass
+
+
+# -- config ----------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("cfg", "fragment"), [
+    (config(4, 4, 2, {"kind": "ring", "directed": True}), "undirected"),
+    (config(4, 4, 2, mode="lazy"), "mode"),
+    (config(4, 4, 2, dims=3), "did you mean 'dim'"),
+    (config(4, 0, 2), "dim = 0"),
+    (config(4, 4, 0), "rounds = 0"),
+])
+def test_bad_gossip_config_names_the_key(cfg: dict[str, Any], fragment: str) -> None:
+    with pytest.raises(ConfigError) as info:
+        gossip.build(cfg)
+    assert fragment in str(info.value)

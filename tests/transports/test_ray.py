@@ -1,0 +1,237 @@
+"""The ray transport on a real local Ray (one instance for the module) and, last, on a real
+two-node `ray.cluster_utils.Cluster`: same answers as inproc, exact delivery for asynchronous
+protocols, dead shards reported by name or restarted, bad options refused."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+ray = pytest.importorskip("ray")
+
+from kernel import runner  # noqa: E402
+from kernel.api import RunError  # noqa: E402
+from kernel.config import ConfigError, load  # noqa: E402
+from kernel.registry import load as registry_load  # noqa: E402
+from tests.transports import ray_protocols as rp  # noqa: E402
+from transports.base import Job, Outcome  # noqa: E402
+from transports.inproc import InprocTransport  # noqa: E402
+from transports.ray import RayTransport, check_options  # noqa: E402
+
+pytestmark = [pytest.mark.ray, pytest.mark.slow]
+ROOT = Path(__file__).resolve().parents[2]
+TIME_LIMIT = 120.0
+
+
+@pytest.fixture(scope="module")
+def local_ray() -> Iterator[None]:
+    """One local Ray for the module (the transport reuses it and leaves it running)."""
+    if ray.is_initialized():
+        ray.shutdown()
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="ERROR")
+    yield
+    ray.shutdown()
+
+
+def _run(transport: Any, config: Mapping[str, Any], rows: list[dict[str, Any]] | None = None,
+         on_metric: Any = None) -> Outcome:
+    dep = registry_load("protocols", config["protocol"]["name"])(config)
+    sink = rows if rows is not None else []
+
+    def metric(row: dict[str, Any]) -> None:
+        sink.append(row)
+        if on_metric is not None:
+            on_metric(row)
+
+    job = Job(config=config, deployment=dep, seed=config["run"]["seed"], until=TIME_LIMIT,
+              on_metric=metric)
+    try:
+        return transport.run(job)
+    finally:
+        transport.close()
+
+
+def _rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k != "t"} for r in rows if r["name"] == "round"]
+
+
+# -- options ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize(("given", "named"), [
+    ({"shard": 2}, "shard"),
+    ({"placement": "EVERYWHERE"}, "placement"),
+    ({"shards": -1}, "shards"),
+    ({"call_timeout": 0}, "call_timeout"),
+    ({"cpus_per_shard": "1"}, "cpus_per_shard"),
+    ({"address": "auto", "num_cpus": 2}, "num_cpus"),
+])
+def test_bad_options_are_refused_naming_the_key(given: dict[str, Any], named: str) -> None:
+    with pytest.raises(ConfigError, match=named):
+        check_options(given)
+
+
+def test_documented_options_are_accepted() -> None:
+    opts = check_options({"kind": "ray", "shards": 3, "cpus_per_shard": 0.5, "strict": True,
+                          "placement": "SPREAD", "tick": 0.01, "inline_threshold": 0})
+    assert (opts["shards"], opts["placement"], opts["cpus_per_shard"]) == (3, "SPREAD", 0.5)
+
+
+# -- same answers as inproc ------------------------------------------------------------------
+
+@pytest.mark.parametrize(("dim", "opts"), [
+    (200, {}),  # every frame inline in the batches
+    (40_000, {"tick": 0.005}),  # models through the object store; timed flushes
+    (3_000, {"inline_threshold": 0, "shards": 3, "cpus_per_shard": 0.5}),  # all by reference
+])
+def test_sync_protocol_matches_inproc(local_ray: None, dim: int, opts: dict[str, Any]) -> None:
+    config = {"run": {"seed": 3, "rounds": 3}, "protocol": {"name": rp.SYNC, "nodes": 7,
+                                                            "dim": dim}}
+    want_rows: list[dict[str, Any]] = []
+    want = _run(InprocTransport({}), config, want_rows)
+    rows: list[dict[str, Any]] = []
+    got = _run(RayTransport(opts), config, rows)
+    assert got.reason == "finished" and got.finished_by == 0
+    assert got.result is not None and want.result is not None
+    np.testing.assert_array_equal(got.result["model"]["x"], want.result["model"]["x"])
+    assert _rounds(rows) == _rounds(want_rows)
+    assert got.messages == want.messages
+    shards = opts.get("shards", 2)
+    stats = [r for r in rows if r["name"] == "shard_stats"]
+    assert sorted(r["shard"] for r in stats) == list(range(shards))
+    assert sum(r["nodes"] for r in stats) == 7
+    assert [s["shard"] for s in got.shards] == list(range(shards))
+    if dim * 4 > 65536 or opts.get("inline_threshold") == 0:
+        assert sum(s["puts"] for s in got.shards) > 0
+    else:
+        assert sum(s["puts"] for s in got.shards) == 0
+    assert ray.is_initialized()  # a Ray the transport did not start is left running
+
+
+def test_w1_fedavg_gives_the_inproc_model(local_ray: None) -> None:
+    base = load(ROOT / "perf/workloads/w1.toml", ["run.progress=false"])
+    want = runner.execute(base, quiet=True)
+    cfg = load(ROOT / "perf/workloads/w1.toml", ["run.progress=false", "transport.kind=ray"])
+    got = runner.execute(cfg, quiet=True)
+    assert got.result["final_model_sha256"] == want.result["final_model_sha256"]
+    assert got.result["test_accuracy"] == want.result["test_accuracy"]
+    assert _rounds(got.rows) == _rounds(want.rows)
+    assert got.result["transport"] == "ray" and got.result["reason"] == "finished"
+
+
+def test_w4_like_gossip_gives_the_inproc_model(local_ray: None) -> None:
+    over = ["run.progress=false", "run.rounds=8", "protocol.nodes=16", "protocol.dim=20000"]
+    want = runner.execute(load(ROOT / "perf/workloads/w4.toml", over), quiet=True)
+    got = runner.execute(load(ROOT / "perf/workloads/w4.toml", [*over, "transport.kind=ray"]),
+                         quiet=True)
+    assert got.result["final_model_sha256"] == want.result["final_model_sha256"]
+    assert got.result["extra"]["max_abs_dev"] == want.result["extra"]["max_abs_dev"]
+
+
+# -- asynchronous protocols ------------------------------------------------------------------
+
+def test_async_push_sum_conserves_mass(local_ray: None) -> None:
+    n = 12
+    config = {"run": {"seed": 5, "rounds": 1},
+              "protocol": {"name": rp.MASS, "nodes": n, "pushes": 15}}
+    rows: list[dict[str, Any]] = []
+    out = _run(RayTransport({}), config, rows)
+    assert out.result == {"done": n}
+    mass = [r for r in rows if r["name"] == "mass"]
+    assert sorted(r["node"] for r in mass) == list(range(n))  # every on_stop ran, rows came back
+    assert math.isclose(sum(r["value"] for r in mass), rp.initial_mass(n), rel_tol=1e-12)
+    assert math.isclose(sum(r["w"] for r in mass), n, rel_tol=1e-12)
+
+
+def test_pushsum_and_fedbuff_finish_on_ray(local_ray: None) -> None:
+    ps = {"run": {"seed": 1, "rounds": 25, "progress": False},
+          "transport": {"kind": "ray"},
+          "protocol": {"name": "pushsum", "nodes": 10, "dim": 50, "period": 0.01, "drain": 3.0}}
+    res = runner.execute(ps, quiet=True).result
+    assert res["reason"] == "finished" and res["extra"]["reports"] == 10
+    # Mixing 25 ticks on a ring shrinks the spread of the estimates far below the initial one.
+    assert res["extra"]["max_abs_dev"] < 1.0
+    fb = {"run": {"seed": 2, "rounds": 4, "progress": False},
+          "transport": {"kind": "ray"},
+          "protocol": {"name": "fedbuff", "buffer": 3},
+          "workload": {"model": "linear", "clients": 6, "samples_per_client": 64,
+                       "test_samples": 200}}
+    rec = runner.execute(fb, quiet=True)
+    assert rec.result["reason"] == "finished" and rec.result["rounds"] == 4
+    assert [r["value"] for r in rec.rows if r["name"] == "round"] == [1, 2, 3, 4]
+    assert rec.result["extra"]["updates"] >= 4 * 3
+
+
+# -- failures --------------------------------------------------------------------------------
+
+def _kill_shard_after_round(transport: RayTransport, shard: int, at: int) -> Any:
+    def on_metric(row: dict[str, Any]) -> None:
+        if row["name"] == "round" and row["value"] == at:
+            ray.kill(transport.actors[shard], no_restart=False)
+    return on_metric
+
+
+def test_killed_shard_is_reported_by_name(local_ray: None) -> None:
+    config = {"run": {"seed": 0, "rounds": 30},
+              "protocol": {"name": rp.TICKER, "nodes": 6, "gap": 0.1}}
+    tr = RayTransport({"call_timeout": 20.0})
+    with pytest.raises(RunError, match=r"ray shard 1 \(nodes 1,3,5\) died: .*Actor"):
+        _run(tr, config, on_metric=_kill_shard_after_round(tr, 1, 1))
+
+
+def test_killed_shard_restarts_by_policy(local_ray: None) -> None:
+    config = {"run": {"seed": 0, "rounds": 6},
+              "protocol": {"name": rp.TICKER, "nodes": 6, "gap": 0.3, "resend": 0.2}}
+    tr = RayTransport({"max_restarts": 1, "call_timeout": 30.0})
+    rows: list[dict[str, Any]] = []
+    out = _run(tr, config, rows, on_metric=_kill_shard_after_round(tr, 1, 1))
+    assert out.reason == "finished" and out.result == {"rounds": 6}
+    assert [r["value"] for r in rows if r["name"] == "shard_restart"] == [1]
+    assert [s["restarts"] for s in out.shards] == [0, 1]
+
+
+def test_protocol_error_names_shard_and_node(local_ray: None) -> None:
+    config = {"run": {"seed": 0, "rounds": 2}, "protocol": {"name": rp.SYNC, "nodes": 5,
+                                                            "dim": -1}}
+    with pytest.raises(RunError, match=r"ray shard \d \(nodes .*node \d .*raised"):
+        _run(RayTransport({}), config)
+
+
+def test_unplaceable_shards_fail_within_the_call_timeout(local_ray: None) -> None:
+    config = {"run": {"seed": 0, "rounds": 1}, "protocol": {"name": rp.SYNC, "nodes": 4}}
+    tr = RayTransport({"shards": 2, "placement": "STRICT_SPREAD", "call_timeout": 2.0})
+    with pytest.raises(RunError, match="could not be placed within call_timeout = 2 s"):
+        _run(tr, config)
+    # Nothing is left reserved: the next run gets both CPUs.
+    assert _run(RayTransport({}), config).reason == "finished"
+
+
+# -- a real two-node cluster (last: it replaces the module's Ray) ----------------------------
+
+def test_two_node_cluster_spread_gives_the_inproc_model() -> None:
+    from ray.cluster_utils import Cluster
+
+    if ray.is_initialized():
+        ray.shutdown()
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
+    try:
+        cluster.add_node(num_cpus=1)
+        cluster.wait_for_nodes()
+        config = {"run": {"seed": 4, "rounds": 3},
+                  "protocol": {"name": rp.SYNC, "nodes": 6, "dim": 30_000}}
+        want = _run(InprocTransport({}), config)
+        tr = RayTransport({"address": cluster.address, "shards": 2, "placement": "SPREAD",
+                           "cpus_per_shard": 1.0})
+        got = _run(tr, config)
+        assert got.result is not None and want.result is not None
+        np.testing.assert_array_equal(got.result["model"]["x"], want.result["model"]["x"])
+        assert len({s["node_id"] for s in got.shards}) == 2
+        assert not ray.is_initialized()  # it joined the cluster, so it disconnected after
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+        cluster.shutdown()

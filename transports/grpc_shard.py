@@ -1,0 +1,520 @@
+"""A grpc shard process: rebuilds the deployment, runs its nodes on a wall-clock host, streams
+frames to its peers and events to the driver.
+
+`python -m transports.grpc_shard` reads one JSON spec line on stdin (see `transports.grpc`),
+prints `FEDLOOM-GRPC-SHARD READY <port>` and serves until stdin closes: the driver closes it when
+the run is over, and the OS does when the driver dies, so a shard never outlives its driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+import traceback
+from collections import deque
+from collections.abc import Iterator, Mapping, Sequence
+from concurrent import futures
+from typing import Any
+
+import grpc
+import msgpack
+
+from kernel import registry
+from kernel.api import RunError
+from kernel.codec import Codec, CodecError, body_nbytes
+from kernel.host import Host
+from kernel.messages import Message
+from transports.base import place
+from transports.grpc import (
+    CONTROL,
+    DELIVER,
+    EVENTS,
+    READY,
+    Frame,
+    Reassembler,
+    authenticate,
+    call_metadata,
+    channel_options,
+    nbytes_of,
+    pack,
+    stream_deadline,
+)
+
+log = logging.getLogger("fedloom.grpc.shard")
+
+SLICE_S = 0.05  # the host loop looks for a stop request this often
+MAX_BAD_LOGS = 10  # malformed frames logged per stream; the rest are only counted
+
+
+class FrameQueue:
+    """A FIFO of frames bounded in bytes: `put` blocks while it is full (up to a timeout), so a
+    slow reader slows its writers instead of growing memory."""
+
+    def __init__(self, max_bytes: int, name: str) -> None:
+        self.max_bytes = max_bytes
+        self.name = name
+        self._items: deque[Frame] = deque()
+        self._bytes = 0
+        self._cond = threading.Condition()
+        self._closed = False
+        self._drain = False
+        self.failed: str | None = None
+
+    def put(self, frame: Frame, timeout: float) -> None:
+        """Queue `frame`; RunError when the queue stays full for `timeout` s or has failed."""
+        n = frame[2]
+        with self._cond:
+            if self._bytes + n > self.max_bytes and self._items:
+                deadline = time.monotonic() + timeout
+                while self._bytes + n > self.max_bytes and self._items and not self.failed:
+                    left = deadline - time.monotonic()
+                    if left <= 0:
+                        raise RunError(f"{self.name} has been full ({self._bytes} bytes queued) "
+                                       f"for {timeout} s (transport.call_timeout): its reader "
+                                       f"is stuck or gone")
+                    self._cond.wait(left)
+            if self.failed:
+                raise RunError(self.failed)
+            if self._closed:
+                return
+            self._items.append(frame)
+            self._bytes += n
+            self._cond.notify_all()
+
+    def take(self, wait: float, linger: float, fill: int) -> list[Frame] | None:
+        """Everything queued, waiting up to `wait` s for a first frame and then up to `linger`
+        s for `fill` bytes; [] when nothing came, None once closed (and drained)."""
+        with self._cond:
+            if not self._items and not self._closed:
+                self._cond.wait(wait)
+            if linger > 0 and self._items and not self._closed:
+                end = time.monotonic() + linger
+                while self._bytes < fill and not self._closed:
+                    left = end - time.monotonic()
+                    if left <= 0:
+                        break
+                    self._cond.wait(left)
+            if self._closed and not (self._drain and self._items):
+                return None
+            items = list(self._items)
+            self._items.clear()
+            self._bytes = 0
+            self._cond.notify_all()
+            return items
+
+    def unget(self, frames: Sequence[Frame]) -> None:
+        """Put frames a reader took back at the front (its stream broke before sending them)."""
+        with self._cond:
+            self._items.extendleft(reversed(frames))
+            self._bytes += sum(f[2] for f in frames)
+            self._cond.notify_all()
+
+    def fail(self, text: str) -> None:
+        """Make every later (and waiting) `put` raise RunError(text)."""
+        with self._cond:
+            self.failed = text
+            self._cond.notify_all()
+
+    def close(self, drain: bool) -> None:
+        """No more frames; with `drain`, the reader still gets what is queued."""
+        with self._cond:
+            self._closed, self._drain = True, drain
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        with self._cond:
+            self._cond.notify_all()
+
+
+class PeerLink:
+    """The one long-lived stream from this shard to one peer shard, reconnected with
+    exponential backoff up to `max_reconnects` times in a row."""
+
+    def __init__(self, shard: Shard, peer: int, address: str) -> None:
+        self.shard = shard
+        self.peer = peer
+        self.address = address
+        opts = shard.opts
+        self.chunk = int(opts["chunk_bytes"])
+        self.tick = float(opts["tick"])
+        self.channel = grpc.insecure_channel(address, options=channel_options(self.chunk))
+        self.queue = FrameQueue(int(opts["queue_bytes"]),
+                                f"grpc shard {shard.index}'s stream to shard {peer} ({address})")
+        self.generation = 0
+        self.closing = False
+        self.stats = {"frames_out": 0, "wire_bytes_out": 0, "reconnects": 0}
+        self._sent = 0
+        self._backoff = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"grpc-link-{peer}", daemon=True)
+
+    def connect(self, timeout: float) -> None:
+        """Wait until the channel is up (the peer is serving), then start streaming."""
+        try:
+            grpc.channel_ready_future(self.channel).result(timeout=timeout)
+        except grpc.FutureTimeoutError:
+            raise RunError(f"could not connect to shard {self.peer} at {self.address} within "
+                           f"{timeout} s (transport.connect_timeout)") from None
+        self._thread.start()
+
+    def _requests(self, generation: int) -> Iterator[bytes]:
+        queue, chunk, tick = self.queue, self.chunk, self.tick
+        stats = self.stats
+        while True:
+            frames = queue.take(0.25, tick, chunk)
+            if frames is None:
+                return
+            if generation != self.generation:
+                queue.unget(frames or ())
+                return
+            for data in pack(frames, chunk):
+                stats["frames_out"] += 1
+                stats["wire_bytes_out"] += len(data)
+                self._sent += 1
+                yield data
+
+    def _run(self) -> None:
+        opts = self.shard.opts
+        md = call_metadata(self.shard.token, f"shard {self.shard.index}")
+        timeout = stream_deadline(self.shard.until, opts["call_timeout"])
+        stream = self.channel.stream_unary(DELIVER)
+        failures = 0
+        while not self.closing:
+            generation = self.generation
+            self._sent = 0
+            try:
+                stream(self._requests(generation), metadata=md, timeout=timeout)
+                return
+            except grpc.RpcError as exc:
+                if self.closing:
+                    return
+                self.generation += 1
+                self.queue.wake()
+                code = exc.code() if hasattr(exc, "code") else None
+                failures = 1 if self._sent else failures + 1
+                text = (f"grpc shard {self.shard.index}: stream to shard {self.peer} at "
+                        f"{self.address} failed: {code.name if code else exc}")
+                if code == grpc.StatusCode.UNAUTHENTICATED or failures > opts["max_reconnects"]:
+                    self.queue.fail(f"{text} (gave up after {failures - 1} reconnects)")
+                    self.shard.report_error(f"{text} (gave up after {failures - 1} reconnects)")
+                    return
+                delay = min(0.05 * 2 ** (failures - 1), 2.0)
+                log.warning("%s; reconnecting in %.2f s (attempt %d of %d; frames in flight may "
+                            "be lost)", text, delay, failures, opts["max_reconnects"])
+                self.stats["reconnects"] += 1
+                self._backoff.wait(delay)
+
+    def close(self, timeout: float) -> None:
+        """Drop what is queued, end the stream and the channel."""
+        self.closing = True
+        self.queue.close(drain=False)
+        self._backoff.set()
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        self.channel.close()
+
+
+class Shard:
+    """One shard: its nodes' host, its server (Deliver, Events, Control) and its peer links."""
+
+    def __init__(self, spec: Mapping[str, Any]) -> None:
+        self.index = int(spec["shard"])
+        self.local = [int(n) for n in spec["nodes"]]
+        self.config: dict[str, Any] = spec["config"]
+        self.opts: dict[str, Any] = spec["options"]
+        self.token: str = spec["token"]
+        self.seed = int(spec["seed"])
+        self.until: float | None = spec.get("until")
+        self.max_events: int | None = spec.get("max_events")
+        self.codec = Codec.from_config(self.config.get("codec", {}))
+        build = registry.load("protocols", self.config["protocol"]["name"])
+        self.deployment = build(self.config)
+        self.placement = place(self.deployment.node_ids, int(self.opts["shards"]))
+        self.local_set = frozenset(self.local)
+        self.links: dict[int, PeerLink] = {}
+        self.events = FrameQueue(int(self.opts["queue_bytes"]),
+                                 f"grpc shard {self.index}'s event stream to the driver")
+        self.host: Host | None = None
+        self.stopped = False
+        self.stats = {"frames_in": 0, "wire_bytes_in": 0, "bad_frames": 0, "refused": 0}
+        self._early: list[tuple[Message, list[int]]] = []
+        self._lock = threading.Lock()
+        self._events_open = False
+        self._stop = threading.Event()
+        self._loop_thread: threading.Thread | None = None
+        self._error_sent = False
+        self.server: grpc.Server | None = None
+
+    # -- serving ---------------------------------------------------------------------------
+    def serve(self) -> int:
+        """Start the gRPC server on transport.host, port chosen by the OS; return the port."""
+        workers = int(self.opts["shards"]) + 8  # one per peer stream, the event stream, control
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=workers,
+                                                        thread_name_prefix="grpc-serve"),
+                             options=channel_options(int(self.opts["chunk_bytes"])))
+        server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            DELIVER.split("/")[1], {
+                "Deliver": grpc.stream_unary_rpc_method_handler(self._deliver),
+                "Events": grpc.unary_stream_rpc_method_handler(self._events),
+                "Control": grpc.unary_unary_rpc_method_handler(self._control),
+            })])
+        port = server.add_insecure_port(f"{self.opts['host']}:0")
+        if not port:
+            raise RunError(f"could not bind a port on {self.opts['host']!r} (transport.host)")
+        server.start()
+        self.server = server
+        return port
+
+    def _auth(self, context: grpc.ServicerContext) -> str:
+        try:
+            return authenticate(context, self.token)
+        except Exception:
+            self.stats["refused"] += 1
+            raise
+
+    def _deliver(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        peer = self._auth(context)
+        reasm = Reassembler()
+        stats = self.stats
+        bad = 0
+        for data in requests:
+            stats["frames_in"] += 1
+            stats["wire_bytes_in"] += len(data)
+            at = reasm.offset
+            try:
+                for meta, buf in reasm.feed(data):
+                    try:
+                        self._accept(meta, buf)
+                    except CodecError as exc:
+                        raise CodecError(f"frame in the message at stream byte offset {at}: "
+                                         f"{exc}") from None
+            except CodecError as exc:
+                stats["bad_frames"] += 1
+                bad += 1
+                if bad <= MAX_BAD_LOGS:
+                    log.warning("malformed frame from %s dropped: %s", peer, exc)
+        return b""
+
+    def _accept(self, meta: Any, buf: Any) -> None:
+        if (not isinstance(meta, list) or not meta
+                or not all(isinstance(d, int) and not isinstance(d, bool) for d in meta)):
+            raise CodecError(f"destination list {meta!r:.80} is not a non-empty list of node ids")
+        strangers = [d for d in meta if d not in self.local_set]
+        if strangers:
+            raise CodecError(f"destinations {strangers[:8]} are not nodes of this shard")
+        msg = self.codec.decode(buf)
+        if not isinstance(msg, Message):
+            raise CodecError(f"frame decoded to {type(msg).__name__}, not a message")
+        with self._lock:
+            host = self.host
+            if host is None:
+                self._early.append((msg, meta))
+                return
+        host.deliver(msg, meta, threadsafe=True)
+
+    def _events(self, request: bytes, context: grpc.ServicerContext) -> Iterator[bytes]:
+        self._auth(context)
+        with self._lock:
+            if self._events_open:
+                context.abort(grpc.StatusCode.FAILED_PRECONDITION, "the event stream is open")
+            self._events_open = True
+        chunk = int(self.opts["chunk_bytes"])
+        while True:
+            frames = self.events.take(0.25, 0.0, chunk)
+            if frames is None:
+                return
+            yield from pack(frames, chunk)
+
+    def _control(self, request: bytes, context: grpc.ServicerContext) -> bytes:
+        self._auth(context)
+        try:
+            req = msgpack.unpackb(request, raw=False)
+            op = req.get("op") if isinstance(req, dict) else None
+            if op == "peers":
+                reply = self._peers(req["peers"])
+            elif op == "start":
+                reply = self._start()
+            elif op == "stop":
+                reply = self._stop_run()
+            elif op == "ping":
+                reply = {"shard": self.index, "pid": os.getpid()}
+            else:
+                reply = {"error": f"unknown control request {req!r:.100}; expected op peers, "
+                                  f"start, stop or ping"}
+        except Exception as exc:
+            log.exception("control request failed")
+            reply = {"error": f"{type(exc).__name__}: {exc}"}
+        return msgpack.packb(reply)
+
+    # -- control operations ----------------------------------------------------------------
+    def _peers(self, peers: Mapping[str, str]) -> dict[str, Any]:
+        for key, address in sorted(peers.items(), key=lambda kv: int(kv[0])):
+            k = int(key)
+            if k != self.index and k not in self.links:
+                self.links[k] = PeerLink(self, k, address)
+        deadline = time.monotonic() + float(self.opts["connect_timeout"])
+        for link in self.links.values():
+            link.connect(max(deadline - time.monotonic(), 0.01))
+        return {}
+
+    def _start(self) -> dict[str, Any]:
+        if self.opts["strict"]:
+            strict, sizer = self.codec, None
+        else:
+            strict, sizer = None, body_nbytes
+        host = Host(self.deployment, self.local, seed=self.seed, wall=True, outbox=self,
+                    on_metric=self._on_metric, strict=strict, sizer=sizer)
+        with self._lock:
+            for msg, dsts in self._early:
+                host.deliver(msg, dsts, threadsafe=True)
+            self._early.clear()
+            self.host = host
+        self._loop_thread = threading.Thread(target=self._loop, name="grpc-host", daemon=True)
+        self._loop_thread.start()
+        return {}
+
+    def _stop_run(self) -> dict[str, Any]:
+        self._stop.set()
+        if self.host is not None:
+            self.host.sched.wake()
+        if self._loop_thread is not None:
+            self._loop_thread.join(float(self.opts["call_timeout"]))
+            if self._loop_thread.is_alive():
+                return {"error": f"the host loop did not stop within "
+                                 f"{self.opts['call_timeout']} s (transport.call_timeout)"}
+        for link in self.links.values():
+            link.close(float(self.opts["call_timeout"]))
+        stats: dict[str, Any] = dict(self.host.stats) if self.host is not None else {}
+        stats.update(self.stats, nodes=len(self.local), frames_out=0, wire_bytes_out=0,
+                     reconnects=0)
+        for link in self.links.values():
+            for key, value in link.stats.items():
+                stats[key] += value
+        self.stopped = True
+        self.events.close(drain=True)
+        return {"stats": stats}
+
+    # -- the host loop ---------------------------------------------------------------------
+    def _loop(self) -> None:
+        host = self.host
+        assert host is not None
+        try:
+            host.start()
+            reason = self._run_slices(host)
+            if reason == "finished":
+                self._event("done", {"reason": reason, "finished_by": host.finished_by,
+                                     "result": dict(host.result or {})})
+            elif reason is not None:
+                self._event("done", {"reason": reason})
+        except Exception as exc:
+            self.report_error(_describe(exc))
+        while not self._stop.wait(1.0):
+            pass
+        try:
+            host.stop()
+        except Exception as exc:
+            if host.error is None or exc is not host.error:
+                self.report_error(_describe(exc))
+
+    def _run_slices(self, host: Host) -> str | None:
+        until, left = self.until, self.max_events
+        sched = host.sched
+        while not self._stop.is_set():
+            end = sched.elapsed() + SLICE_S
+            if until is not None and end > until:
+                end = until
+            before = host.stats["events"] if left is not None else 0
+            reason = host.run(until=end, max_events=left)
+            if reason in ("finished", "max_events"):
+                return reason
+            if until is not None and end >= until:
+                return "until"
+            if left is not None:
+                left -= host.stats["events"] - before
+        return None
+
+    def _on_metric(self, row: dict[str, Any]) -> None:
+        # Encoded now: a protocol may go on mutating an array it emitted.
+        self._event("row", row)
+
+    def _event(self, kind: str, body: Mapping[str, Any]) -> None:
+        parts = self.codec.encode_body(dict(body))
+        self.events.put((kind, parts, nbytes_of(parts)), float(self.opts["call_timeout"]))
+
+    def report_error(self, text: str) -> None:
+        """Tell the driver this shard cannot go on."""
+        log.error("%s", text)
+        if self._error_sent:
+            return
+        self._error_sent = True
+        try:
+            self._event("error", {"message": text})
+        except Exception:
+            log.exception("could not report the error to the driver")
+
+    # -- Outbox: messages for nodes on other shards -----------------------------------------
+    def post(self, msg: Message, dsts: Sequence[int]) -> None:
+        """Encode `msg` once and queue it for each shard that runs some of `dsts`."""
+        parts = self.codec.encode(msg)
+        n = nbytes_of(parts)
+        by_shard: dict[int, list[int]] = {}
+        placement = self.placement
+        for dst in dsts:
+            by_shard.setdefault(placement[dst], []).append(dst)
+        timeout = float(self.opts["call_timeout"])
+        for k, group in by_shard.items():
+            self.links[k].queue.put((group, parts, n), timeout)
+
+    def shutdown(self) -> None:
+        """Stop serving (the driver has closed our stdin)."""
+        for link in self.links.values():
+            link.close(1.0)
+        if self.server is not None:
+            self.server.stop(grace=0.5).wait(2.0)
+
+
+def _describe(exc: BaseException) -> str:
+    if isinstance(exc, RunError):
+        return str(exc)
+    return f"{type(exc).__name__}: {exc}\n{''.join(traceback.format_exception(exc))}"
+
+
+def main() -> int:
+    """Read the spec, serve, and exit when stdin closes."""
+    # Ctrl-C belongs to the driver, which stops the shards itself.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    line = sys.stdin.readline()
+    if not line:
+        return 1
+    index = "?"
+    try:
+        spec = json.loads(line)
+        index = str(spec.get("shard", "?"))
+        logging.basicConfig(level=logging.WARNING, stream=sys.stderr,
+                            format=f"[grpc shard {index}] %(levelname)s %(message)s")
+        shard = Shard(spec)
+        port = shard.serve()
+    except Exception as exc:
+        traceback.print_exc()
+        print(f"{READY} ERROR {json.dumps(f'{type(exc).__name__}: {exc}')}", flush=True)
+        return 1
+    print(f"{READY} READY {port}", flush=True)
+    for _ in sys.stdin:  # nothing more is sent; EOF means the driver is done or gone
+        pass
+    if not shard.stopped:
+        log.warning("the driver went away before stopping this shard; exiting")
+    with contextlib.suppress(Exception):
+        shard.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    # Skip interpreter teardown: gRPC's threads must not keep a finished shard alive.
+    os._exit(0 if shard.stopped else 1)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
