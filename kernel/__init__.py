@@ -1,4 +1,4 @@
-"""fedloom's kernel: the node API, messages, the event loop and clocks, the codec, config and runner.
+"""fedloom's kernel: node API, messages, event loop and clocks, codec, config and runner.
 
 The kernel imports no transport and no protocol; it finds them by name through `kernel.registry`.
 """

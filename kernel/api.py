@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol as _TypingProtocol
+from typing import Any
+from typing import Protocol as _TypingProtocol
 
 import numpy as np
 
@@ -77,7 +78,7 @@ class Protocol:
 
 @dataclass(frozen=True)
 class Deployment:
-    """What a protocol's `build(config)` returns: the nodes, how to make each, who neighbours whom."""
+    """What a protocol's `build(config)` returns: its nodes, how to make each, their neighbours."""
 
     node_ids: Sequence[int]
     make_node: Callable[[int], Protocol]

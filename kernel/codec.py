@@ -13,7 +13,8 @@ memoryview come back as bytes), numpy arrays of bool/int/uint/float/complex dtyp
 native little-endian), numpy scalars (as numpy scalars of the same dtype, np.float64 included),
 torch tensors (bfloat16 included; dense, on the CPU, detached), lists, tuples (as tuples) and
 dicts whose keys are any of these hashable values (str and int keys included). Subclasses come
-back as their base type (a namedtuple as a tuple, an OrderedDict as a dict).
+back as their base type (a namedtuple as a tuple, an OrderedDict as a dict); a msgpack.Timestamp
+comes back as a float (seconds).
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from typing import Any
 
 import msgpack
 import numpy as np
-from msgpack import ExtType, Timestamp
+from msgpack import ExtType
 
 from kernel.config import ConfigError, options
 from kernel.messages import Message
@@ -70,6 +71,8 @@ _RANGES = {
 }
 _TUPLE_RECORD = ExtType(EXT_TUPLE, b"")
 _TUPLE_MARK = object()  # what the tuple record decodes to before its list becomes a tuple
+_new_message = tuple.__new__  # Message's own __new__ checks nothing, and costs more
+_BASES: tuple[Any, ...] = (int, float, str, bytes, list, dict)  # subclasses become these
 _FIELDS = ("src", "dst", "kind", "sent_at", "seq", "body")
 _FIELD_TYPES = (int, int, str, float, int, dict)
 _PACK_OPTS = {"use_bin_type": True, "strict_types": True, "datetime": False}
@@ -155,7 +158,7 @@ class Codec:
     def decode(self, data: bytes | bytearray | memoryview) -> Message:
         """The message in frame `data`; its arrays are read-only views into `data` (torch
         tensors share `data` too and must be treated as read-only)."""
-        h = self._unframe(data, KIND_MESSAGE)
+        h, walk = self._unframe(data, KIND_MESSAGE)
         if type(h) is not list or len(h) != 6:
             raise CodecError("message header must be a list of 6 fields [src, dst, kind, "
                              f"sent_at, seq, body]; got {_describe(h)}")
@@ -166,15 +169,17 @@ class Codec:
                 if type(value) is not want:
                     raise CodecError(f"message header field {name!r} is {_describe(value)}; "
                                      f"expected {want.__name__}")
-        _check_tree(body, self.max_depth, self.max_depth, self.max_items)
-        return Message(src, dst, kind, body, sent_at, seq)
+        if walk:
+            _check_tree(body, self.max_depth, self.max_depth, self.max_items)
+        return _new_message(Message, (src, dst, kind, body, sent_at, seq))
 
     def decode_body(self, data: bytes | bytearray | memoryview) -> dict[Any, Any]:
         """The body in a frame made by `encode_body`."""
-        body = self._unframe(data, KIND_BODY)
+        body, walk = self._unframe(data, KIND_BODY)
         if type(body) is not dict:
             raise CodecError(f"body frame must hold a dict; got {_describe(body)}")
-        _check_tree(body, self.max_depth, self.max_depth, self.max_items)
+        if walk:
+            _check_tree(body, self.max_depth, self.max_depth, self.max_items)
         return body
 
     def roundtrip(self, msg: Message) -> tuple[Message, int]:
@@ -184,7 +189,8 @@ class Codec:
         data = parts[0] if len(parts) == 1 else join(parts)
         return self.decode(data), len(data)
 
-    def _unframe(self, data: Any, kind: int) -> Any:
+    def _unframe(self, data: Any, kind: int) -> tuple[Any, bool]:
+        """The header object of frame `data`, and whether its nesting must still be checked."""
         try:
             mv = memoryview(data)
         except TypeError:
@@ -208,8 +214,9 @@ class Codec:
             raise CodecError(f"frame version {version} at byte offset 2; this codec reads "
                              f"version {VERSION}")
         if got != kind:
+            what = "message" if kind == KIND_MESSAGE else "body"
             raise CodecError(f"frame kind {bytes((got,))!r} at byte offset 3; expected "
-                             f"{bytes((kind,))!r} ({'message' if kind == KIND_MESSAGE else 'body'})")
+                             f"{bytes((kind,))!r} ({what})")
         hend = 8 + hl
         if hend > n:
             raise CodecError(f"truncated at byte offset {n}: the header declares {hl} bytes "
@@ -217,22 +224,29 @@ class Codec:
         r = _Reader(mv, -(-hend // ALIGN) * ALIGN, self.max_tensor_bytes, self.max_message_bytes)
         lim = min(hl, self.max_items)
         try:
+            # msgpack bounds every declared length by the header's real size (so a few bytes
+            # cannot make it preallocate much) and lists and maps by max_items too. A msgpack
+            # timestamp (never written here) decodes as a plain float, so no type leaks out.
             obj = msgpack.unpackb(
-                mv[8:hend], ext_hook=r.ext_hook, list_hook=r.list_hook, strict_map_key=False,
-                max_str_len=hl, max_bin_len=hl, max_ext_len=hl, max_array_len=lim,
-                max_map_len=lim,
+                mv[8:hend], ext_hook=r.ext_hook, list_hook=r.list_hook,
+                object_hook=r.object_hook, strict_map_key=False, timestamp=1,
+                max_array_len=lim, max_map_len=lim,
             )
         except CodecError:
             raise
         except Exception as e:
-            raise CodecError(f"bad header at byte offsets 8-{hend}: {_explain(e)}") from None
+            why = _explain(e)
+            if "exceeds max_" in why:  # msgpack's own length limits, which we set
+                why += f" (max_items is {self.max_items}; the header has {hl} bytes)"
+            raise CodecError(f"bad header at byte offsets 8-{hend}: {why}") from None
         if r.marks:
             raise CodecError(f"{r.marks} tuple record(s) out of place in the header")
         end = r.base + r.end if r.seen else hend
         if n != end:
             raise CodecError(f"{n - end} unexpected bytes after the frame's end at byte offset "
                              f"{end}")
-        return obj
+        # Nesting cannot be deeper than the number of containers: most headers need no walk.
+        return obj, r.nests > self.max_depth
 
 
 # ---------------------------------------------------------------------------------- helpers
@@ -270,7 +284,7 @@ class _Writer(TensorWriter):
         elif isinstance(obj, tuple):
             return [_TUPLE_RECORD, *obj]
         else:
-            for base in (bool, int, float, str, bytes, list, dict):
+            for base in _BASES:
                 if isinstance(obj, base):
                     return base(obj)
         raise CodecError(f"unsupported type {t.__module__}.{t.__qualname__}")
@@ -279,11 +293,19 @@ class _Writer(TensorWriter):
 class _Reader(TensorReader):
     """msgpack's `ext_hook` and `list_hook` for one frame."""
 
-    __slots__ = ("marks",)
+    __slots__ = ("marks", "nests")
 
     def __init__(self, mv: memoryview, base: int, max_tensor: int, budget: int) -> None:
-        super().__init__(mv, base, max_tensor, budget)
+        # TensorReader's fields set here directly: this runs once per decoded message.
+        self.mv = mv
+        self.base = base
+        self.size = len(mv)
+        self.end = 0
+        self.max_tensor = max_tensor
+        self.budget = budget
+        self.seen = False
         self.marks = 0  # tuple records seen but not yet turned into tuples
+        self.nests = 0  # lists, tuples and dicts decoded
 
     def ext_hook(self, code: int, data: bytes) -> Any:
         if code == EXT_TUPLE:
@@ -291,13 +313,18 @@ class _Reader(TensorReader):
                 raise CodecError(f"tuple record holds {len(data)} bytes; expected none")
             self.marks += 1
             return _TUPLE_MARK
-        if code == EXT_NDARRAY or code == EXT_TORCH or code == EXT_SCALAR:
+        if code in (EXT_NDARRAY, EXT_TORCH, EXT_SCALAR):
             return self.record(code, data)
         raise CodecError(f"unknown ext code {code} in the header; expected {EXT_NDARRAY} "
                          f"(numpy), {EXT_TORCH} (torch), {EXT_SCALAR} (numpy scalar) or "
                          f"{EXT_TUPLE} (tuple)")
 
+    def object_hook(self, d: dict[Any, Any]) -> dict[Any, Any]:
+        self.nests += 1
+        return d
+
     def list_hook(self, items: list[Any]) -> Any:
+        self.nests += 1
         if items and items[0] is _TUPLE_MARK:
             self.marks -= 1
             return tuple(items[1:])
@@ -331,8 +358,8 @@ def _as_dict(body: Any) -> dict[Any, Any]:
 
 
 def _check_tree(obj: Any, left: int, limit: int, max_items: int) -> None:
-    """Refuse nesting deeper than `limit` (`obj` itself is at depth limit - left + 1), a
-    container of more than `max_items` entries, and msgpack timestamps (never written here)."""
+    """Refuse nesting deeper than `limit` (`obj` itself is at depth limit - left + 1) and a
+    container of more than `max_items` entries."""
     if left <= 0:
         raise CodecError(f"body nested deeper than max_depth {limit}")
     if len(obj) > max_items:
@@ -340,13 +367,8 @@ def _check_tree(obj: Any, left: int, limit: int, max_items: int) -> None:
                          f"{max_items}")
     if type(obj) is dict:
         for k in obj:
-            tk = type(k)
-            if tk is str or tk is int:
-                continue
-            if tk is tuple:
+            if type(k) is tuple:
                 _check_tree(k, left - 1, limit, max_items)
-            elif tk is Timestamp:
-                raise CodecError(_NO_TIMESTAMPS)
         values: Any = obj.values()
     else:
         values = obj
@@ -354,11 +376,6 @@ def _check_tree(obj: Any, left: int, limit: int, max_items: int) -> None:
         t = type(v)
         if t is dict or t is list or t is tuple:
             _check_tree(v, left - 1, limit, max_items)
-        elif t is Timestamp:
-            raise CodecError(_NO_TIMESTAMPS)
-
-
-_NO_TIMESTAMPS = "msgpack timestamp (ext code -1) in the header; this format has no timestamps"
 
 
 def _path_to(root: Any, target: Any) -> str:

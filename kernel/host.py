@@ -7,7 +7,9 @@ Node life cycle under a network model's crash schedule: a crash stops the node a
 the middle of a computation), forgets its protocol instance, its timers and the events waiting
 for it; while down it runs nothing, so it sends nothing, and messages reaching it are dropped
 (counted in `stats["dropped"]`). A restart makes a fresh protocol instance with `make_node` and
-calls its `on_start`; the node keeps its id, rng stream and message sequence numbers.
+calls its `on_start`; the node keeps its id, rng stream and message sequence numbers. What a
+node sent before it crashed is already on its way and still arrives; a send that would depart
+after the crash (at the end of a computation the crash cut short) never leaves.
 
 A busy node (one that called `ctx.compute`) handles nothing until its computation ends: events
 reaching it wait in its mailbox and then run in arrival order, before anything that arrives
@@ -50,8 +52,8 @@ class NodeContext(Context):
     """The context the host gives one node."""
 
     __slots__ = (
-        "id", "neighbours", "n_nodes", "params", "proto", "busy_until", "hold", "pending",
-        "timers", "_host", "_sched", "_rng", "_seq", "_direct", "_local",
+        "id", "neighbours", "n_nodes", "params", "proto", "on_message", "busy_until", "hold",
+        "pending", "timers", "_host", "_sched", "_rng", "_seq", "_direct", "_local", "_sizer",
     )
 
     def __init__(self, host: Host, node: int, neighbours: tuple[int, ...]) -> None:
@@ -61,21 +63,25 @@ class NodeContext(Context):
         self.params = host.params
         # The running protocol instance; None while the node is down (or not started).
         self.proto: Protocol | None = None
+        # proto.on_message, bound once (the hot path calls it for every message).
+        self.on_message: Callable[[Context, Message], None] | None = None
         # End of the current computation (virtual time); sends depart then.
         self.busy_until = 0.0
         # Events for this node run directly only while `hold <= now`: `hold` is busy_until
         # normally and +inf while the node is down or has events waiting in `pending`.
         self.hold = _INF
-        self.pending: deque[tuple[int, Any]] = deque()
+        # Made on first use: most nodes never wait, and 10,000s of empty deques add up.
+        self.pending: deque[tuple[int, Any]] | None = None
         self.timers: dict[Hashable, int] = {}
         self._host = host
         self._sched = host.sched
         self._rng: np.random.Generator | None = None
         self._seq = 0
-        # Sends to a local node go straight onto the scheduler's FIFO when nothing (network
-        # model, codec, sizer) has to see them: the kernel's fast path.
+        # Sends to a local node go straight onto the scheduler's FIFO when neither a network
+        # model nor a codec has to see them: the kernel's fast path.
         self._direct = host._direct
         self._local = host.local
+        self._sizer = host.sizer
 
     @property
     def now(self) -> float:
@@ -89,11 +95,16 @@ class NodeContext(Context):
         return self._rng
 
     def send(self, dst: int, kind: str, **body: Any) -> None:
-        direct = self._direct
-        if direct is not None and dst in self._local:
+        if dst in self._local:
+            direct = self._direct
+            if direct is None:
+                self._host.send_local(self, dst, kind, body)
+                return
             self._seq = seq = self._seq + 1
             direct((DELIVER, dst, _new_message(
                 Message, (self.id, dst, kind, body, self._sched.now, seq))))
+            if self._sizer is not None:
+                self._host._bytes += self._sizer(body)
             return
         self._host.send(self, (dst,), kind, body)
 
@@ -174,10 +185,7 @@ class Host:
         self.error: BaseException | None = None
         self._stop = False
         self._timer_token = 0
-        self._direct = (
-            self.sched._fifo.append if network is None and strict is None and sizer is None
-            else None
-        )
+        self._direct = self.sched._fifo.append if network is None and strict is None else None
         # Counters (see `stats`); messages are counted from the senders' sequence numbers.
         self._extra_messages = 0
         self._bytes = 0
@@ -234,19 +242,24 @@ class Host:
         proto = self.deployment.make_node(node)
         self.nodes[node] = proto
         ctx.proto = proto
+        ctx.on_message = proto.on_message
         ctx.busy_until = ctx.hold = self.sched.now
         self._call(proto.on_start, node, ctx)
 
     def stop(self) -> None:
-        """Call `on_stop` on every node that is up, in id order; raise a protocol's error."""
+        """Call `on_stop` on every node that is up, in id order; raise RunError if one raised
+        (an error from before, which `run` raised already, is not raised again)."""
+        before = self.error
         for node in sorted(self.nodes):
             self._call(self.nodes[node].on_stop, node, self.ctxs[node])
-        if self.error is not None:
+        if self.error is not None and self.error is not before:
             raise self.error
 
     def run(self, until: float | None = None, max_events: int | None = None) -> str:
         """Run until a node finishes, nothing is left, `until` or `max_events`; say which.
         Raises RunError (naming node, handler, message and time) when a protocol raised."""
+        # A transport may have cleared `error` (after interrupting the loop on purpose).
+        self._stop = self.result is not None or self.error is not None
         if not self._stop:
             reason, n = self.sched.run(self._dispatch, until=until, max_events=max_events)
             self._events += n
@@ -281,7 +294,7 @@ class Host:
             if ctx.hold > self.sched.now:
                 return self._hold(ctx, etype, payload)
             try:
-                ctx.proto.on_message(ctx, payload)  # type: ignore[union-attr]
+                ctx.on_message(ctx, payload)  # type: ignore[misc]
             except Exception as exc:
                 self._fail(node, "on_message", exc, payload)
             return self._stop
@@ -292,10 +305,13 @@ class Host:
         if ctx.proto is None:
             self._dropped += etype == DELIVER
             return False
-        if not ctx.pending:
+        pending = ctx.pending
+        if pending is None:
+            pending = ctx.pending = deque()
+        if not pending:
             ctx.hold = _INF
             self.sched.push(ctx.busy_until, WAKE, ctx.id, None)
-        ctx.pending.append((etype, payload))
+        pending.append((etype, payload))
         return False
 
     def _dispatch_other(self, etype: int, node: int, payload: Any) -> bool:
@@ -368,10 +384,10 @@ class Host:
         node = ctx.id
         self.down.add(node)
         self.nodes.pop(node, None)
-        ctx.proto = None
+        ctx.proto = ctx.on_message = None
         ctx.hold = _INF
         ctx.busy_until = self.sched.now
-        ctx.pending.clear()
+        ctx.pending = None
         ctx.timers.clear()
         self.on_metric({"t": self.sched.now, "node": node, "name": "crash", "value": 1})
 
@@ -423,6 +439,38 @@ class Host:
                     f"this run's nodes are {_describe_ids(self.all_ids)}"
                 )
             self.outbox.post(msg, remote)
+
+    def send_local(self, ctx: NodeContext, dst: int, kind: str, body: dict[str, Any]) -> None:
+        """`send` for one local destination (the network model's common case)."""
+        sched = self.sched
+        t = ctx.busy_until
+        ctx._seq = seq = ctx._seq + 1
+        if t > sched.now:
+            if self._crash_at and self._dies_before(ctx.id, t):
+                self._lost += 1
+                return
+        else:
+            t = sched.now
+        msg = _new_message(Message, (ctx.id, dst, kind, body, t, seq))
+        nbytes = 0
+        if self.strict is not None:
+            msg, nbytes = self.strict.roundtrip(msg)
+            self._bytes += nbytes
+        elif self.sizer is not None:
+            nbytes = self.sizer(body)
+            self._bytes += nbytes
+        network = self.network
+        if network is None:
+            sched.push(t, DELIVER, dst, msg)
+            return
+        arrivals = network.arrivals(ctx.id, dst, t, nbytes)
+        if len(arrivals) == 1:
+            sched.push(arrivals[0], DELIVER, dst, msg)
+        elif not arrivals:
+            self._lost += 1
+        else:
+            for arrival in arrivals:
+                sched.push(arrival, DELIVER, dst, msg)
 
     def _dies_before(self, node: int, depart: float) -> bool:
         now = self.sched.now

@@ -19,6 +19,18 @@ FILES = ("metrics.jsonl", "result.json", "final_model.npz", "config.toml")
 # Arrays larger than this in a metric row or a result's extra fields are summarised (shape,
 # dtype) instead of listed: result.json stays small when a protocol returns whole vectors.
 MAX_LISTED_ELEMENTS = 10_000
+# Metric fields that read the wall clock: the only ones allowed to differ between equal runs.
+WALL_FIELDS = ("wall_s",)
+
+
+def read_metrics(path: str | Path, *, drop_wall: bool = False) -> list[dict[str, Any]]:
+    """The rows of a metrics.jsonl file, without the wall-clock fields when `drop_wall`."""
+    rows = [json.loads(line) for line in Path(path).read_text().splitlines() if line]
+    if drop_wall:
+        for row in rows:
+            for key in WALL_FIELDS:
+                row.pop(key, None)
+    return rows
 
 
 def as_array(x: Any) -> np.ndarray:

@@ -72,7 +72,7 @@ class Progress:
         if isinstance(nbytes, int | float) and not isinstance(nbytes, bool):
             parts.append(human_bytes(nbytes))
         parts.append(f"{elapsed:.1f}s")
-        if isinstance(r, int) and not isinstance(r, bool) and 0 < r:
+        if isinstance(r, int) and not isinstance(r, bool) and r > 0:
             # Rates from the first round on: start-up (Ray, shard processes) is not a round.
             if self._first is None:
                 self._first = (r, elapsed)

@@ -117,7 +117,7 @@ def compress(u8: np.ndarray, itemsize: int, policy: str) -> tuple[int, Any]:
     """(compression id, payload) for the bytes `u8` (1-D uint8, C-contiguous) under `policy`;
     the payload is a zero-copy view when compression is skipped or does not pay."""
     n = u8.size
-    raw = (COMP_NONE, memoryview(u8))
+    raw = (COMP_NONE, u8.data)
     if policy == "none" or n > _LZ4_MAX_INPUT:
         return raw
     if policy == "auto":
@@ -199,7 +199,11 @@ class TensorWriter:
             t = t.resolve_neg()
         if not t.is_contiguous():
             t = t.contiguous()
-        return self._record(EXT_TORCH, code, tuple(t.shape), t.reshape(-1).view(torch.uint8).numpy())
+        # Contiguous means dense, but a size-0 or size-1 dim may carry any stride, which torch
+        # refuses to view as bytes: restride explicitly.
+        n = t.numel()
+        u8 = t.as_strided((n,), (1,)).view(torch.uint8).numpy() if n else np.empty(0, np.uint8)
+        return self._record(EXT_TORCH, code, tuple(t.shape), u8)
 
     @staticmethod
     def scalar(s: np.generic) -> ExtType:
@@ -222,7 +226,7 @@ class TensorWriter:
         if n >= self.min_compress:
             comp, payload = compress(u8, _ITEMSIZE[code], self.policy)
         else:
-            comp, payload = COMP_NONE, memoryview(u8)
+            comp, payload = COMP_NONE, u8.data
         off = -(-self.end // ALIGN) * ALIGN
         if off > self.end:
             self.parts.append(_ZEROS[:off - self.end])

@@ -64,7 +64,7 @@ def _tensor_rows(n: int, reps: int) -> list[dict[str, Any]]:
 
     # 90% zeros: auto compresses with plain lz4; the floor is lz4 alone on the same bytes.
     m = msg(sparse)
-    raw = memoryview(sparse.view(np.uint8))
+    raw = sparse.view(np.uint8).data
     size = len(join(auto.encode(m)))
 
     def bare_lz4() -> None:
@@ -79,7 +79,7 @@ def _tensor_rows(n: int, reps: int) -> list[dict[str, Any]]:
 
     # fp16-exact float32 with shuffle+lz4: the byte planes of the low mantissa are all zero.
     m = msg(fp16)
-    raw = memoryview(fp16.view(np.uint8))
+    raw = fp16.view(np.uint8).data
     size = len(join(shuf.encode(m)))
     floor = _median_s(lambda: lz4.block.decompress(lz4.block.compress(raw, store_size=False),
                                                    uncompressed_size=fp16.nbytes), reps)

@@ -4,8 +4,10 @@ W1 and W2 on inproc: fedloom's rounds-only time (runner's `rounds_s`) beside a h
 torch FedAvg doing the same client-epochs sequentially in this process: same data (made on
 first use, as fedloom does), same model, same shuffles, same sample-weighted average and
 test-set evaluation each round; caches are cleared before every run so both sides pay the
-same. Runs alternate, medians of `repeats`. W5: seconds per round and peak RSS of a fresh
-process with 1,000 and with 10,000 clients (100 sampled per round; they should match).
+same. A second floor runs the same rounds as direct calls into protocols.learners and
+aggregators (no kernel, no messages). Runs alternate, medians of `repeats`. W5: seconds per
+round and peak RSS of a fresh process with 1,000 and with 10,000 clients (100 sampled per
+round; they should match), the two alternating.
 
     python -m perf.bench_fedavg [--quick]
 """
@@ -26,7 +28,7 @@ from typing import Any
 import numpy as np
 
 from kernel import runner
-from protocols import common, learners
+from protocols import aggregators, common, learners
 
 WORKLOADS = Path(__file__).resolve().parent / "workloads"
 
@@ -96,20 +98,39 @@ def bare_torch(cfg: dict[str, Any]) -> tuple[float, float]:
     return time.perf_counter() - t0, acc
 
 
+def direct(cfg: dict[str, Any]) -> float:
+    """Seconds of the same rounds as plain calls into protocols.learners and aggregators:
+    no kernel, no messages. fedloom minus this is what the kernel and messaging cost."""
+    learners._make.cache_clear()
+    seed, rounds = cfg["run"]["seed"], cfg["run"]["rounds"]
+    t0 = time.perf_counter()
+    learner = learners.make(cfg["workload"])
+    model, rng = learner.init(), np.random.default_rng([seed, 0])
+    for r in range(1, rounds + 1):
+        nodes = common.sample(rng, range(1, learner.clients + 1),
+                              count=cfg["protocol"].get("clients_per_round"))
+        model = aggregators.weighted_mean([
+            (learner.samples(n - 1), learner.train(model, n - 1, common.derive_rng(seed, n, r)))
+            for n in nodes])
+        learner.evaluate(model)
+    return time.perf_counter() - t0
+
+
 def compare(name: str, repeats: int) -> dict[str, Any]:
     cfg = load(name)
     fedloom_rounds_s(load(name, **{"run.rounds": 1}))  # warm: imports, first torch calls
     bare_torch(load(name, **{"run.rounds": 1}))
-    ours, bare, accs = [], [], []
+    ours, bare, plain, accs = [], [], [], []
     for _ in range(repeats):
         s, res = fedloom_rounds_s(cfg)
         ours.append(s)
         b, acc = bare_torch(cfg)
         bare.append(b)
+        plain.append(direct(cfg))
         accs.append((res["test_accuracy"], acc))
-    o, b = statistics.median(ours), statistics.median(bare)
-    return {"workload": name, "fedloom_s": o, "bare_torch_s": b, "ratio": o / b,
-            "accuracy": accs[-1], "runs": repeats}
+    o, b, d = statistics.median(ours), statistics.median(bare), statistics.median(plain)
+    return {"workload": name, "fedloom_s": o, "bare_torch_s": b, "direct_s": d,
+            "ratio": o / b, "accuracy": accs[-1], "runs": repeats}
 
 
 def w5_child(clients: int) -> dict[str, Any]:
@@ -121,16 +142,17 @@ def w5_child(clients: int) -> dict[str, Any]:
             "peak_rss_mb": peak_kb / 1024, "accuracy": res["test_accuracy"]}
 
 
-def w5(clients: int, repeats: int) -> dict[str, Any]:
-    runs = []
+def w5(sizes: tuple[int, ...], repeats: int) -> dict[int, dict[str, float]]:
+    """Medians per client count; the counts alternate run by run, so load drifts hit all."""
+    runs: dict[int, list[dict[str, Any]]] = {n: [] for n in sizes}
     for _ in range(repeats):
-        out = subprocess.run([sys.executable, "-m", "perf.bench_fedavg", "--w5-child",
-                              str(clients)], capture_output=True, text=True, check=True,
-                             timeout=600)
-        runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    return {"clients": clients,
-            "s_per_round": statistics.median(r["s_per_round"] for r in runs),
-            "peak_rss_mb": statistics.median(r["peak_rss_mb"] for r in runs), "runs": repeats}
+        for n in sizes:
+            out = subprocess.run([sys.executable, "-m", "perf.bench_fedavg", "--w5-child",
+                                  str(n)], capture_output=True, text=True, check=True,
+                                 timeout=600)
+            runs[n].append(json.loads(out.stdout.strip().splitlines()[-1]))
+    return {n: {key: statistics.median(r[key] for r in rs)
+                for key in ("s_per_round", "peak_rss_mb")} for n, rs in runs.items()}
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
@@ -143,7 +165,11 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
                      "unit": "s", "floor": c["bare_torch_s"],
                      "floor_name": "bare torch FedAvg loop", "ratio": c["ratio"],
                      "accuracy_fedloom_bare": c["accuracy"], "runs": repeats})
-    small, big = w5(1000, repeats), w5(10_000, repeats)
+        rows.append({"name": f"{name} rounds-only (inproc)", "value": c["fedloom_s"],
+                     "unit": "s", "floor": c["direct_s"],
+                     "floor_name": "direct learner+aggregator calls", "runs": repeats})
+    sizes = w5((1000, 10_000), repeats)
+    small, big = sizes[1000], sizes[10_000]
     rows.append({"name": "w5 s/round at 10k clients", "value": big["s_per_round"], "unit": "s",
                  "floor": small["s_per_round"], "floor_name": "same at 1k clients",
                  "runs": repeats})
@@ -163,8 +189,9 @@ def main() -> None:
         return
     for row in run(quick=args.quick):
         ratio = row["value"] / row["floor"]
-        print(f"{row['name']:<34} {row['value']:9.4f} {row['unit']:<3} vs {row['floor_name']} "
-              f"{row['floor']:9.4f}  ratio {ratio:.3f}  (median of {row['runs']})")
+        print(f"{row['name']:<28} {row['value']:9.4f} {row['unit']:<3} vs "
+              f"{row['floor_name']:<32} {row['floor']:9.4f}  ratio {ratio:.3f}  "
+              f"(median of {row['runs']})")
 
 
 if __name__ == "__main__":

@@ -27,7 +27,7 @@ NODES = 100
 
 
 class PingPong(Protocol):
-    """Each node pings its partner (id ^ 1); a message carrying n < rounds is answered with n + 1."""
+    """Each node pings its partner (id ^ 1); a message carrying n < rounds gets n + 1 back."""
 
     def __init__(self, rounds: int) -> None:
         self.rounds = rounds

@@ -313,6 +313,7 @@ def _kill_tree(proc: subprocess.Popen[bytes], sampler: TreeSampler, reaper: Reap
             proc.kill()
     if not reaper.wait(30):
         raise CompareError(f"run process {proc.pid} did not exit within 30 s of SIGKILL")
+    sampler.wait_gone(10.0)  # a killed process takes a moment to be gone
 
 
 def run_cell(cell: Cell, run_dir: Path, *, timeout_s: float, progress: Progress, n: int,
@@ -340,7 +341,8 @@ def run_cell(cell: Cell, run_dir: Path, *, timeout_s: float, progress: Progress,
                 break
         wall = (reaper.ended or time.perf_counter()) - t0
         sampler.stop()
-    leaks = sampler.survivors()
+    # Children may still be on their way out when the run's process has exited.
+    leaks = sampler.wait_gone(2.0)
     # The sampled tree sum, or the run's own kernel-counted peak when that is higher (a spike
     # between two samples of a single-process run).
     peak = max(sampler.peak_bytes, reaper.maxrss_bytes) / MB

@@ -4,6 +4,7 @@ lines a person reads."""
 from __future__ import annotations
 
 import json
+import statistics
 import tomllib
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -226,6 +227,20 @@ def headline(md: Path, tables: bool = False) -> str:
     return "\n".join(out) + "\n"
 
 
+def cell_line(rows: Sequence[Mapping[str, Any]], cell: str) -> str:
+    """Medians of one cell's counted runs: wall, per round, peak RSS, accuracy."""
+    from perf import report
+
+    def med(metric: str, fmt: str) -> str | None:
+        vals = report.cell_values(rows, cell, metric)
+        return None if not vals else fmt.format(statistics.median(vals))
+
+    parts = [f"{len(report.cell_values(rows, cell, 'wall_s'))} ok runs",
+             med("wall_s", "wall {:.3g} s"), med("round_s", "{:.3g} s/round"),
+             med("peak_rss_mb", "peak RSS {:,.0f} MiB"), med("test_accuracy", "accuracy {:.4f}")]
+    return ", ".join(p for p in parts if p)
+
+
 def compare_summary(p: Path) -> str:
     """report.md's headline, how many runs results.jsonl holds, and the files."""
     out = []
@@ -239,8 +254,8 @@ def compare_summary(p: Path) -> str:
         rows = list(metric_rows(results))
         ok = sum(1 for r in rows if r.get("ok"))
         cells = list(dict.fromkeys(r.get("cell") for r in rows))
-        out += ["", f"results.jsonl: {len(rows)} runs ({ok} ok) over {len(cells)} cells: "
-                    + ", ".join(str(c) for c in cells)]
+        out += ["", f"results.jsonl: {len(rows)} runs ({ok} ok) over {len(cells)} cells:"]
+        out += [f"  {c}: {cell_line(rows, str(c))}" for c in cells]
     pngs = sorted(x.name for x in p.glob("*.png"))
     if pngs:
         out.append(f"plots: {', '.join(pngs)}")

@@ -6,6 +6,9 @@ A bench module provides `run(quick: bool = False) -> list[dict]`, one dict per m
 `name` (what was measured), `value` (ours, a median), `unit`, `floor` (the same measurement of
 the floor, or None), `floor_name` (what the floor is) and optionally `higher_is_better` (else
 inferred: a unit with "/s" is a rate). Any other keys are kept in micro.jsonl as they are.
+Rows of other shapes are read as far as they go: `mode` names a row, `rate_per_s` or `median_s`
+is its value, `ratio` (ours/floor in the value's terms) gives the floor where none is named, and
+a row with `skipped` is a note.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ _ALIASES = {
     "value": ("value", "median", "ours", "ours_median"),
     "floor": ("floor", "floor_value", "floor_median", "baseline"),
     "floor_name": ("floor_name", "floor_label", "against", "baseline_name"),
-    "name": ("name", "label", "case", "what"),
+    "name": ("name", "label", "case", "what", "mode"),
     "unit": ("unit", "units"),
 }
 
@@ -66,7 +69,16 @@ def normalise(row: Mapping[str, Any]) -> dict[str, Any]:
     out = dict(row)
     for key in _ALIASES:
         out[key] = _pick(row, key)
+    if out["value"] is None:
+        for key, unit in (("rate_per_s", "/s"), ("median_s", "s")):
+            if _number(row.get(key)) is not None:
+                out["value"], out["unit"] = row[key], out["unit"] or unit
+                break
     ours, floor = _number(out["value"]), _number(out["floor"])
+    ratio = _number(row.get("ratio"))
+    if floor is None and ours is not None and ratio:
+        floor = out["floor"] = ours / ratio
+        out["floor_name"] = out["floor_name"] or "the bench's floor (from its ratio)"
     unit = str(out.get("unit") or "")
     hib = row.get("higher_is_better")
     if hib is None:
@@ -100,7 +112,11 @@ def run_bench(bench: str, quick: bool) -> BenchOutcome:
         if not isinstance(rows, list) or not all(isinstance(r, Mapping) for r in rows):
             outcome.error = f"{module}.run() returned {type(rows).__name__}, not a list of dicts"
         else:
-            outcome.rows = [normalise(r) for r in rows]
+            outcome.rows = [normalise(r) for r in rows if not r.get("skipped")]
+            notes = [f"{r.get('mode') or r.get('name') or '?'}: {r['skipped']}"
+                     for r in rows if r.get("skipped")]
+            if notes:
+                outcome.skipped = "some cases skipped: " + "; ".join(notes)
     outcome.seconds = time.perf_counter() - t0
     return outcome
 
@@ -200,14 +216,21 @@ def run_micro(only: Sequence[str] | None, quick: bool, out: Path,
         stream.flush()
         o = run_bench(b, quick)
         outcomes.append(o)
-        state = o.skipped and "skipped" or o.error and "FAILED" or f"{len(o.rows)} measurements"
+        if o.error:
+            state = "FAILED"
+        elif o.rows:
+            state = f"{len(o.rows)} measurements" + (" (some cases skipped)" if o.skipped else "")
+        else:
+            state = "skipped"
         stream.write(f"  {b}: {state} in {o.seconds:.1f} s\n")
     with (out / "micro.jsonl").open("w") as f:
         for o in outcomes:
             base = {"bench": o.bench, "module": o.module, "quick": quick, "seconds": o.seconds,
                     "machine": machine}
             for r in o.rows:
-                f.write(json.dumps({**base, **r}, default=str) + "\n")
+                # The driver's bench name wins; a row's own "bench" is kept as "case_of".
+                extra = {"case_of": r["bench"]} if r.get("bench") not in (None, o.bench) else {}
+                f.write(json.dumps({**r, **extra, **base}, default=str) + "\n")
             if o.skipped or o.error:
                 f.write(json.dumps({**base, "skipped": o.skipped, "error": o.error}) + "\n")
     (out / "micro.md").write_text(render_md(outcomes, machine, quick))

@@ -112,6 +112,17 @@ class TreeSampler:
                 continue
         return out
 
+    def wait_gone(self, timeout: float) -> list[psutil.Process]:
+        """Wait up to `timeout` s for every process seen to exit (a zombie counts as gone);
+        returns those still running."""
+        deadline = time.monotonic() + timeout
+        pause = threading.Event()
+        while True:
+            alive = self.survivors()
+            if not alive or time.monotonic() >= deadline:
+                return alive
+            pause.wait(0.02)
+
     @property
     def peak_mb(self) -> float:
         """Peak summed RSS in MiB."""

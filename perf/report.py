@@ -251,8 +251,11 @@ def render(rows: Sequence[Row], baseline: str | None = None, *,
         out.append(f"Fastest per round: `{best[1]}` at {fmt(best[0])} s median.")
     out += ["", f"Machine: {machine_line(machine)}.", ""]
     out.append("Figures are medians over repeats, with (min–max) where they differ. Total wall "
-               "is measured by the harness from process start to exit; peak RSS sums the whole "
-               "process tree (Ray workers, raylet, gRPC shards), sampled every ~0.15 s.")
+               "is measured by the harness from process start to exit; start-up is process start "
+               "to the first round. Peak RSS sums the whole process tree (Ray workers, raylet, "
+               "gRPC shards) sampled every 0.15 s, or is the run process's own peak from the "
+               "kernel where that is higher; shared pages (Ray's object store) count once per "
+               "process that maps them.")
 
     out += ["", "## Time per cell", ""]
     out += _table(["cell", "runs", *[t for _, t in TIME_METRICS]],
@@ -403,14 +406,19 @@ def plot_all(rows: Sequence[Row], out_dir: Path) -> list[Path]:
     bars("round_s", "seconds per round", "Time per round", PLOTS[0])
     bars("bytes_per_round_mb", "MiB per round", "Bytes carried per round", PLOTS[1])
 
-    for name, xkey, xlabel in ((PLOTS[2], _round_x, "round"),
-                               (PLOTS[3], _bytes_x, "MiB carried (cumulative)")):
+    estimated = any(r.get("curve_bytes_estimated") for r in measured(rows))
+    bytes_label = "MiB carried (cumulative" + (", spread evenly over rounds)" if estimated
+                                               else ")")
+    styles = ("-", "--", ":", "-.")
+    markers = ("o", "s", "^", "D", "v", "x")
+    for name, xkey, xlabel in ((PLOTS[2], _round_x, "round"), (PLOTS[3], _bytes_x, bytes_label)):
         fig, ax = plt.subplots(figsize=(7, 4.2))
         drew = False
-        for c in order:
+        for i, c in enumerate(order):
             xs, ys = _curve_median(rows, c, "accuracy", xkey)
             if xs:
-                ax.plot(xs, ys, marker="o", ms=3, label=c)
+                # Cells often reach the same accuracy: vary style so none hides another.
+                ax.plot(xs, ys, linestyle=styles[i % 4], marker=markers[i % 6], ms=4, label=c)
                 drew = True
         if drew:
             ax.legend(fontsize=7)
@@ -438,7 +446,10 @@ def plot_all(rows: Sequence[Row], out_dir: Path) -> list[Path]:
                       if (v := cell_values(rows, c, metric))]
                 if xy:
                     ax.plot([p[0] for p in xy], [p[1] for p in xy], marker="o", label=label)
+        xs_all = [x for pts in groups.values() for x, _ in pts]
         for ax, ylabel in ((ax1, "seconds per round"), (ax2, "peak RSS MiB (tree)")):
+            if min(xs_all) > 0 and max(xs_all) / min(xs_all) >= 20:
+                ax.set_xscale("log")
             ax.set_xlabel(key)
             ax.set_ylabel(ylabel)
             ax.legend(fontsize=7)

@@ -4,7 +4,8 @@ and FedAvgM / FedAdam server optimisers (Reddi et al. 2021).
 Server = node 0, clients = nodes 1..N (node i+1 trains on client i's data). Each round the
 server samples clients with its seeded rng, multicasts the global model, and aggregates the
 replies (models + sample counts) in sender-id order once all arrive or the deadline passes.
-Replies for an older round are counted as late and discarded. Clients keep no state.
+Replies for an older round are counted as late and discarded (metric rows "late"; a second
+copy of a reply in its own round is a "duplicate"). Clients keep no state.
 """
 
 from __future__ import annotations
@@ -34,16 +35,16 @@ SERVER_OPTS = ("none", "avgm", "adam")
 class Options:
     """Validated `[protocol]` parameters of FedAvg."""
 
-    fraction: float | None = None
+    fraction: float | None = None  # of clients per round; or clients_per_round; or all
     clients_per_round: int | None = None
-    aggregator: str = "weighted_mean"
-    aggregator_args: dict[str, Any] = field(default_factory=dict)
-    round_timeout: float | None = None
-    min_replies: int = 1
-    eval_every: int = 1
-    mu: float = 0.0
-    server_opt: str = "none"
-    server_lr: float = 1.0
+    aggregator: str = "weighted_mean"  # a name in the "aggregators" registry group
+    aggregator_args: dict[str, Any] = field(default_factory=dict)  # e.g. {f = 1} for krum
+    round_timeout: float | None = None  # seconds (virtual on inproc); None waits for all
+    min_replies: int = 1  # fewer at the deadline: the round keeps the model (aggregated=false)
+    eval_every: int = 1  # rounds between test-set evaluations (and always the last)
+    mu: float = 0.0  # FedProx proximal weight on clients
+    server_opt: str = "none"  # "avgm" (FedAvgM) or "adam" (FedAdam) on aggregate - global
+    server_lr: float = 1.0  # default 1.0, or 0.01 for adam
     momentum: float = 0.9
     betas: tuple[float, float] = (0.9, 0.99)
     tau: float = 1e-3
@@ -139,11 +140,14 @@ class Server(Protocol):
         ctx.multicast(clients, "train", round=self.round, model=self.model)
 
     def on_message(self, ctx: Context, msg: Message) -> None:
-        if not self.gather.offer(msg.src, msg.round, (msg.n_samples, msg.model)):
-            self.late += 1
-            ctx.emit("late", 1, src=msg.src, round=msg.round, current=self.round)
-        elif self.gather.complete:
-            self._end_round(ctx)
+        if self.gather.offer(msg.src, msg.round, (msg.n_samples, msg.model)):
+            if self.gather.complete:
+                self._end_round(ctx)
+            return
+        # Discarded: a reply to an earlier round is late; anything else a duplicate.
+        what = "late" if msg.round != self.round else "duplicate"
+        self.late += what == "late"
+        ctx.emit(what, 1, src=msg.src, round=msg.round, current=self.round)
 
     def on_timer(self, ctx: Context, key: Hashable) -> None:
         if key == self.gather.timer_key:

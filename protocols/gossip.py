@@ -25,11 +25,12 @@ Entries (registry group "protocols"):
   one `learners.train` call on its client's data, then the synchronous gossip step above
   mixes the trained models. Node i is client i; `[workload] clients` nodes.
 
-Rounds are `[run] rounds` (ticks per node for the timer-driven modes). Node 0 emits the
-"round" rows. At the end every node sends its final vector to node 0, which finishes with
-{"model": node 0's model, "rounds", "max_abs_dev": max_i max|x_i - mean_i x_i|} (over the
-vectors that reached it; "reports" says how many). Timer-driven modes stop waiting for
-reports `drain` seconds after node 0's last tick.
+Rounds are `[run] rounds` (ticks per node for the timer-driven modes: async gossip and
+push-sum). Node 0 emits the "round" rows. At the end every node sends its final vector to
+node 0, which finishes with {"model": node 0's model, "rounds", "max_abs_dev":
+max_i max|x_i - mean_i x_i|} (over the vectors that reached it; "reports" says how many).
+Timer-driven nodes report `drain` seconds after their last tick, and node 0 gives up waiting
+for reports `drain` seconds after its own.
 """
 
 from __future__ import annotations
@@ -51,7 +52,7 @@ GOSSIP_DEFAULTS: dict[str, Any] = {
     "dim": 100_000,
     "topology": {},
     "period": 1.0,  # async: mean seconds between a node's exchanges
-    "drain": 5.0,  # async: seconds node 0 waits for the final vectors after its last tick
+    "drain": 5.0,  # async: seconds from a node's last tick to its report, and node 0's wait
     "track": True,  # sync: node 0 reports its local disagreement each round
 }
 PUSHSUM_DEFAULTS: dict[str, Any] = {
@@ -286,52 +287,93 @@ def build(config: Mapping[str, Any]) -> Deployment:
                       params=params, describe=f"gossip/{o['mode']} on {o['topology']}")
 
 
-# -- asynchronous push-pull ------------------------------------------------------------------
+# -- timer-driven nodes ----------------------------------------------------------------------
 
-class AsyncGossip(Protocol):
-    """A node of push-pull gossip: exchanges half-differences with a random neighbour."""
+class _Ticking(Protocol):
+    """A node that acts on `rounds` jittered ticks, reports its value to node 0 `drain` seconds
+    after its last tick (late replies are in by then), and, on node 0, finishes once every
+    report is in or `drain` seconds after its own."""
 
-    def __init__(self, node: int, g: topology.Graph, rounds: int, period: float, drain: float,
-                 init: Callable[[int], np.ndarray]) -> None:
-        self.id, self.neigh, self.n = node, g.out[node], g.n
-        self.rounds, self.period, self.drain, self.init = rounds, period, drain, init
-        self.x: np.ndarray = np.empty(0, np.float32)
+    def __init__(self, node: int, n: int, rounds: int, period: float, drain: float) -> None:
+        self.id, self.n = node, n
+        self.rounds, self.period, self.drain = rounds, period, drain
         self.ticks = 0
-        self.waiting = False
-        self.xid = 0  # exchanges this node started
-        self.open: set[int] = set()  # those whose reply has not come yet
-        self.seen: dict[int, int] = {}  # src -> newest exchange answered
-        self.reports: _Reports | None = _Reports(g.n) if node == 0 else None
+        self.reports: _Reports | None = _Reports(n) if node == 0 else None
 
-    def on_start(self, ctx: Context) -> None:
-        self.x = self.init(self.id)
-        self.ticks, self.waiting = 0, False
-        self.open, self.seen = set(), {}
+    def value(self) -> np.ndarray:
+        """The node's current float32 vector."""
+        raise NotImplementedError
+
+    def tick(self, ctx: Context) -> None:
+        """One tick's action."""
+        raise NotImplementedError
+
+    def start_ticking(self, ctx: Context) -> None:
+        self.ticks = 0
         ctx.set_timer(self.period * float(ctx.rng.uniform(0.0, 1.0)), "tick")
 
     def on_timer(self, ctx: Context, key: Hashable) -> None:
         if key == "tick":
             self.ticks += 1
-            if self.id == 0:
-                ctx.emit("round", self.ticks)
-            if not self.waiting and self.neigh:
-                j = self.neigh[int(ctx.rng.integers(len(self.neigh)))]
-                self.xid += 1
-                self.open.add(self.xid)
-                ctx.send(j, "push", x=self.x, xid=self.xid)
-                self.waiting = True
-                ctx.set_timer(4 * self.period, "timeout")
+            self.tick(ctx)
             if self.ticks < self.rounds:
                 ctx.set_timer(self.period * float(ctx.rng.uniform(0.5, 1.5)), "tick")
-            elif self.reports is not None:
-                ctx.set_timer(self.drain, "deadline")
-                self._report(ctx, 0, self.x)
             else:
-                ctx.send(0, "final", x=self.x)
-        elif key == "timeout":
-            self.waiting = False  # a lost push or reply; a late reply is still applied
+                ctx.set_timer(self.drain, "report")
+        elif key == "report":
+            if self.reports is None:
+                ctx.send(0, "final", x=self.value())
+            else:
+                ctx.set_timer(self.drain, "deadline")
+                self._report(ctx, 0, self.value())
         elif key == "deadline" and self.reports is not None:
-            self.reports.finish(ctx, {"x": self.x}, self.ticks)
+            self.reports.finish(ctx, {"x": self.value()}, self.ticks)
+
+    def _report(self, ctx: Context, src: int, x: np.ndarray) -> None:
+        assert self.reports is not None
+        if self.reports.add(src, x):
+            self.reports.finish(ctx, {"x": self.value()}, self.ticks)
+
+
+# -- asynchronous push-pull ------------------------------------------------------------------
+
+class AsyncGossip(_Ticking):
+    """A node of push-pull gossip: exchanges half-differences with a random neighbour."""
+
+    def __init__(self, node: int, g: topology.Graph, rounds: int, period: float, drain: float,
+                 init: Callable[[int], np.ndarray]) -> None:
+        super().__init__(node, g.n, rounds, period, drain)
+        self.neigh, self.init = g.out[node], init
+        self.x: np.ndarray = np.empty(0, np.float32)
+        self.waiting = False
+        self.xid = 0  # exchanges this node started
+        self.open: set[int] = set()  # those whose reply has not come yet
+        self.seen: dict[int, int] = {}  # src -> newest exchange answered
+
+    def on_start(self, ctx: Context) -> None:
+        self.x = self.init(self.id)
+        self.waiting, self.open, self.seen = False, set(), {}
+        self.start_ticking(ctx)
+
+    def value(self) -> np.ndarray:
+        return self.x
+
+    def tick(self, ctx: Context) -> None:
+        if self.id == 0:
+            ctx.emit("round", self.ticks)
+        if not self.waiting and self.neigh:
+            j = self.neigh[int(ctx.rng.integers(len(self.neigh)))]
+            self.xid += 1
+            self.open.add(self.xid)
+            ctx.send(j, "push", x=self.x, xid=self.xid)
+            self.waiting = True
+            ctx.set_timer(4 * self.period, "timeout")
+
+    def on_timer(self, ctx: Context, key: Hashable) -> None:
+        if key == "timeout":
+            self.waiting = False  # a lost push or reply; a late reply is still applied
+        else:
+            super().on_timer(ctx, key)
 
     def on_message(self, ctx: Context, msg: Message) -> None:
         body = msg.body
@@ -355,73 +397,49 @@ class AsyncGossip(Protocol):
         elif msg.kind == "final" and self.reports is not None:
             self._report(ctx, msg.src, body["x"])
 
-    def _report(self, ctx: Context, src: int, x: np.ndarray) -> None:
-        assert self.reports is not None
-        if self.reports.add(src, x) and self.ticks >= self.rounds:
-            self.reports.finish(ctx, {"x": self.x}, self.ticks)
-
 
 # -- push-sum --------------------------------------------------------------------------------
 
-class PushSum(Protocol):
+class PushSum(_Ticking):
     """A push-sum node. State: `s` (float64 vector), `w`; robust variant also `sig_s`, `sig_w`
     (cumulative pushed per out-link) and `rho[src] = (seq, s, w)` (last totals taken)."""
 
     def __init__(self, node: int, out: tuple[int, ...], n: int, robust: bool, rounds: int,
                  period: float, drain: float, init: Callable[[int], np.ndarray]) -> None:
-        self.id, self.out, self.n, self.robust = node, out, n, robust
-        self.rounds, self.period, self.drain, self.init = rounds, period, drain, init
+        super().__init__(node, n, rounds, period, drain)
+        self.out, self.robust, self.init = out, robust, init
         self.share = 1.0 / (len(out) + 1)
         self.s: np.ndarray = np.empty(0)
         self.w = 1.0
         self.sig_s: np.ndarray = np.empty(0)
         self.sig_w = 0.0
         self.rho: dict[int, tuple[int, np.ndarray, float]] = {}
-        self.ticks = 0
-        self.reports: _Reports | None = _Reports(n) if node == 0 else None
 
     def on_start(self, ctx: Context) -> None:
         # A restart after a crash starts afresh; the mass the node held is lost (documented).
         self.s = self.init(self.id).astype(np.float64)
-        self.w, self.ticks, self.rho = 1.0, 0, {}
+        self.w, self.rho = 1.0, {}
         self.sig_s, self.sig_w = np.zeros_like(self.s), 0.0
-        ctx.set_timer(self.period * float(ctx.rng.uniform(0.0, 1.0)), "tick")
+        self.start_ticking(ctx)
 
-    def estimate(self) -> np.ndarray:
-        """s / w as float32."""
+    def value(self) -> np.ndarray:
+        """The estimate s / w as float32."""
         return (self.s / self.w).astype(np.float32)
 
-    def on_timer(self, ctx: Context, key: Hashable) -> None:
-        if key == "tick":
-            self.ticks += 1
-            self._push(ctx)
-            if self.id == 0:
-                ctx.emit("round", self.ticks, w=self.w)
-            if self.ticks < self.rounds:
-                ctx.set_timer(self.period * float(ctx.rng.uniform(0.5, 1.5)), "tick")
-            elif self.reports is not None:
-                ctx.set_timer(self.drain, "deadline")
-                self._report(ctx, 0, self.estimate())
+    def tick(self, ctx: Context) -> None:
+        if self.out:
+            share = self.share
+            part_s, part_w = self.s * share, self.w * share
+            self.s, self.w = part_s, part_w
+            if self.robust:
+                # New arrays each time: a sent total is read by its receivers later.
+                self.sig_s = self.sig_s + part_s
+                self.sig_w += part_w
+                ctx.multicast(self.out, "ps", k=self.ticks, s=self.sig_s, w=self.sig_w)
             else:
-                ctx.set_timer(self.period, "report")
-        elif key == "report":
-            ctx.send(0, "final", x=self.estimate())
-        elif key == "deadline" and self.reports is not None:
-            self.reports.finish(ctx, {"x": self.estimate()}, self.ticks)
-
-    def _push(self, ctx: Context) -> None:
-        if not self.out:
-            return
-        share = self.share
-        part_s, part_w = self.s * share, self.w * share
-        self.s, self.w = part_s, part_w
-        if self.robust:
-            # New arrays each time: a sent total is read by its receivers later.
-            self.sig_s = self.sig_s + part_s
-            self.sig_w += part_w
-            ctx.multicast(self.out, "ps", k=self.ticks, s=self.sig_s, w=self.sig_w)
-        else:
-            ctx.multicast(self.out, "ps", k=self.ticks, s=part_s, w=part_w)
+                ctx.multicast(self.out, "ps", k=self.ticks, s=part_s, w=part_w)
+        if self.id == 0:
+            ctx.emit("round", self.ticks, w=self.w)
 
     def on_message(self, ctx: Context, msg: Message) -> None:
         body = msg.body
@@ -442,11 +460,6 @@ class PushSum(Protocol):
             self.rho[msg.src] = (body["k"], body["s"], body["w"])
         elif msg.kind == "final" and self.reports is not None:
             self._report(ctx, msg.src, body["x"])
-
-    def _report(self, ctx: Context, src: int, x: np.ndarray) -> None:
-        assert self.reports is not None
-        if self.reports.add(src, x) and self.ticks >= self.rounds:
-            self.reports.finish(ctx, {"x": self.estimate()}, self.ticks)
 
 
 def build_pushsum(config: Mapping[str, Any]) -> Deployment:

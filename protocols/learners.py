@@ -79,7 +79,7 @@ def make(workload: Mapping[str, Any]) -> Learner:
     return _make(tuple(sorted(opts.items())))
 
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)
 def _make(key: tuple[tuple[str, Any], ...]) -> Learner:
     opts = dict(key)
     cls = {"mlp": TorchMLP, "linear": NumpyLinear, "flat": Flat}[opts["model"]]

@@ -3,45 +3,19 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
-from typing import Any
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
 
-from kernel.api import Deployment
+from kernel.job import Job, Outcome
 
-
-@dataclass
-class Job:
-    """One run as a transport sees it: the config (enough to rebuild everything in another
-    process), the deployment already built here, limits and where metric rows go."""
-
-    config: Mapping[str, Any]
-    deployment: Deployment
-    seed: int
-    # Virtual seconds on inproc, wall seconds elsewhere; None runs until a node finishes.
-    until: float | None = None
-    max_events: int | None = None
-    on_metric: Callable[[dict[str, Any]], None] = lambda row: None
-
-
-@dataclass
-class Outcome:
-    """What a transport reports when a run ends."""
-
-    result: Mapping[str, Any] | None
-    finished_by: int | None
-    reason: str  # "finished", "idle", "until" or "max_events"
-    clock_s: float  # virtual seconds on inproc, wall seconds of the run loop elsewhere
-    messages: int
-    bytes: int
-    events: int
-    startup_s: float = 0.0
-    shards: list[dict[str, Any]] = field(default_factory=list)
-    pids: list[int] = field(default_factory=list)  # processes the transport started
+__all__ = ["Job", "Outcome", "Transport", "place"]
 
 
 class Transport(ABC):
     """Carries one run's messages; `transport.kind` in a config picks the implementation."""
+
+    # True when `Outcome.clock_s` is virtual time (inproc), False for the wall clock.
+    virtual_clock: ClassVar[bool] = False
 
     def __init__(self, options: Mapping[str, Any]) -> None:
         self.options = dict(options)
@@ -50,7 +24,7 @@ class Transport(ABC):
     def run(self, job: Job) -> Outcome:
         """Run `job` to its end and report; raise `RunError` naming any dead shard or peer."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - most transports have nothing to release
         """Release processes, actors and sockets (called even when `run` raised)."""
 
 

@@ -36,6 +36,7 @@ from typing import IO, Any
 
 import grpc  # the grpcio package: absolute imports never resolve to this module
 import msgpack
+import numpy as np
 
 from kernel.api import RunError
 from kernel.codec import Codec, CodecError
@@ -170,7 +171,7 @@ class Reassembler:
         self._meta: Any = None
         self._want = 0
         self._got = 0
-        self._chunks: list[memoryview] = []
+        self._buf: np.ndarray | None = None
 
     def feed(self, data: bytes) -> list[tuple[Any, Buffer]]:
         """The frames `data` completes (none while a chunked frame is still arriving)."""
@@ -179,17 +180,19 @@ class Reassembler:
         if not data:
             raise CodecError(f"empty stream message at stream byte offset {at}")
         kind = data[0]
-        if self._chunks or self._want:
-            if kind != CHUNK:
-                self._reset()
-                raise CodecError(f"message type {kind} at stream byte offset {at} inside a "
-                                 f"chunked frame; expected a CHUNK ({CHUNK})")
+        if self._want and kind != CHUNK:
+            self._reset()
+            raise CodecError(f"message type {kind} at stream byte offset {at} inside a "
+                             f"chunked frame; expected a CHUNK ({CHUNK})")
         if kind == BATCH:
             return self._batch(data, at)
         if kind == HEAD:
-            meta, n = self._header(data, 1, len(data), at, "HEAD")
-            if not isinstance(meta, (list, str)) or not isinstance(n, int) or isinstance(n, bool):
-                raise CodecError(f"HEAD at stream byte offset {at}: expected [meta, nbytes]")
+            head = self._header(data, 1, len(data), at, "HEAD")
+            if (not isinstance(head, list) or len(head) != 2 or not isinstance(head[1], int)
+                    or isinstance(head[1], bool)):
+                raise CodecError(f"HEAD at stream byte offset {at}: expected [meta, nbytes], "
+                                 f"got {head!r:.60}")
+            meta, n = head
             if not 0 < n <= self.limit:
                 raise CodecError(f"HEAD at stream byte offset {at} claims {n} bytes; "
                                  f"limit 1..{self.limit}")
@@ -198,24 +201,36 @@ class Reassembler:
         if kind == CHUNK:
             if not self._want:
                 raise CodecError(f"CHUNK at stream byte offset {at} without a HEAD")
-            piece = memoryview(data)[1:]
-            self._got += len(piece)
-            if self._got > self._want:
+            n = len(data) - 1
+            got = self._got
+            if got + n > self._want:
                 want = self._want
                 self._reset()
                 raise CodecError(f"CHUNK at stream byte offset {at} overruns its frame of "
                                  f"{want} bytes")
-            self._chunks.append(piece)
+            if self._buf is None:
+                # Uninitialised memory, filled chunk by chunk as they come (never a join at the
+                # end: the copy overlaps the transfer), allocated only once bytes arrive.
+                try:
+                    self._buf = np.empty(self._want, np.uint8)
+                except MemoryError:
+                    want = self._want
+                    self._reset()
+                    raise CodecError(f"no memory for a frame of {want} bytes (HEAD before "
+                                     f"stream byte offset {at})") from None
+            self._buf[got : got + n] = np.frombuffer(data, np.uint8, n, 1)
+            self._got = got + n
             if self._got < self._want:
                 return []
-            meta, chunks = self._meta, self._chunks
+            meta, buf = self._meta, self._buf
             self._reset()
-            return [(meta, b"".join(chunks))]
+            buf.flags.writeable = False  # decoded arrays are read-only views of it
+            return [(meta, memoryview(buf))]
         raise CodecError(f"unknown message type {kind} at stream byte offset {at}; "
                          f"expected BATCH (1), HEAD (2) or CHUNK (3)")
 
     def _reset(self) -> None:
-        self._meta, self._want, self._got, self._chunks = None, 0, 0, []
+        self._meta, self._want, self._got, self._buf = None, 0, 0, None
 
     def _batch(self, data: bytes, at: int) -> list[tuple[Any, Buffer]]:
         if len(data) < 5:
@@ -322,11 +337,7 @@ class ShardProcess:
             os.pathsep))]
         env["PYTHONPATH"] = os.pathsep.join(dict.fromkeys(paths))
         env.setdefault("PYTHONUNBUFFERED", "1")
-        try:
-            text = json.dumps(spec, allow_nan=True)
-        except (TypeError, ValueError) as exc:
-            raise RunError(f"the run config cannot go to a grpc shard as plain data: {exc}") \
-                from exc
+        text = json.dumps(spec)
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "transports.grpc_shard"],
             stdin=subprocess.PIPE, stdout=subprocess.PIPE, env=env, text=True, bufsize=1,
@@ -425,7 +436,11 @@ class Cluster:
     def launch(self) -> None:
         """Start every shard process and wait until each serves (transport.connect_timeout)."""
         t0 = time.perf_counter()
-        config = json.loads(json.dumps(self.job.config, default=_plain))
+        try:
+            config = json.loads(json.dumps(self.job.config, default=_plain))
+        except (TypeError, ValueError) as exc:
+            raise RunError(f"the run config cannot go to grpc shards as plain data: {exc}") \
+                from None
         by_shard: dict[int, list[int]] = {k: [] for k in range(self.opts["shards"])}
         for node, k in sorted(self.placement.items()):
             by_shard[k].append(node)
@@ -494,12 +509,15 @@ class Cluster:
         t0 = time.perf_counter()
         for shard in self.shards:
             self.control(shard, {"op": "start"})
+        # Shards stop themselves at the time limit; this is in case one cannot.
+        until = self.job.until
+        deadline = None if until is None else time.monotonic() + until + self.opts["call_timeout"]
         result: Mapping[str, Any] | None = None
         finished_by: int | None = None
         reason = ""
         done: set[int] = set()
         while not reason:
-            k, what, body = self._next_event()
+            k, what, body = self._next_event(deadline)
             if what == "row":
                 self.job.on_metric(body)
             elif what == "done":
@@ -507,7 +525,9 @@ class Cluster:
                 if body["reason"] == "finished":
                     reason = "finished"
                     result, finished_by = body.get("result"), int(body["finished_by"])
-                elif len(done) == len(self.shards):
+                elif body["reason"] == "max_events" or len(done) == len(self.shards):
+                    # Each shard counts its own events against max_events; the first to
+                    # reach it ends the run. The time limit ends every shard about together.
                     reason = body["reason"]
             elif what == "error":
                 raise self._shard_error(self.shards[k], body["message"])
@@ -529,8 +549,9 @@ class Cluster:
             pids=[s.pid for s in self.shards],
         )
 
-    def _next_event(self) -> tuple[int, str, Any]:
-        """The next shard event; a shard process that died meanwhile is a RunError."""
+    def _next_event(self, deadline: float | None) -> tuple[int, str, Any]:
+        """The next shard event; a shard process that died meanwhile, or shards still running
+        past `deadline` (monotonic), is a RunError."""
         while True:
             try:
                 return self.events.get(timeout=0.1)
@@ -540,6 +561,11 @@ class Cluster:
                 rc = shard.dead()
                 if rc is not None:
                     raise RunError(f"{shard.describe()} died with {exit_text(rc)} during the run")
+            if deadline is not None and time.monotonic() > deadline:
+                raise RunError(f"grpc shards did not stop at the run's time limit of "
+                               f"{self.job.until} s (waited transport.call_timeout = "
+                               f"{self.opts['call_timeout']} s more): a node is stuck in a "
+                               f"handler")
 
     def _shard_error(self, shard: ShardProcess, text: str) -> RunError:
         # A peer's broken stream is usually a symptom: name a shard that died, if one did.

@@ -32,9 +32,7 @@ from kernel.host import Host
 from kernel.messages import Message
 from transports.base import place
 from transports.grpc import (
-    CONTROL,
     DELIVER,
-    EVENTS,
     READY,
     Frame,
     Reassembler,
@@ -279,7 +277,7 @@ class Shard:
 
     def _deliver(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         peer = self._auth(context)
-        reasm = Reassembler()
+        reasm = Reassembler(self.codec.max_message_bytes)
         stats = self.stats
         bad = 0
         for data in requests:
@@ -287,18 +285,23 @@ class Shard:
             stats["wire_bytes_in"] += len(data)
             at = reasm.offset
             try:
-                for meta, buf in reasm.feed(data):
-                    try:
-                        self._accept(meta, buf)
-                    except CodecError as exc:
-                        raise CodecError(f"frame in the message at stream byte offset {at}: "
-                                         f"{exc}") from None
+                frames = reasm.feed(data)
             except CodecError as exc:
-                stats["bad_frames"] += 1
-                bad += 1
-                if bad <= MAX_BAD_LOGS:
-                    log.warning("malformed frame from %s dropped: %s", peer, exc)
+                frames, bad = [], self._bad(peer, exc, bad)
+            for meta, buf in frames:
+                try:
+                    self._accept(meta, buf)
+                except CodecError as exc:
+                    bad = self._bad(peer, f"frame in the message at stream byte offset {at}: "
+                                          f"{exc}", bad)
         return b""
+
+    def _bad(self, peer: str, what: object, seen: int) -> int:
+        # A malformed frame costs the frame, never the shard.
+        self.stats["bad_frames"] += 1
+        if seen < MAX_BAD_LOGS:
+            log.warning("malformed frame from %s dropped: %s", peer, what)
+        return seen + 1
 
     def _accept(self, meta: Any, buf: Any) -> None:
         if (not isinstance(meta, list) or not meta

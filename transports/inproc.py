@@ -5,6 +5,7 @@ process boundary unchanged."""
 from __future__ import annotations
 
 from kernel.codec import Codec, body_nbytes
+from kernel.config import options
 from kernel.host import Host
 from transports.base import Job, Outcome, Transport
 from transports.netmodel import NetworkModel
@@ -13,10 +14,14 @@ from transports.netmodel import NetworkModel
 class InprocTransport(Transport):
     """One host for all nodes on a virtual clock (options: `strict`)."""
 
+    virtual_clock = True
+
     def run(self, job: Job) -> Outcome:
         dep = job.deployment
+        opts = options("transport", self.options, {"strict": False})
         network = NetworkModel.from_config(job.config.get("network", {}), job.seed, dep.node_ids)
-        strict = Codec.from_config(job.config.get("codec", {})) if self.options.get("strict") else None
+        codec = Codec.from_config(job.config.get("codec", {}))
+        strict = codec if opts["strict"] else None
         host = Host(
             dep,
             dep.node_ids,

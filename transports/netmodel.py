@@ -39,7 +39,7 @@ Config, the `[network]` table (every key optional; the defaults ask for nothing,
     [[network.crashes]]
     node = 3             # int or list of ints
     at = 1.0             # crash time
-    restart = inf        # restart time (> at); inf = never
+    restart = inf        # restart time (> at); inf = never. A node's down windows may not overlap
 
     [network.compute]    # virtual seconds of ctx.compute(work, label)
     per_unit = 0.0       # seconds per unit of work
@@ -53,13 +53,14 @@ Config, the `[network]` table (every key optional; the defaults ask for nothing,
     factors = {}         # node id (as a string key) -> factor, replacing the drawn one
     jitter = 0.0         # per call: seconds *= exp(jitter * Z)
 
-    compute_time(node, work, label) = work * (labels[label] or per_unit) * factor[node] [* jitter]
+    compute_time(node, work, label) = work * labels.get(label, per_unit) * factor[node] [* jitter]
 
 Semantics:
 - A message departs at `depart` (its sender's time, after any computation of the sender). Its
   transfer starts then or when its pipe frees up (see queueing), takes nbytes / bandwidth, and
   it arrives one latency draw after the transfer ends. A lost message still used its pipe.
-  Random latencies can reorder messages on a link.
+  Random latencies can reorder messages on a link. nbytes is what the host measured: the
+  encoded size in strict mode, else its sizer's estimate (inproc: kernel.codec.body_nbytes).
 - Nothing crosses a partition: a message between nodes of different groups is dropped when its
   time in flight, [depart, arrival], meets the partition's window [start, end) at all; that is,
   when depart < end and arrival >= start. Each copy of a duplicated message is judged alone.
@@ -345,8 +346,25 @@ def validate(section: Mapping[str, Any], node_ids: Sequence[int]) -> dict[str, A
         _probability(cfg[key], "network", key)
     for key, check in (("links", _link_rule), ("partitions", _partition), ("crashes", _crash)):
         cfg[key] = [check(t, f"network.{key}[{i}]", ids) for i, t in enumerate(_tables(cfg, key))]
+    _no_overlapping_crashes(cfg["crashes"])
     cfg["compute"] = _compute(cfg["compute"], ids)
     return cfg
+
+
+def _no_overlapping_crashes(crashes: list[dict[str, Any]]) -> None:
+    # A node is either up or down: its down windows [at, restart) must not overlap.
+    windows: dict[int, list[tuple[float, float, int]]] = {}
+    for i, c in enumerate(crashes):
+        for node in c["node"]:
+            windows.setdefault(node, []).append((c["at"], c["restart"], i))
+    for node, ws in sorted(windows.items()):
+        ws.sort()
+        for (_, end, i), (at, _, j) in zip(ws, ws[1:], strict=False):
+            if at < end:
+                raise ConfigError(
+                    f"[network.crashes[{j}]] crashes node {node} at {at!r}, while it is still "
+                    f"down from [network.crashes[{i}]] (until {end!r})"
+                )
 
 
 def _tables(cfg: Mapping[str, Any], key: str) -> list[Mapping[str, Any]]:

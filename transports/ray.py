@@ -8,6 +8,7 @@ shards for metric rows and their state until one node finishes, a limit passes o
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Mapping
@@ -323,16 +324,12 @@ class RayTransport(Transport):
     # -- tear-down --------------------------------------------------------------------------
     def _release(self) -> None:
         for a in self.actors:
-            try:
+            with contextlib.suppress(Exception):  # already gone: nothing left to release
                 ray.kill(a, no_restart=True)
-            except Exception:  # already gone: nothing left to release
-                pass
         self.actors = []
         if self._pg is not None:
-            try:
+            with contextlib.suppress(Exception):
                 remove_placement_group(self._pg)
-            except Exception:
-                pass
             self._pg = None
 
     def close(self) -> None:

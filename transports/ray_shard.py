@@ -348,7 +348,7 @@ class ShardCore:
                            f"{type(exc).__name__}: {exc}")
 
 
-@ray.remote(concurrency_groups={"io": 1, "ctl": 2})
+@ray.remote(concurrency_groups={"io": 1, "ctl": 2})  # type: ignore[call-overload]
 class Shard:
     """The Ray actor around `ShardCore`: deliveries on one thread, control calls on others."""
 

@@ -10,7 +10,8 @@ from collections.abc import Hashable
 from pathlib import Path
 from typing import Any
 
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kernel.api import Context, Deployment, Protocol
 from kernel.host import Host
@@ -76,7 +77,8 @@ def _latency() -> st.SearchStrategy[Any]:
     small = st.floats(0.0, 0.5)
     return st.one_of(
         small,
-        st.tuples(small, small).map(lambda p: {"kind": "uniform", "low": p[0], "high": p[0] + p[1]}),
+        st.tuples(small, small).map(
+            lambda p: {"kind": "uniform", "low": p[0], "high": p[0] + p[1]}),
         st.tuples(small, small).map(lambda p: {"kind": "normal", "mean": p[0], "std": p[1]}),
         st.tuples(st.floats(-4.0, 0.0), st.floats(0.0, 1.0)).map(
             lambda p: {"kind": "lognormal", "mu": p[0], "sigma": p[1]}),
@@ -102,11 +104,14 @@ def networks(draw: st.DrawFn) -> tuple[int, dict[str, Any]]:
         parts.append({"start": start, "end": start + draw(st.floats(0.1, 3.0)),
                       "groups": [list(members[:cut])]})
     crashes = []
-    for _ in range(draw(st.integers(0, 2))):
+    for node in draw(st.lists(nodes, max_size=2, unique=True)):
         at = draw(st.floats(0.0, 3.0))
-        crash: dict[str, Any] = {"node": draw(nodes), "at": at}
+        crash: dict[str, Any] = {"node": node, "at": at}
         if draw(st.booleans()):
             crash["restart"] = at + draw(st.floats(0.01, 2.0))
+            if draw(st.booleans()):  # and down again later
+                crashes.append({"node": node, "at": crash["restart"] + draw(st.floats(0.0, 1.0)),
+                                "restart": 9.0})
         crashes.append(crash)
     net["partitions"], net["crashes"] = parts, crashes
     net["compute"] = {

@@ -278,7 +278,10 @@ def test_a_raising_transport_callback_is_a_run_error() -> None:
     dep = Deployment([0], lambda i: Scripted([]))
     h = Host(dep, [0], seed=0, wall=True)
     h.start()
-    h.call_soon_threadsafe(lambda: 1 / 0)  # type: ignore[func-returns-value]
+    def boom() -> None:
+        raise ZeroDivisionError("division by zero")
+
+    h.call_soon_threadsafe(boom)
     with pytest.raises(RunError, match="callback .* raised ZeroDivisionError"):
         h.run(until=WAIT_S)
 
@@ -359,3 +362,25 @@ def test_compute_is_free_without_a_compute_model() -> None:
     h.start()
     h.run()
     assert seen == [0.0]
+
+
+def test_a_busy_nodes_mailbox_keeps_arrival_order_against_later_arrivals_at_the_same_time() -> None:
+    log: list[Any] = []
+
+    def start(ctx: Context) -> None:
+        if ctx.id == 0:
+            ctx.compute(2.0)  # busy until 2.0
+        else:
+            ctx.send(0, f"from-{ctx.id}")
+
+    # "from-1" arrives at 1.0 and waits; "from-2" arrives exactly when the work ends, but it was
+    # queued (at t=0) before the wake-up was (at 1.0): it must still run after "from-1".
+    net = NetworkModel.from_config(
+        {"latency": 9.0, "compute": {"per_unit": 1.0}, "links": [
+            {"src": 1, "dst": 0, "latency": 1.0}, {"src": 2, "dst": 0, "latency": 2.0}]},
+        0, range(3))
+    h = Host(Deployment([0, 1, 2], lambda i: Scripted(log, start=start)), [0, 1, 2], seed=0,
+             network=net)
+    h.start()
+    h.run()
+    assert [(e[3], e[2]) for e in log if e[0] == "msg"] == [("from-1", 2.0), ("from-2", 2.0)]

@@ -5,7 +5,8 @@ from __future__ import annotations
 import threading
 from typing import Any
 
-from hypothesis import given, strategies as st
+from hypothesis import given
+from hypothesis import strategies as st
 
 from kernel.loop import CALL, DELIVER, IDLE_POLL_S, TIMER, Scheduler
 
@@ -155,8 +156,11 @@ def test_wall_chatty_events_do_not_starve_input_from_other_threads() -> None:
         return False
 
     s.push(0.0, DELIVER, 0, "chatter")
-    th = threading.Thread(target=lambda: (s.push_threadsafe(DELIVER, 0, "outside"),
-                                          seen_outside.set()))
+    def outside() -> None:
+        s.push_threadsafe(DELIVER, 0, "outside")
+        seen_outside.set()
+
+    th = threading.Thread(target=outside)
     th.start()
     reason, _ = s.run(dispatch, until=WAIT_S)
     th.join(WAIT_S)

@@ -295,3 +295,18 @@ def test_a_failing_run_is_reported_with_its_error(tmp_path: Path,
     row["cell"], row["repeat"] = "toy", 0
     progress.done(1, row)
     assert "FAILED (exit 1)" in stream.getvalue() and "bogus" in stream.getvalue()
+
+
+def test_progress_updates_one_line_on_a_terminal_and_prints_each_run() -> None:
+    stream = io.StringIO()
+    progress = compare.Progress(2, stream, live=True)
+    progress.tick(1, "w/inproc", 1.25, 300 * 2**20)
+    progress.done(1, {"cell": "w/inproc", "repeat": 0, "ok": True, "wall_s": 2.0,
+                      "rounds_s": 1.5, "peak_rss_mb": 300.0, "test_accuracy": 0.8612})
+    text = stream.getvalue()
+    assert text.startswith("\r\x1b[K[1/2] w/inproc:    1.2 s, tree RSS 300 MiB")
+    assert text.endswith("\r\x1b[K[1/2] w/inproc repeat 0: wall 2.00 s, rounds 1.5 s, "
+                         "peak RSS 300 MiB, accuracy 0.8612\n")
+    plain = io.StringIO()
+    compare.Progress(2, plain, live=False).tick(1, "w/inproc", 1.0, 0)
+    assert plain.getvalue() == ""

@@ -92,5 +92,7 @@ def test_compare_folder_shows_the_headline(tmp_path: Path) -> None:
     text = inspect(tmp_path)
     assert "4 runs: 2 cells x 2 repeats, 0 failed. Baseline: `inproc`." in text
     assert "Fastest per round: `w/inproc`" in text
-    assert "results.jsonl: 4 runs (4 ok) over 2 cells: w/inproc, w/ray" in text
+    assert "results.jsonl: 4 runs (4 ok) over 2 cells:" in text
+    assert "  w/inproc: 2 ok runs, wall 2 s, 0.2 s/round" in text  # medians of 1, 3 and .1, .3
+    assert "  w/ray: 2 ok runs, wall 3 s, 0.3 s/round" in text
     assert "| cell |" not in text  # the headline only, not the tables

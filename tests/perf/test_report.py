@@ -41,7 +41,7 @@ def make_rows(values: dict[str, list[float]], metric: str = "wall_s",
               key: str = "transport") -> list[dict[str, Any]]:
     """Rows of a matrix whose cells are `values`' keys (as values of `key`), repeats
     alternating, with `metric` set from the lists."""
-    rows = []
+    rows: list[dict[str, Any]] = []
     n = len(next(iter(values.values())))
     for k in range(n):
         for name, vs in values.items():
@@ -95,7 +95,7 @@ def test_failed_and_warmup_runs_are_not_counted() -> None:
 
 
 def test_baseline_by_setting_pairs_each_cell_with_its_counterpart() -> None:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for k in range(2):
         for t in ("inproc", "ray"):
             for c in ("10", "100"):
@@ -128,7 +128,7 @@ def test_empty_rows_are_an_error() -> None:
 
 
 def _curve_rows(clients: tuple[str, ...]) -> list[dict[str, Any]]:
-    rows = []
+    rows: list[dict[str, Any]] = []
     for k in range(2):
         for t in ("inproc", "ray"):
             for c in clients:

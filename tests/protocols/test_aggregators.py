@@ -163,3 +163,14 @@ def test_bad_inputs_say_what_is_wrong():
 def test_registered_by_name():
     for name in ("mean", "weighted_mean", "median", "trimmed_mean", "krum", "multi_krum"):
         assert registry.load("aggregators", name) is getattr(agg, name)
+
+
+def test_weighted_mean_of_tensors_spanning_several_blocks():
+    rng = np.random.default_rng(1)
+    n = agg.BLOCK * 2 + 3
+    items = [(float(w), {"x": rng.standard_normal(n).astype(np.float32).reshape(-1, 1)})
+             for w in (1, 5, 2)]
+    expect = np.average(np.stack([t["x"] for _, t in items]), axis=0, weights=[1, 5, 2])
+    out = agg.weighted_mean(items)["x"]
+    assert out.shape == (n, 1)
+    np.testing.assert_allclose(out, expect, rtol=1e-6, atol=1e-7)

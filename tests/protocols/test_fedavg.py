@@ -114,7 +114,8 @@ def test_same_seed_same_model_and_metrics():
     assert common.digest(c["model"]) != common.digest(a["model"])
 
 
-# Client nodes compute 0.001 s per sample; node 4 is 20x slower (0.48 s for 24 samples; deadlines 0.3 s).
+# Clients compute 0.001 s per sample; node 4 is 20x slower (0.48 s for 24 samples); the
+# deadline tests use 0.3 s, so node 4 misses every round.
 SLOW_NODE_4 = {"compute": {"per_unit": 0.001, "factors": {"4": 20.0}}}
 
 
@@ -151,17 +152,29 @@ def test_without_a_deadline_the_server_waits_for_stragglers():
     assert rounds(rows)[-1]["t"] == pytest.approx(0.96)
 
 
+def test_duplicated_messages_change_nothing():
+    # Every message arrives twice: clients train twice (identically) and every reply has a
+    # copy; copies are discarded (as duplicates, or as late once their round is over).
+    clean, _ = run(config(rounds=3))
+    dup, rows = run(config(rounds=3, network={"duplicate": 1.0, "latency": 0.01}))
+    assert common.digest(dup["model"]) == common.digest(clean["model"])
+    assert all(r["clients"] == 4 for r in rounds(rows))
+    discarded = [r for r in rows if r["name"] in ("late", "duplicate")]
+    assert discarded and all(r["round"] <= r["current"] for r in discarded)
+
+
 def test_variants_run_and_differ_from_plain_fedavg():
     five = dict(LINEAR, clients=5)  # 5, so that median and trimmed mean differ
     plain, _ = run(config(rounds=3, workload=five))
     digests = {"plain": common.digest(plain["model"])}
-    for name, extra in {
+    variants: dict[str, dict[str, Any]] = {
         "fedprox": {"mu": 1.0},
         "avgm": {"server_opt": "avgm", "momentum": 0.9},
         "adam": {"server_opt": "adam", "server_lr": 0.05},
         "median": {"aggregator": "median"},
         "trimmed": {"aggregator": "trimmed_mean", "aggregator_args": {"f": 1}},
-    }.items():
+    }
+    for name, extra in variants.items():
         result, rows = run(config(rounds=3, workload=five, **extra))
         assert all(np.isfinite(a).all() for a in result["model"].values()), name
         assert len(rounds(rows)) == 3, name

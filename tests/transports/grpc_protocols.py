@@ -120,3 +120,35 @@ class Ping(Protocol):
         if ctx.id == 0 and self.bounces % ctx.params["every"] == 0:
             ctx.emit("round", self.bounces // ctx.params["every"])
         ctx.send(1 - ctx.id, "ball", n=msg.n + 1)
+
+
+def build_pushsum_audit(config: Mapping[str, Any]) -> Deployment:
+    """`pushsum` (robust) whose nodes, in on_stop, emit a "mass" row with their state: enough
+    for a test to add up s over nodes plus what is still in flight on every link."""
+    from protocols.gossip import build_pushsum
+
+    dep = build_pushsum(config)
+    inner_make = dep.make_node
+    return Deployment(node_ids=dep.node_ids, make_node=lambda i: Audited(inner_make(i)),
+                      neighbours=dep.neighbours, params=dep.params, describe=dep.describe)
+
+
+class Audited(Protocol):
+    """Forwards to a push-sum node; reports its mass when the run stops."""
+
+    def __init__(self, inner: Any) -> None:
+        self.inner = inner
+
+    def on_start(self, ctx: Context) -> None:
+        self.inner.on_start(ctx)
+
+    def on_message(self, ctx: Context, msg: Message) -> None:
+        self.inner.on_message(ctx, msg)
+
+    def on_timer(self, ctx: Context, key: Any) -> None:
+        self.inner.on_timer(ctx, key)
+
+    def on_stop(self, ctx: Context) -> None:
+        p = self.inner
+        ctx.emit("mass", ctx.id, s=p.s, w=p.w, sig_s=p.sig_s, sig_w=p.sig_w, out=list(p.out),
+                 rho={src: [k, s, w] for src, (k, s, w) in sorted(p.rho.items())})

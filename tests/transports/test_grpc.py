@@ -1,0 +1,399 @@
+"""The grpc transport on real shard processes and real gRPC on 127.0.0.1: same answers as inproc,
+refused strangers, fuzzed frames survived, dead shards named, no process left behind."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import signal
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+import grpc
+import msgpack
+import numpy as np
+import psutil
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from kernel import config as kconfig
+from kernel import registry, runner
+from kernel.api import RunError
+from kernel.codec import Codec, CodecError
+from kernel.config import ConfigError
+from kernel.messages import Message
+from kernel.outputs import model_sha256
+from transports.base import Job, Outcome
+from transports.grpc import (
+    CONTROL,
+    DELIVER,
+    EVENTS,
+    Cluster,
+    GrpcTransport,
+    Reassembler,
+    call_metadata,
+    nbytes_of,
+    pack,
+    validate_options,
+)
+from transports.grpc_shard import FrameQueue
+from transports.inproc import InprocTransport
+
+pytestmark = pytest.mark.grpc
+
+ROOT = Path(__file__).resolve().parents[2]
+PROTOS = "tests.transports.grpc_protocols"
+WAIT_S = 30.0  # the longest any single wait in these tests may take
+
+
+def sum_config(clients: int = 5, dim: int = 64, rounds: int = 3, seed: int = 3,
+               **transport: Any) -> dict[str, Any]:
+    return {"run": {"seed": seed, "rounds": rounds},
+            "protocol": {"name": f"{PROTOS}:build_sum", "clients": clients, "dim": dim},
+            "transport": {"kind": "grpc", **transport}}
+
+
+def make_job(config: Mapping[str, Any], rows: list[dict[str, Any]] | None = None,
+             until: float = 60.0) -> Job:
+    dep = registry.load("protocols", config["protocol"]["name"])(config)
+    on_metric = rows.append if rows is not None else (lambda row: None)
+    return Job(config=config, deployment=dep, seed=config["run"]["seed"], until=until,
+               on_metric=on_metric)
+
+
+def run_grpc(config: Mapping[str, Any], rows: list[dict[str, Any]] | None = None,
+             **opts: Any) -> Outcome:
+    transport = GrpcTransport(opts)
+    try:
+        return transport.run(make_job(config, rows))
+    finally:
+        transport.close()
+
+
+def run_inproc(config: Mapping[str, Any], rows: list[dict[str, Any]] | None = None) -> Outcome:
+    return InprocTransport({"strict": True}).run(make_job(config, rows, until=1e9))
+
+
+def shard_children() -> list[psutil.Process]:
+    out = []
+    for child in psutil.Process().children(recursive=True):
+        with contextlib.suppress(psutil.Error):
+            if "transports.grpc_shard" in " ".join(child.cmdline()):
+                out.append(child)
+    return out
+
+
+@pytest.fixture(autouse=True)
+def no_shard_left_behind() -> Iterator[None]:
+    yield
+    # close() waits for its shards; anything still here was orphaned.
+    _, alive = psutil.wait_procs(shard_children(), timeout=WAIT_S)
+    assert not alive, f"grpc shard processes left behind: {[p.pid for p in alive]}"
+
+
+def sha(out: Outcome) -> str:
+    assert out.result is not None, f"no node finished ({out.reason})"
+    return model_sha256(out.result["model"])
+
+
+def result(out: Outcome) -> Mapping[str, Any]:
+    assert out.result is not None, f"no node finished ({out.reason})"
+    return out.result
+
+
+def without_time(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{k: v for k, v in r.items() if k != "t"} for r in rows]
+
+
+# -- same answers --------------------------------------------------------------------------------
+def test_sync_protocol_matches_inproc_with_chunks_and_multicast_once() -> None:
+    # 3 shards; a 160 KB model in 32 KB chunks; the server's multicast reaches 2 peer shards.
+    dim, rounds = 40_000, 3
+    cfg = sum_config(clients=7, dim=dim, rounds=rounds)
+    rows_g: list[dict[str, Any]] = []
+    rows_i: list[dict[str, Any]] = []
+    out = run_grpc(cfg, rows_g, shards=3, chunk_bytes=32 << 10, strict=True)
+    ref = run_inproc(cfg, rows_i)
+    assert out.reason == "finished" and out.finished_by == 0
+    assert sha(out) == sha(ref)
+    assert without_time(rows_g) == without_time(rows_i)
+    assert len(out.pids) == 3 and len(out.shards) == 3
+    assert out.messages == ref.messages and out.events == ref.events
+    # Shard 0 runs the server; its clients answer locally, so what it sends out is one model
+    # frame per round per peer shard (a multicast crosses once), cut into chunks.
+    model_bytes = 4 * dim
+    sent = out.shards[0]["wire_bytes_out"]
+    assert rounds * 2 * model_bytes < sent < rounds * 2 * model_bytes * 1.05
+    assert out.shards[0]["frames_out"] >= rounds * 2 * (model_bytes // (32 << 10))
+    assert all(s["bad_frames"] == 0 and s["refused"] == 0 for s in out.shards)
+
+
+def test_w1_fedavg_gives_the_same_model_as_inproc() -> None:
+    results = {}
+    for kind in ("inproc", "grpc"):
+        cfg = kconfig.load(ROOT / "perf/workloads/w1.toml",
+                           [f"transport.kind={kind}", "run.progress=false"])
+        results[kind] = runner.run(cfg, quiet=True)
+    g, i = results["grpc"], results["inproc"]
+    assert g["final_model_sha256"] == i["final_model_sha256"] is not None
+    assert g["test_accuracy"] == i["test_accuracy"] > 0.5
+    assert g["messages"] == i["messages"]
+    assert g["reason"] == "finished" and len(g["shards"]) == 2
+
+
+def test_w4_like_sync_gossip_gives_the_same_model_as_inproc() -> None:
+    cfg = {"run": {"seed": 0, "rounds": 12},
+           "protocol": {"name": "gossip", "mode": "sync", "nodes": 16, "dim": 2000,
+                        "topology": {"kind": "ring_lattice", "degree": 4,
+                                     "weights": "uniform"}}}
+    out = run_grpc(cfg, shards=3)
+    ref = run_inproc(cfg)
+    assert sha(out) == sha(ref)
+    assert result(out)["max_abs_dev"] == result(ref)["max_abs_dev"]
+
+
+def test_pushsum_conserves_mass_on_real_sockets() -> None:
+    nodes, dim = 8, 6
+    cfg = {"run": {"seed": 1, "rounds": 25},
+           "protocol": {"name": f"{PROTOS}:build_pushsum_audit", "nodes": nodes, "dim": dim,
+                        "period": 0.01, "drain": 0.3}}
+    rows: list[dict[str, Any]] = []
+    out = run_grpc(cfg, rows, shards=2)
+    assert out.reason == "finished"
+    mass = {r["node"]: r for r in rows if r["name"] == "mass"}
+    assert sorted(mass) == list(range(nodes)), "every node reports its mass in on_stop"
+    from protocols.gossip import initial_vector
+
+    s_total = sum(np.asarray(m["s"], np.float64) for m in mass.values())
+    w_total = sum(float(m["w"]) for m in mass.values())
+    for i, m in mass.items():  # what is still in flight on link i -> j: sigma_i - rho_j[i]
+        for j in m["out"]:
+            rho = mass[j]["rho"].get(i, [0, np.zeros(dim), 0.0])
+            s_total = s_total + (np.asarray(m["sig_s"]) - np.asarray(rho[1]))
+            w_total += float(m["sig_w"]) - float(rho[2])
+    expected = sum(initial_vector(i, dim).astype(np.float64) for i in range(nodes))
+    np.testing.assert_allclose(s_total, expected, rtol=1e-9, atol=1e-9)
+    assert w_total == pytest.approx(nodes, rel=1e-12)
+    # and it did average: node 0's estimate is near the true mean
+    assert np.max(np.abs(result(out)["model"]["x"] - expected / nodes)) < 0.5
+
+
+# -- security and malformed input ----------------------------------------------------------------
+def poison_frames(codec: Codec, dst: int = 0) -> list[bytes]:
+    msg = Message(99, dst, "poison", {"amount": 1000.0}, 0.0, 1)
+    parts = codec.encode(msg)
+    return list(pack([([dst], parts, nbytes_of(parts))], 1 << 20))
+
+
+def test_wrong_or_missing_token_is_refused_and_changes_nothing() -> None:
+    cfg = sum_config()
+    ref = run_inproc(cfg)
+    cluster = Cluster(make_job(cfg), validate_options({}))
+    try:
+        cluster.launch()
+        cluster.connect()
+        shard = cluster.shards[0]  # runs node 0, the server
+        frames = poison_frames(Codec.from_config({}))
+        with grpc.insecure_channel(shard.address) as channel:
+            calls = {
+                DELIVER: lambda md: channel.stream_unary(DELIVER)(
+                    iter(frames), metadata=md, timeout=WAIT_S),
+                CONTROL: lambda md: channel.unary_unary(CONTROL)(
+                    msgpack.packb({"op": "stop"}), metadata=md, timeout=WAIT_S),
+                EVENTS: lambda md: list(channel.unary_stream(EVENTS)(
+                    b"", metadata=md, timeout=WAIT_S)),
+            }
+            for md in (call_metadata("0" * 32, "stranger"), (), (("fedloom-token", ""),)):
+                for method, call in calls.items():
+                    with pytest.raises(grpc.RpcError) as info:
+                        call(md)
+                    assert info.value.code() == grpc.StatusCode.UNAUTHENTICATED, method
+        out = cluster.run()
+    finally:
+        cluster.close()
+    assert sha(out) == sha(ref)
+    assert out.shards[0]["refused"] == 9 and out.shards[0]["bad_frames"] == 0
+
+
+def _garbage() -> st.SearchStrategy[list[bytes]]:
+    codec = Codec.from_config({})
+    good = poison_frames(codec)[0]  # a BATCH holding one valid message for node 0
+    frame = b"".join(bytes(p) for p in codec.encode(Message(99, 0, "poison",
+                                                            {"amount": 1000.0}, 0.0, 1)))
+
+    def batch_of(payload: bytes, dsts: list[int]) -> bytes:
+        return b"".join(pack([(dsts, [payload], len(payload))], 1 << 20))
+
+    raw = st.binary(min_size=0, max_size=300)
+    truncated_message = st.integers(1, len(good) - 1).map(lambda k: good[:k])
+    truncated_frame = st.integers(0, len(frame) - 1).map(lambda k: batch_of(frame[:k], [0]))
+    random_frame = raw.map(lambda b: batch_of(b, [0]))
+    wrong_node = st.just(batch_of(frame, [1]))  # node 1 runs on shard 1, not here
+    bad_dsts = st.sampled_from([batch_of(frame, []), batch_of(frame, ["x"]),  # type: ignore[list-item]
+                                batch_of(frame, [True])])  # type: ignore[list-item]
+    head_only = st.integers(1, 1 << 40).map(lambda n: b"\x02" + bytes([0x92, 0x91, 0x00])
+                                            + _msgpack_int(n))
+    prefixed = st.sampled_from([b"\x01", b"\x02", b"\x03", b"\x07"]).flatmap(
+        lambda t: raw.map(lambda b: t + b))
+    one = st.one_of(raw, truncated_message, truncated_frame, random_frame, wrong_node, bad_dsts,
+                    head_only, prefixed)
+    return st.lists(one, min_size=1, max_size=4)
+
+
+def _msgpack_int(n: int) -> bytes:
+    return bytes(msgpack.packb(n))
+
+
+def test_random_and_truncated_frames_never_crash_a_shard() -> None:
+    cfg = sum_config()
+    ref = run_inproc(cfg)
+    cluster = Cluster(make_job(cfg), validate_options({}))
+    try:
+        cluster.launch()
+        cluster.connect()
+        shard = cluster.shards[0]
+        md = call_metadata(cluster.token, "fuzzer")
+        with grpc.insecure_channel(shard.address) as channel:
+            deliver = channel.stream_unary(DELIVER)
+
+            @settings(deadline=None)
+            @given(_garbage())
+            def check(messages: list[bytes]) -> None:
+                deliver(iter(messages), metadata=md, timeout=WAIT_S)
+                # still serving, same process
+                assert cluster.control(shard, {"op": "ping"})["pid"] == shard.pid
+
+            check()
+        out = cluster.run()  # and a valid run afterwards gives the right answer
+    finally:
+        cluster.close()
+    assert sha(out) == sha(ref)
+    assert out.shards[0]["bad_frames"] > 0
+
+
+@given(st.lists(st.tuples(st.integers(0, 5000), st.integers(0, 5000)), min_size=1, max_size=12),
+       st.integers(1, 2048))
+def test_framing_round_trips_any_sizes_and_chunking(sizes: list[tuple[int, int]],
+                                                    chunk: int) -> None:
+    # Each frame comes as two parts split anywhere (as the codec hands out header + tensors).
+    rng = np.random.default_rng(len(sizes) + chunk)
+    frames: list[tuple[Any, list[bytes | memoryview], int]] = []
+    whole = []
+    for i, (n, cut) in enumerate(sizes):
+        payload = rng.integers(0, 256, n, dtype=np.uint8)
+        cut = min(cut, n)
+        parts: list[bytes | memoryview] = [payload[:cut].tobytes(), payload[cut:].data]
+        frames.append(([i], parts, n))
+        whole.append(payload.tobytes())
+    messages = list(pack(frames, chunk))
+    reasm = Reassembler()
+    got = [f for m in messages for f in reasm.feed(m)]
+    assert [meta for meta, _ in got] == [[i] for i in range(len(sizes))]
+    assert [bytes(buf) for _, buf in got] == whole
+    # no gRPC message much above a chunk, unless it is one small frame's batch header
+    assert all(len(m) <= chunk + 64 + 8 * len(sizes) or m[0] == 1 for m in messages)
+    assert sum(1 for m in messages if m[0] == 1) <= len(sizes)
+
+
+@given(st.binary(max_size=200))
+def test_reassembler_raises_only_codec_errors(data: bytes) -> None:
+    reasm = Reassembler(limit=1 << 20)
+    with contextlib.suppress(CodecError):
+        reasm.feed(data)
+    with contextlib.suppress(CodecError):  # and goes on
+        reasm.feed(data)
+
+
+# -- failures ------------------------------------------------------------------------------------
+def test_killed_shard_is_a_run_error_naming_it() -> None:
+    cfg = {"run": {"seed": 0, "rounds": 1},
+           "protocol": {"name": f"{PROTOS}:build_pingpong", "every": 20}}
+    transport = GrpcTransport({"shards": 2})
+    killed: list[int] = []
+
+    def on_metric(row: dict[str, Any]) -> None:
+        if row["name"] == "round" and row["value"] == 3 and not killed:
+            assert transport.cluster is not None
+            victim = transport.cluster.shards[1]
+            killed.append(victim.pid)
+            os.kill(victim.pid, signal.SIGKILL)
+
+    job = make_job(cfg, until=WAIT_S)
+    job.on_metric = on_metric
+    try:
+        # Without detection the run would end at its time limit with reason "until".
+        with pytest.raises(RunError) as info:
+            transport.run(job)
+    finally:
+        transport.close()
+    assert killed
+    text = str(info.value)
+    assert f"grpc shard 1 (pid {killed[0]}, nodes [1])" in text and "SIGKILL" in text
+
+
+def test_a_run_that_reaches_its_time_limit_ends_with_reason_until() -> None:
+    cfg = {"run": {"seed": 0, "rounds": 1},
+           "protocol": {"name": f"{PROTOS}:build_pingpong", "every": 10}}
+    rows: list[dict[str, Any]] = []
+    transport = GrpcTransport({"shards": 2})
+    try:
+        out = transport.run(make_job(cfg, rows, until=0.5))
+    finally:
+        transport.close()
+    assert out.reason == "until" and out.result is None and out.finished_by is None
+    rounds = [r["value"] for r in rows if r["name"] == "round"]
+    assert rounds == list(range(1, len(rounds) + 1)) and len(rounds) > 1  # in shard order
+    assert out.messages == sum(s["messages"] for s in out.shards) > 10
+
+
+def test_shards_exit_when_the_driver_goes_away() -> None:
+    cluster = Cluster(make_job(sum_config()), validate_options({}))
+    try:
+        cluster.launch()
+        cluster.connect()
+        procs = [s.proc for s in cluster.shards]
+        for p in procs:  # what the OS does to the pipe when the driver dies
+            assert p.stdin is not None
+            p.stdin.close()
+        codes = [p.wait(timeout=WAIT_S) for p in procs]
+    finally:
+        cluster.close()
+    assert codes == [1, 1]  # "went away before stopping", not a clean stop
+
+
+def test_a_shard_that_cannot_build_is_reported_with_its_error() -> None:
+    cfg = sum_config()
+    transport = GrpcTransport({"shards": 2})
+    job = make_job(cfg)
+    job.config["protocol"]["colour"] = "blue"  # the shards rebuild from this config
+    try:
+        with pytest.raises(RunError, match=r"grpc shard 0 .*failed to start.*colour"):
+            transport.run(job)
+    finally:
+        transport.close()
+
+
+def test_full_queue_blocks_then_times_out_naming_the_stream() -> None:
+    q = FrameQueue(100, "stream to shard 7")
+    q.put(([1], [b"x" * 80], 80), timeout=1.0)
+    with pytest.raises(RunError, match=r"stream to shard 7 has been full .* for 0.05 s"):
+        q.put(([1], [b"y" * 80], 80), timeout=0.05)
+    assert [f[2] for f in q.take(0.0, 0.0, 0) or []] == [80]
+    q.put(([1], [b"y" * 80], 80), timeout=0.05)  # room again
+    q.fail("peer gone")
+    with pytest.raises(RunError, match="peer gone"):
+        q.put(([1], [b"z"], 1), timeout=0.05)
+
+
+def test_options_are_validated() -> None:
+    assert validate_options({})["shards"] == 2
+    with pytest.raises(ConfigError, match="shard"):
+        validate_options({"shard": 3})
+    with pytest.raises(ConfigError, match="shards"):
+        validate_options({"shards": 0})
+    with pytest.raises(ConfigError, match="chunk_bytes"):
+        validate_options({"chunk_bytes": 1 << 30})
+    with pytest.raises(ConfigError, match="kind"):
+        validate_options({"kind": "ray"})
