@@ -72,7 +72,7 @@ _RANGES = {
 _TUPLE_RECORD = ExtType(EXT_TUPLE, b"")
 _TUPLE_MARK = object()  # what the tuple record decodes to before its list becomes a tuple
 _new_message = tuple.__new__  # Message's own __new__ checks nothing, and costs more
-_BASES: tuple[Any, ...] = (int, float, str, bytes, list, dict)  # subclasses become these
+_BASES: tuple[Any, ...] = (int, float, bytes, list, dict)  # subclasses become these
 _FIELDS = ("src", "dst", "kind", "sent_at", "seq", "body")
 _FIELD_TYPES = (int, int, str, float, int, dict)
 _PACK_OPTS = {"use_bin_type": True, "strict_types": True, "datetime": False}
@@ -97,7 +97,7 @@ class Codec:
     def from_config(cls, section: Mapping[str, Any]) -> Codec:
         """A codec from the `[codec]` config table; an unknown key or bad value is a ConfigError
         naming it."""
-        return cls(**section)
+        return cls(**dict(section))
 
     def __repr__(self) -> str:
         return (f"Codec(compression={self.compression!r}, max_message_bytes="
@@ -157,7 +157,8 @@ class Codec:
 
     def decode(self, data: bytes | bytearray | memoryview) -> Message:
         """The message in frame `data`; its arrays are read-only views into `data` (torch
-        tensors share `data` too and must be treated as read-only)."""
+        tensors share `data` too and must be treated as read-only), so `data` must not be
+        reused while the message lives."""
         h, walk = self._unframe(data, KIND_MESSAGE)
         if type(h) is not list or len(h) != 6:
             raise CodecError("message header must be a list of 6 fields [src, dst, kind, "
@@ -275,14 +276,18 @@ class _Writer(TensorWriter):
         if isinstance(obj, np.generic):
             if isinstance(obj, np.bool_ | np.number):
                 return self.scalar(obj)
-            if isinstance(obj, str | bytes):  # np.str_, np.bytes_
-                return str(obj) if isinstance(obj, str) else bytes(obj)
+            if isinstance(obj, str):  # np.str_
+                return str.__str__(obj)
+            if isinstance(obj, bytes):  # np.bytes_
+                return bytes(obj)
         elif isinstance(obj, np.ndarray):
             if isinstance(obj, np.ma.MaskedArray):
                 raise CodecError("a masked array (its mask would be lost)")
             return self.ndarray(np.asarray(obj))
         elif isinstance(obj, tuple):
             return [_TUPLE_RECORD, *obj]
+        elif isinstance(obj, str):
+            return str.__str__(obj)  # the characters, even where str() is overridden (enums)
         else:
             for base in _BASES:
                 if isinstance(obj, base):
@@ -291,7 +296,8 @@ class _Writer(TensorWriter):
 
 
 class _Reader(TensorReader):
-    """msgpack's `ext_hook` and `list_hook` for one frame."""
+    """msgpack's hooks for one frame: ext records to values, tagged lists to tuples, and a count
+    of containers (to skip the nesting walk when there are too few to nest too deep)."""
 
     __slots__ = ("marks", "nests")
 
@@ -345,7 +351,9 @@ def _header(msg: Message) -> list[Any]:
     except TypeError as e:
         raise CodecError(f"cannot encode message header: {e}") from None
     if type(kind) is not str:
-        raise CodecError(f"message kind must be a str; got {_describe(kind)}")
+        if not isinstance(kind, str):
+            raise CodecError(f"message kind must be a str; got {_describe(kind)}")
+        kind = str.__str__(kind)
     return [src, dst, kind, sent_at, seq, _as_dict(body)]
 
 
@@ -414,6 +422,7 @@ def _validated(given: Mapping[str, Any]) -> dict[str, Any]:
 # ------------------------------------------------------------------------------- free helpers
 
 _SMALL = 16  # estimated bytes of one scalar entry (key, type tag, value)
+_SCALARS = frozenset((int, float, bool, type(None)))
 
 
 def body_nbytes(body: Mapping[str, Any]) -> int:
@@ -424,20 +433,31 @@ def body_nbytes(body: Mapping[str, Any]) -> int:
         t = type(v)
         if t is np.ndarray:
             n += v.nbytes + 48
-        elif t is float or t is int or t is bool or v is None:
+        elif t in _SCALARS:
             n += _SMALL
+        elif t is str or t is bytes:
+            n += len(v) + _SMALL
         else:
             n += _value_nbytes(v)
     return n
 
 
 def _value_nbytes(v: Any) -> int:
+    t = type(v)
+    if t in _SCALARS:
+        return _SMALL
+    if t is dict or isinstance(v, Mapping):
+        n = _SMALL
+        for k, x in v.items():
+            n += _value_nbytes(k) + _value_nbytes(x)
+        return n
+    if t is list or t is tuple or isinstance(v, list | tuple):
+        n = _SMALL
+        for x in v:
+            n += _value_nbytes(x)
+        return n
     if isinstance(v, str | bytes | bytearray):
         return len(v) + _SMALL
-    if isinstance(v, dict):
-        return _SMALL + sum(_value_nbytes(k) + _value_nbytes(x) for k, x in v.items())
-    if isinstance(v, list | tuple):
-        return _SMALL + sum(_value_nbytes(x) for x in v)
     nb = getattr(v, "nbytes", None)  # numpy arrays and scalars, torch tensors, memoryviews
     if isinstance(nb, int):
         return nb + 48

@@ -54,8 +54,9 @@ _LZ4_MAX_INPUT = 0x7E000000
 # lz4 block output is at most ~255 bytes per input byte: a larger declared size is a lie, and
 # refusing it before lz4 allocates keeps a small input from allocating a lot.
 _LZ4_MAX_RATIO = 255
-_SAMPLE_CHUNK = 16384
+_SAMPLE_CHUNK = 2048
 _SAMPLE_CHUNKS = 4
+_SAMPLE = _SAMPLE_CHUNK * _SAMPLE_CHUNKS
 _SAMPLE_PAYS = 0.8  # auto compresses the whole tensor only when its sample shrinks below this
 _KEEP_BELOW = 0.9  # ...and keeps the result only when the whole shrinks below this
 _SHUFFLE_EDGE = 0.85  # shuffling costs a copy: it must beat plain lz4 by this factor
@@ -103,14 +104,24 @@ def _sample(u8: np.ndarray) -> np.ndarray:
     return np.concatenate([u8[i * step:i * step + _SAMPLE_CHUNK] for i in range(_SAMPLE_CHUNKS)])
 
 
-def _auto_choice(u8: np.ndarray, itemsize: int) -> int:
-    """Which compression pays on a sample of `u8` (COMP_NONE when none does)."""
-    s = u8 if u8.size <= _SAMPLE_CHUNK * _SAMPLE_CHUNKS else _sample(u8)
+def _auto_choice(s: np.ndarray, itemsize: int) -> int:
+    """Which compression pays on the sample `s` (COMP_NONE when none does)."""
     r1 = len(_lz4(s)) / s.size
     r2 = len(_lz4(shuffle(s, itemsize))) / s.size if itemsize > 1 else 2.0
     if r2 < _SAMPLE_PAYS and r2 < r1 * _SHUFFLE_EDGE:
         return COMP_SHUFFLE_LZ4
     return COMP_LZ4 if r1 < _SAMPLE_PAYS else COMP_NONE
+
+
+def _best_of(u8: np.ndarray, itemsize: int) -> tuple[int, Any]:
+    """auto for a tensor no bigger than a sample: try both ways on all of it, keep the best."""
+    n = u8.size
+    best: tuple[int, Any] = (COMP_LZ4, _lz4(u8))
+    if itemsize > 1:
+        c = _lz4(shuffle(u8, itemsize))
+        if len(c) < len(best[1]) * _SHUFFLE_EDGE:
+            best = (COMP_SHUFFLE_LZ4, c)
+    return best if len(best[1]) < n * _KEEP_BELOW else (COMP_NONE, u8.data)
 
 
 def compress(u8: np.ndarray, itemsize: int, policy: str) -> tuple[int, Any]:
@@ -121,7 +132,9 @@ def compress(u8: np.ndarray, itemsize: int, policy: str) -> tuple[int, Any]:
     if policy == "none" or n > _LZ4_MAX_INPUT:
         return raw
     if policy == "auto":
-        comp = _auto_choice(u8, itemsize)
+        if n <= _SAMPLE:
+            return _best_of(u8, itemsize)
+        comp = _auto_choice(_sample(u8), itemsize)
         keep = _KEEP_BELOW
     else:
         comp = COMP_LZ4 if policy == "lz4" or itemsize == 1 else COMP_SHUFFLE_LZ4

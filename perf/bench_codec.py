@@ -17,17 +17,28 @@ import numpy as np
 from kernel.codec import Codec, body_nbytes, join
 from kernel.messages import Message
 
-_MB = 1 << 20
+_MB = 1e6
 
 
 def _median_s(fn: Callable[[], Any], reps: int) -> float:
-    fn()  # warm caches and the allocator
-    times = []
+    return _paired(fn, None, reps)[0]
+
+
+def _paired(ours: Callable[[], Any], floor: Callable[[], Any] | None,
+            reps: int) -> tuple[float, float]:
+    """Median seconds of `ours` and of `floor`, run alternately so that load from other
+    processes falls on both alike."""
+    fns = [ours] if floor is None else [ours, floor]
+    times: list[list[float]] = [[] for _ in fns]
+    for f in fns:
+        f()  # warm caches and the allocator
     for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
+        for f, ts in zip(fns, times):
+            t0 = time.perf_counter()
+            f()
+            ts.append(time.perf_counter() - t0)
+    meds = [statistics.median(ts) for ts in times]
+    return meds[0], (meds[1] if floor is not None else float("nan"))
 
 
 def _row(name: str, value: float, unit: str, floor: float | None, floor_name: str | None,
@@ -52,40 +63,54 @@ def _tensor_rows(n: int, reps: int) -> list[dict[str, Any]]:
     # Dense random floats: auto must notice that lz4 does not pay and send the array as it is.
     m = msg(dense)
     frame = join(auto.encode(m))
-    floor = _median_s(lambda: np.frombuffer(dense.tobytes(), np.float32), reps)
-    enc = _median_s(lambda: auto.encode(m), reps)
-    dec = _median_s(lambda: auto.decode(frame), reps)
-    rows.append(_row(f"dense {mb:.0f} MB auto: encode+decode", (enc + dec) * 1e3, "ms", floor * 1e3,
-                     "tobytes+frombuffer", encode_ms=enc * 1e3, decode_ms=dec * 1e3,
-                     target="<= 1.25x floor", ratio=len(frame) and dense.nbytes / len(frame)))
-    full = _median_s(lambda: auto.decode(join(auto.encode(m))), reps)
-    rows.append(_row(f"dense {mb:.0f} MB auto: encode+join+decode", full * 1e3, "ms", floor * 1e3,
-                     "tobytes+frombuffer"))
+
+    def bare_copy() -> None:
+        np.frombuffer(dense.tobytes(), np.float32)
+
+    def enc_dec() -> None:
+        auto.encode(m)
+        auto.decode(frame)
+
+    ours, floor = _paired(enc_dec, bare_copy, reps)
+    rows.append(_row(f"dense {mb:.0f} MB auto: encode+decode", ours * 1e3, "ms", floor * 1e3,
+                     "tobytes+frombuffer", target="<= 1.25x floor",
+                     ratio=dense.nbytes / len(frame)))
+    ours, floor = _paired(lambda: auto.decode(join(auto.encode(m))), bare_copy, reps)
+    rows.append(_row(f"dense {mb:.0f} MB auto: encode+join+decode", ours * 1e3, "ms",
+                     floor * 1e3, "tobytes+frombuffer"))
+
+    # A gossip-sized dense message (W4: 100k float32): what auto's sampling costs per message.
+    mid = dense[:100_000].copy()
+    m = msg(mid)
+    ours, floor = _paired(lambda: auto.roundtrip(m),
+                          lambda: np.frombuffer(mid.tobytes(), np.float32), reps * 20)
+    rows.append(_row("dense 0.4 MB auto: roundtrip (encode+join+decode)", ours * 1e6, "us",
+                     floor * 1e6, "tobytes+frombuffer"))
 
     # 90% zeros: auto compresses with plain lz4; the floor is lz4 alone on the same bytes.
     m = msg(sparse)
     raw = sparse.view(np.uint8).data
     size = len(join(auto.encode(m)))
-
-    def bare_lz4() -> None:
-        lz4.block.decompress(lz4.block.compress(raw, store_size=False),
-                             uncompressed_size=sparse.nbytes)
-
-    floor = _median_s(bare_lz4, reps)
-    full = _median_s(lambda: auto.decode(join(auto.encode(m))), reps)
-    rows.append(_row(f"90%-zero {mb:.0f} MB auto: encode+join+decode", mb / full, "MB/s",
+    ours, floor = _paired(
+        lambda: auto.decode(join(auto.encode(m))),
+        lambda: lz4.block.decompress(lz4.block.compress(raw, store_size=False),
+                                     uncompressed_size=sparse.nbytes),
+        reps)
+    rows.append(_row(f"90%-zero {mb:.0f} MB auto: encode+join+decode", mb / ours, "MB/s",
                      mb / floor, "lz4.block compress+decompress", higher_is_better=True,
                      ratio=sparse.nbytes / size, target="ratio >= 5x, >= 70% of floor speed"))
 
     # fp16-exact float32 with shuffle+lz4: the byte planes of the low mantissa are all zero.
     m = msg(fp16)
-    raw = fp16.view(np.uint8).data
+    raw16 = fp16.view(np.uint8).data
     size = len(join(shuf.encode(m)))
-    floor = _median_s(lambda: lz4.block.decompress(lz4.block.compress(raw, store_size=False),
-                                                   uncompressed_size=fp16.nbytes), reps)
-    full = _median_s(lambda: shuf.decode(join(shuf.encode(m))), reps)
-    plain = fp16.nbytes / len(lz4.block.compress(raw, store_size=False))
-    rows.append(_row(f"fp16-exact {mb:.0f} MB shuffle+lz4: encode+join+decode", mb / full,
+    ours, floor = _paired(
+        lambda: shuf.decode(join(shuf.encode(m))),
+        lambda: lz4.block.decompress(lz4.block.compress(raw16, store_size=False),
+                                     uncompressed_size=fp16.nbytes),
+        reps)
+    plain = fp16.nbytes / len(lz4.block.compress(raw16, store_size=False))
+    rows.append(_row(f"fp16-exact {mb:.0f} MB shuffle+lz4: encode+join+decode", mb / ours,
                      "MB/s", mb / floor, "lz4.block compress+decompress (unshuffled)",
                      higher_is_better=True, ratio=fp16.nbytes / size, ratio_plain_lz4=plain,
                      target="ratio >= 1.5x"))
@@ -99,23 +124,24 @@ def _small_rows(reps: int) -> list[dict[str, Any]]:
     plain = [0, 1, "ping", 1.5, 7, body]
     n = 20000
 
-    def per_call(fn: Callable[[], Any]) -> float:
+    def looped(fn: Callable[[], Any]) -> Callable[[], None]:
         def loop() -> None:
             for _ in range(n):
                 fn()
-        return _median_s(loop, reps) / n * 1e6
+        return loop
 
-    ours = per_call(lambda: codec.roundtrip(m))
-    floor = per_call(lambda: msgpack.unpackb(msgpack.packb(plain)))
-    rows = [_row("small message roundtrip", ours, "us", floor, "msgpack packb+unpackb")]
-    est = per_call(lambda: body_nbytes(body))
-    rows.append(_row("body_nbytes, 4-entry body", est, "us", None, None))
+    ours, floor = _paired(looped(lambda: codec.roundtrip(m)),
+                          looped(lambda: msgpack.unpackb(msgpack.packb(plain))), reps)
+    rows = [_row("small message roundtrip", ours / n * 1e6, "us", floor / n * 1e6,
+                 "msgpack packb+unpackb")]
+    est = _median_s(looped(lambda: body_nbytes(body)), reps)
+    rows.append(_row("body_nbytes, 4-entry body", est / n * 1e6, "us", None, None))
     return rows
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
     """Rows of medians: the codec against bare tobytes/lz4/msgpack on the same data."""
-    reps = 5 if quick else 7
+    reps = 5 if quick else 9
     return _tensor_rows(2_500_000 if quick else 10_000_000, reps) + _small_rows(reps)
 
 

@@ -43,13 +43,17 @@ def load(name: str, **overrides: Any) -> dict[str, Any]:
 
 
 def fedloom_rounds_s(cfg: dict[str, Any]) -> tuple[float, dict[str, Any]]:
+    """(rounds-only wall seconds, result); the result's "cpu_s" is this process's CPU time
+    over the whole run (build included: small once torch is imported)."""
     learners._make.cache_clear()  # fresh data and model, as a new process would have
+    cpu = time.process_time()
     res = runner.execute(cfg, quiet=True).result
+    res["cpu_s"] = time.process_time() - cpu
     return float(res["rounds_s"]), res
 
 
-def bare_torch(cfg: dict[str, Any]) -> tuple[float, float]:
-    """(seconds, final accuracy) of FedAvg written directly in torch for `cfg`'s workload."""
+def bare_torch(cfg: dict[str, Any]) -> tuple[float, float, float]:
+    """(wall s, CPU s, final accuracy) of FedAvg written directly in torch for `cfg`."""
     import torch
     from torch import nn
     from torch.nn.functional import cross_entropy
@@ -57,7 +61,7 @@ def bare_torch(cfg: dict[str, Any]) -> tuple[float, float]:
     wl, seed, rounds = cfg["workload"], cfg["run"]["seed"], cfg["run"]["rounds"]
     n_clients, per_round = wl["clients"], cfg["protocol"].get("clients_per_round")
     torch.set_num_threads(wl.get("torch_threads", 1))
-    t0 = time.perf_counter()
+    t0, cpu = time.perf_counter(), time.process_time()
     centres = np.random.default_rng(7).standard_normal((10, 784)) * 0.2
     data: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
 
@@ -95,15 +99,15 @@ def bare_torch(cfg: dict[str, Any]) -> tuple[float, float]:
         net.load_state_dict(global_state)
         with torch.no_grad():
             acc = float((net(test_x).argmax(1) == test_y).double().mean())
-    return time.perf_counter() - t0, acc
+    return time.perf_counter() - t0, time.process_time() - cpu, acc
 
 
-def direct(cfg: dict[str, Any]) -> float:
-    """Seconds of the same rounds as plain calls into protocols.learners and aggregators:
+def direct(cfg: dict[str, Any]) -> tuple[float, float]:
+    """(wall s, CPU s) of the same rounds as plain calls into protocols.learners and aggregators:
     no kernel, no messages. fedloom minus this is what the kernel and messaging cost."""
     learners._make.cache_clear()
     seed, rounds = cfg["run"]["seed"], cfg["run"]["rounds"]
-    t0 = time.perf_counter()
+    t0, cpu = time.perf_counter(), time.process_time()
     learner = learners.make(cfg["workload"])
     model, rng = learner.init(), np.random.default_rng([seed, 0])
     for r in range(1, rounds + 1):
@@ -113,24 +117,28 @@ def direct(cfg: dict[str, Any]) -> float:
             (learner.samples(n - 1), learner.train(model, n - 1, common.derive_rng(seed, n, r)))
             for n in nodes])
         learner.evaluate(model)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, time.process_time() - cpu
 
 
 def compare(name: str, repeats: int) -> dict[str, Any]:
+    """Medians of wall and CPU seconds: fedloom, bare torch, direct calls (alternating)."""
     cfg = load(name)
     fedloom_rounds_s(load(name, **{"run.rounds": 1}))  # warm: imports, first torch calls
     bare_torch(load(name, **{"run.rounds": 1}))
-    ours, bare, plain, accs = [], [], [], []
+    runs: dict[str, list[tuple[float, float]]] = {"fedloom": [], "bare": [], "direct": []}
+    accs = (0.0, 0.0)
     for _ in range(repeats):
         s, res = fedloom_rounds_s(cfg)
-        ours.append(s)
-        b, acc = bare_torch(cfg)
-        bare.append(b)
-        plain.append(direct(cfg))
-        accs.append((res["test_accuracy"], acc))
-    o, b, d = statistics.median(ours), statistics.median(bare), statistics.median(plain)
-    return {"workload": name, "fedloom_s": o, "bare_torch_s": b, "direct_s": d,
-            "ratio": o / b, "accuracy": accs[-1], "runs": repeats}
+        runs["fedloom"].append((s, res["cpu_s"]))
+        b, b_cpu, acc = bare_torch(cfg)
+        runs["bare"].append((b, b_cpu))
+        runs["direct"].append(direct(cfg))
+        accs = (res["test_accuracy"], acc)
+    out: dict[str, Any] = {"workload": name, "accuracy": accs, "runs": repeats}
+    for who, rs in runs.items():
+        out[f"{who}_s"] = statistics.median(r[0] for r in rs)
+        out[f"{who}_cpu_s"] = statistics.median(r[1] for r in rs)
+    return out
 
 
 def w5_child(clients: int) -> dict[str, Any]:
@@ -161,13 +169,13 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
     for name in ("w1",) if quick else ("w1", "w2"):
         c = compare(name, repeats)
-        rows.append({"name": f"{name} rounds-only (inproc)", "value": c["fedloom_s"],
-                     "unit": "s", "floor": c["bare_torch_s"],
-                     "floor_name": "bare torch FedAvg loop", "ratio": c["ratio"],
-                     "accuracy_fedloom_bare": c["accuracy"], "runs": repeats})
-        rows.append({"name": f"{name} rounds-only (inproc)", "value": c["fedloom_s"],
-                     "unit": "s", "floor": c["direct_s"],
-                     "floor_name": "direct learner+aggregator calls", "runs": repeats})
+        for floor, floor_name in (("bare", "bare torch FedAvg loop"),
+                                  ("direct", "direct learner+aggregator calls")):
+            for kind, unit in (("", "s"), ("_cpu", "cpu s")):
+                rows.append({"name": f"{name} rounds-only (inproc)", "value": c[f"fedloom{kind}_s"],
+                             "unit": unit, "floor": c[f"{floor}{kind}_s"],
+                             "floor_name": floor_name, "runs": repeats,
+                             "accuracy_fedloom_bare": c["accuracy"]})
     sizes = w5((1000, 10_000), repeats)
     small, big = sizes[1000], sizes[10_000]
     rows.append({"name": "w5 s/round at 10k clients", "value": big["s_per_round"], "unit": "s",
@@ -189,7 +197,7 @@ def main() -> None:
         return
     for row in run(quick=args.quick):
         ratio = row["value"] / row["floor"]
-        print(f"{row['name']:<28} {row['value']:9.4f} {row['unit']:<3} vs "
+        print(f"{row['name']:<28} {row['value']:9.4f} {row['unit']:<5} vs "
               f"{row['floor_name']:<32} {row['floor']:9.4f}  ratio {ratio:.3f}  "
               f"(median of {row['runs']})")
 

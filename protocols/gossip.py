@@ -10,7 +10,10 @@ Entries (registry group "protocols"):
   stalls the round and the run ends idle. mode = "async": push-pull on timers: every `period`
   (jittered) a node sends x_i to a random neighbour j, which moves half the difference
   d = (x_i - x_j)/2 into x_j and replies d, which the initiator subtracts; as only d travels
-  back, the sum is preserved even when exchanges overlap (not when a reply is lost).
+  back, the sum is preserved even when exchanges overlap, and messages are duplicated or
+  overtaken (each exchange is applied once on each side), but not when a reply is lost. A
+  node waiting for a reply answers "busy" to pushes from higher ids (two nodes pushing to
+  each other at once would otherwise swap values).
 - `pushsum` (`build_pushsum`): push-sum on a directed graph, tolerant of delay, reordering,
   duplication and loss. Each node keeps (s, w), starting at (x_i in float64, 1); every
   `period` it keeps a share 1/(outdeg+1) and pushes one share to each out-neighbour; its
@@ -382,15 +385,20 @@ class AsyncGossip(_Ticking):
             if body["xid"] <= self.seen.get(msg.src, 0):
                 return
             self.seen[msg.src] = body["xid"]
+            if self.waiting and msg.src > self.id:
+                # Two nodes pushing to each other at once would swap values: the lower id wins.
+                ctx.send(msg.src, "busy", xid=body["xid"])
+                return
             # New arrays, never in place: a sent x may still be read by its receiver.
             d = (body["x"] - self.x) * np.float32(0.5)
             self.x = self.x + d
             ctx.send(msg.src, "pull", d=d, xid=body["xid"])
-        elif msg.kind == "pull":
+        elif msg.kind in ("pull", "busy"):
             if body["xid"] not in self.open:
                 return
             self.open.discard(body["xid"])
-            self.x = self.x - body["d"]
+            if msg.kind == "pull":
+                self.x = self.x - body["d"]
             if body["xid"] == self.xid:
                 self.waiting = False
                 ctx.cancel_timer("timeout")

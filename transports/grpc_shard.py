@@ -18,7 +18,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from concurrent import futures
 from typing import Any
 
@@ -63,6 +63,7 @@ class FrameQueue:
         self._closed = False
         self._drain = False
         self.failed: str | None = None
+        self.epoch = 0
 
     def put(self, frame: Frame, timeout: float) -> None:
         """Queue `frame`; RunError when the queue stays full for `timeout` s or has failed."""
@@ -85,9 +86,11 @@ class FrameQueue:
             self._bytes += n
             self._cond.notify_all()
 
-    def take(self, wait: float, linger: float, fill: int) -> list[Frame] | None:
+    def take(self, wait: float, linger: float, fill: int,
+             epoch: int | None = None) -> list[Frame] | None:
         """Everything queued, waiting up to `wait` s for a first frame and then up to `linger`
-        s for `fill` bytes; [] when nothing came, None once closed (and drained)."""
+        s for `fill` bytes; [] when nothing came, None once closed (and drained) or when
+        `epoch` is given and is no longer the queue's (its reader's stream was replaced)."""
         with self._cond:
             if not self._items and not self._closed:
                 self._cond.wait(wait)
@@ -100,18 +103,20 @@ class FrameQueue:
                     self._cond.wait(left)
             if self._closed and not (self._drain and self._items):
                 return None
+            if epoch is not None and epoch != self.epoch:
+                return None
             items = list(self._items)
             self._items.clear()
             self._bytes = 0
             self._cond.notify_all()
             return items
 
-    def unget(self, frames: Sequence[Frame]) -> None:
-        """Put frames a reader took back at the front (its stream broke before sending them)."""
+    def new_epoch(self) -> int:
+        """Retire the current reader (its `take` returns None from now on); the new epoch."""
         with self._cond:
-            self._items.extendleft(reversed(frames))
-            self._bytes += sum(f[2] for f in frames)
+            self.epoch += 1
             self._cond.notify_all()
+            return self.epoch
 
     def fail(self, text: str) -> None:
         """Make every later (and waiting) `put` raise RunError(text)."""
@@ -125,26 +130,27 @@ class FrameQueue:
             self._closed, self._drain = True, drain
             self._cond.notify_all()
 
-    def wake(self) -> None:
-        with self._cond:
-            self._cond.notify_all()
 
 
 class PeerLink:
     """The one long-lived stream from this shard to one peer shard, reconnected with
     exponential backoff up to `max_reconnects` times in a row."""
 
-    def __init__(self, shard: Shard, peer: int, address: str) -> None:
-        self.shard = shard
+    def __init__(self, index: int, peer: int, address: str, token: str,
+                 opts: Mapping[str, Any], until: float | None,
+                 on_error: Callable[[str], None]) -> None:
+        self.index = index
         self.peer = peer
         self.address = address
-        opts = shard.opts
+        self.token = token
+        self.opts = opts
+        self.until = until
+        self.on_error = on_error
         self.chunk = int(opts["chunk_bytes"])
         self.tick = float(opts["tick"])
         self.channel = grpc.insecure_channel(address, options=channel_options(self.chunk))
         self.queue = FrameQueue(int(opts["queue_bytes"]),
-                                f"grpc shard {shard.index}'s stream to shard {peer} ({address})")
-        self.generation = 0
+                                f"grpc shard {index}'s stream to shard {peer} ({address})")
         self.closing = False
         self.stats = {"frames_out": 0, "wire_bytes_out": 0, "reconnects": 0}
         self._sent = 0
@@ -160,15 +166,12 @@ class PeerLink:
                            f"{timeout} s (transport.connect_timeout)") from None
         self._thread.start()
 
-    def _requests(self, generation: int) -> Iterator[bytes]:
+    def _requests(self, epoch: int) -> Iterator[bytes]:
         queue, chunk, tick = self.queue, self.chunk, self.tick
         stats = self.stats
         while True:
-            frames = queue.take(0.25, tick, chunk)
+            frames = queue.take(0.25, tick, chunk, epoch)
             if frames is None:
-                return
-            if generation != self.generation:
-                queue.unget(frames or ())
                 return
             for data in pack(frames, chunk):
                 stats["frames_out"] += 1
@@ -177,29 +180,31 @@ class PeerLink:
                 yield data
 
     def _run(self) -> None:
-        opts = self.shard.opts
-        md = call_metadata(self.shard.token, f"shard {self.shard.index}")
-        timeout = stream_deadline(self.shard.until, opts["call_timeout"])
+        opts = self.opts
+        md = call_metadata(self.token, f"shard {self.index}")
+        timeout = stream_deadline(self.until, opts["call_timeout"])
         stream = self.channel.stream_unary(DELIVER)
         failures = 0
+        epoch = self.queue.epoch
         while not self.closing:
-            generation = self.generation
             self._sent = 0
             try:
-                stream(self._requests(generation), metadata=md, timeout=timeout)
+                stream(self._requests(epoch), metadata=md, timeout=timeout)
                 return
             except grpc.RpcError as exc:
                 if self.closing:
                     return
-                self.generation += 1
-                self.queue.wake()
+                # The old stream's reader may still be waiting in take(): retire it, so frames
+                # queued from now on go out, in order, on the next stream only.
+                epoch = self.queue.new_epoch()
                 code = exc.code() if hasattr(exc, "code") else None
                 failures = 1 if self._sent else failures + 1
-                text = (f"grpc shard {self.shard.index}: stream to shard {self.peer} at "
+                text = (f"grpc shard {self.index}: stream to shard {self.peer} at "
                         f"{self.address} failed: {code.name if code else exc}")
                 if code == grpc.StatusCode.UNAUTHENTICATED or failures > opts["max_reconnects"]:
-                    self.queue.fail(f"{text} (gave up after {failures - 1} reconnects)")
-                    self.shard.report_error(f"{text} (gave up after {failures - 1} reconnects)")
+                    text += f" (gave up after {failures - 1} reconnects in a row)"
+                    self.queue.fail(text)
+                    self.on_error(text)
                     return
                 delay = min(0.05 * 2 ** (failures - 1), 2.0)
                 log.warning("%s; reconnecting in %.2f s (attempt %d of %d; frames in flight may "
@@ -261,7 +266,8 @@ class Shard:
                 "Events": grpc.unary_stream_rpc_method_handler(self._events),
                 "Control": grpc.unary_unary_rpc_method_handler(self._control),
             })])
-        port = server.add_insecure_port(f"{self.opts['host']}:0")
+        host = self.opts["host"]
+        port = server.add_insecure_port(f"[{host}]:0" if ":" in host else f"{host}:0")
         if not port:
             raise RunError(f"could not bind a port on {self.opts['host']!r} (transport.host)")
         server.start()
@@ -359,7 +365,8 @@ class Shard:
         for key, address in sorted(peers.items(), key=lambda kv: int(kv[0])):
             k = int(key)
             if k != self.index and k not in self.links:
-                self.links[k] = PeerLink(self, k, address)
+                self.links[k] = PeerLink(self.index, k, address, self.token, self.opts,
+                                         self.until, self.report_error)
         deadline = time.monotonic() + float(self.opts["connect_timeout"])
         for link in self.links.values():
             link.connect(max(deadline - time.monotonic(), 0.01))

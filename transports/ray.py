@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import socket
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -43,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
 }
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 # How long a shard holds the driver's poll when it has nothing to say.
-POLL_S = 0.5
+POLL_S = 1.0
 
 
 def check_options(given: Mapping[str, Any]) -> dict[str, Any]:
@@ -91,6 +92,7 @@ class RayTransport(Transport):
                               "include_dashboard": o["dashboard"]}
         if o["address"]:
             kw["address"] = o["address"]
+            self._probe(o["address"])
         else:
             kw["num_cpus"] = o["num_cpus"] or os.cpu_count() or 1
         try:
@@ -105,6 +107,21 @@ class RayTransport(Transport):
             raise RunError(f"ray transport could not {where}: {type(exc).__name__}: {exc}. "
                            f"Remedy: {remedy}") from exc
         self._started_ray = True
+
+    def _probe(self, address: str) -> None:
+        # ray.init retries an unreachable GCS for minutes; a plain TCP connect says it at once.
+        host, sep, port = address.rpartition(":")
+        if not sep or not port.isdigit() or "://" in address:
+            return  # "auto", "ray://...": let Ray resolve it
+        timeout = self.opts["call_timeout"]
+        try:
+            socket.create_connection((host, int(port)), timeout=timeout).close()
+        except OSError as exc:
+            raise RunError(
+                f"ray transport could not reach the Ray cluster at transport.address = "
+                f"{address!r}: {exc}. Remedy: start a head there (`ray start --head --port "
+                f"{port}`), fix the address, or leave transport.address empty for a local Ray"
+            ) from None
 
     def _layout(self) -> tuple[int, float, float]:
         o = self.opts
@@ -260,6 +277,9 @@ class RayTransport(Transport):
                 s = polls.pop(ref)
                 try:
                     head_frame, result_frame = ray.get(ref, timeout=o["call_timeout"])
+                except GetTimeoutError:
+                    raise RunError(f"{self._name(s)} did not return the driver's poll within "
+                                   f"call_timeout = {o['call_timeout']:g} s") from None
                 except RayActorError as exc:
                     if restarts[s] >= o["max_restarts"]:
                         raise RunError(f"{self._name(s)} died: {_short(exc)}") from exc
@@ -268,6 +288,9 @@ class RayTransport(Transport):
                     polls[self.actors[s].poll.remote(POLL_S)] = s
                     sent[s] = time.monotonic()
                     continue
+                except RayError as exc:
+                    raise RunError(f"{self._name(s)} failed to answer the driver's poll: "
+                                   f"{_short(exc)}") from exc
                 head = codec.decode_body(head_frame)
                 for row in head["rows"]:
                     job.on_metric(row)

@@ -42,6 +42,14 @@ def encode_plain(codec: Codec, obj: Mapping[str, Any]) -> bytes:
     return bytes(join(codec.encode_body(dict(obj))))
 
 
+def _encodable(codec: Codec, row: Mapping[str, Any]) -> bool:
+    try:
+        codec.encode_body(dict(row))
+        return True
+    except Exception:
+        return False
+
+
 class ShardOutbox:
     """Batches this shard's outgoing frames per destination shard until the next flush."""
 
@@ -207,7 +215,14 @@ class ShardCore:
             result = self.result_frame if state == "finished" else None
         head = {"state": state, "error": error, "rows": rows,
                 "finished_by": self.host.finished_by}
-        return [encode_plain(self.codec, head), result]
+        try:
+            return [encode_plain(self.codec, head), result]
+        except Exception as exc:
+            bad = next((r for r in rows if not _encodable(self.codec, r)), None)
+            why = f"metric row {bad!r} cannot be encoded" if bad is not None else "poll failed"
+            self.interrupt(f"{why}: {type(exc).__name__}: {exc}")
+            head = {"state": ERROR, "error": self.error, "rows": [], "finished_by": None}
+            return [encode_plain(self.codec, head), None]
 
     # -- lifecycle --------------------------------------------------------------------------
     def ready(self) -> list[Any]:

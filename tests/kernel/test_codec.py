@@ -3,6 +3,7 @@ CodecError within the declared limits, compression keeps only what pays, and con
 
 from __future__ import annotations
 
+import enum
 import math
 import struct
 import subprocess
@@ -176,7 +177,15 @@ def test_torch_tensors_come_back_as_torch_every_dtype(policy: str, dtype: torch.
 
 def test_containers_and_scalars_keep_their_types() -> None:
     Point = namedtuple("Point", "x y")
-    body = {"t": (1, (2,), ()), "nt": Point(1, 2), "od": OrderedDict(a=1), "f64": np.float64(1.5),
+
+    class Colour(str, enum.Enum):  # noqa: UP042 - the old mixin, whose str() is "Colour.RED"
+        RED = "red"
+
+    class Number(enum.IntEnum):
+        ONE = 1
+
+    body = {"enum": Colour.RED, "int_enum": Number.ONE,
+            "t": (1, (2,), ()), "nt": Point(1, 2), "od": OrderedDict(a=1), "f64": np.float64(1.5),
             "i8": np.int8(-3), "b": np.bool_(True), "ba": bytearray(b"ab"), "mv": memoryview(b"cd"),
             "keys": {1: "int", (1, "a"): "tuple", "s": "str"}, "big": 2**64 - 1, "neg": -(2**63)}
     out = Codec().decode_body(join(Codec().encode_body(body)))
@@ -187,6 +196,8 @@ def test_containers_and_scalars_keep_their_types() -> None:
     assert type(out["b"]) is np.bool_ and out["b"]
     assert out["ba"] == b"ab" and out["mv"] == b"cd" and type(out["ba"]) is bytes
     assert out["keys"] == body["keys"] and out["big"] == 2**64 - 1 and out["neg"] == -(2**63)
+    assert type(out["enum"]) is str and out["enum"] == "red"
+    assert type(out["int_enum"]) is int and out["int_enum"] == 1
 
 
 def test_payloads_are_zero_copy_both_ways() -> None:

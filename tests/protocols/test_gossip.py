@@ -14,12 +14,17 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kernel.api import Deployment, Network
+from kernel.codec import Codec
 from kernel.config import ConfigError
 from kernel.host import Host
 from protocols import common, gossip, learners, topology
-from transports.netmodel import NetworkModel
+from transports.base import Job
+from transports.inproc import InprocTransport
 
 ROOT = Path(__file__).resolve().parents[2]
+
+# Every message passes through the wire format, as on inproc's strict mode.
+STRICT = Codec.from_config({})
 
 
 class Scripted:
@@ -56,16 +61,24 @@ delays = st.lists(st.floats(0.0, 5.0, allow_nan=False), min_size=1, max_size=30)
 
 
 def run_host(dep: Deployment, seed: int = 0, network: Network | None = None,
-             drain: bool = False) -> tuple[Host, list[dict[str, Any]]]:
+             until: float | None = None) -> tuple[Host, list[dict[str, Any]]]:
     rows: list[dict[str, Any]] = []
-    host = Host(dep, dep.node_ids, seed=seed, network=network, on_metric=rows.append)
+    host = Host(dep, dep.node_ids, seed=seed, network=network, on_metric=rows.append,
+                strict=STRICT)
     host.start()
-    reason = host.run(max_events=1_000_000)
-    assert reason in ("finished", "idle"), f"run stopped: {reason}"
-    while drain and reason != "idle":
-        # After the finish, one event per call: deliver what is still in flight.
-        reason = host.run(max_events=1_000_000)
+    reason = host.run(until=until, max_events=1_000_000)
+    assert reason in ("finished", "idle", "until"), f"run stopped: {reason}"
     return host, rows
+
+
+def run_inproc(cfg: Mapping[str, Any], dep: Deployment) -> tuple[
+        Mapping[str, Any], list[dict[str, Any]]]:
+    """One run on inproc in strict mode; the result and the metric rows."""
+    rows: list[dict[str, Any]] = []
+    out = InprocTransport({"strict": True}).run(
+        Job(cfg, dep, cfg["run"]["seed"], max_events=10**6, on_metric=rows.append))
+    assert out.reason == "finished" and out.result is not None, out.reason
+    return out.result, rows
 
 
 def config(n: int, dim: int, rounds: int, section: Mapping[str, Any] | None = None,
@@ -80,7 +93,9 @@ def start_values(n: int, dim: int) -> np.ndarray:
 
 
 def finals(host: Host) -> np.ndarray:
-    return np.stack([np.asarray(host.nodes[i].x, np.float64) for i in sorted(host.nodes)])
+    """Every node's current vector, by id, as float64."""
+    return np.stack([np.asarray(getattr(host.nodes[i], "x"), np.float64)  # noqa: B009
+                     for i in sorted(host.nodes)])
 
 
 @st.composite
@@ -108,7 +123,7 @@ def test_sync_gossip_ends_at_w_to_the_r_times_x0() -> None:
     np.testing.assert_allclose(got, want, atol=1e-5)
     res = host.result
     assert res is not None and res["rounds"] == rounds and res["reports"] == n
-    np.testing.assert_array_equal(res["model"]["x"], host.nodes[0].x)
+    np.testing.assert_array_equal(res["model"]["x"], finals(host)[0])
     assert res["model"]["x"].dtype == np.float32
     dev = np.abs(got - got.mean(axis=0)).max()
     assert res["max_abs_dev"] == pytest.approx(dev, abs=1e-6)
@@ -139,7 +154,7 @@ def test_sync_gossip_result_does_not_depend_on_arrival_order(
     dep = gossip.build(config(n, 16, rounds, section))
     calm, _ = run_host(dep)
     shaken, _ = run_host(dep, network=Scripted(ds, duplicate=dup, seed=seed))
-    assert shaken.result is not None
+    assert shaken.result is not None and calm.result is not None
     assert finals(shaken).tobytes() == finals(calm).tobytes()
     assert shaken.result["model"]["x"].tobytes() == calm.result["model"]["x"].tobytes()
 
@@ -156,6 +171,10 @@ def test_w4_workload_matches_numpy() -> None:
     assert host.result is not None
     assert host.result["max_abs_dev"] == pytest.approx(
         np.abs(want - want.mean(axis=0)).max(), abs=1e-5)
+    # Without the codec (arrays shared, buffers reused) the bytes are the same.
+    plain = InprocTransport({"strict": False}).run(Job(cfg, gossip.build(cfg), 0))
+    assert plain.result is not None
+    assert plain.result["model"]["x"].tobytes() == host.result["model"]["x"].tobytes()
 
 
 def test_sync_gossip_under_loss_stalls_and_ends_idle() -> None:
@@ -172,13 +191,13 @@ def test_async_gossip_keeps_the_sum_and_contracts(graph: tuple[int, dict[str, An
                                                   seed: int) -> None:
     n, section = graph
     g, _ = topology.from_config(section, n)
-    dep = gossip.build(config(n, 8, 30, section, mode="async", period=1.0, drain=20.0))
+    # Reports come 1e6 s after the last tick: stopping at 1e5, every exchange is over.
+    dep = gossip.build(config(n, 8, 30, section, mode="async", period=1.0, drain=1e6))
     host, rows = run_host(dep, seed=seed, network=Scripted(ds, duplicate=dup, seed=seed),
-                          drain=True)
+                          until=1e5)
     x0 = start_values(n, 8)
     got = finals(host)
     np.testing.assert_allclose(got.sum(axis=0), x0.sum(axis=0), atol=1e-4)
-    assert host.result is not None and host.result["rounds"] == 30
     assert [r["value"] for r in rows if r["name"] == "round"] == list(range(1, 31))
     if g.is_connected() and n > 1:
         spread0 = np.abs(x0 - x0.mean(axis=0)).max()
@@ -187,10 +206,11 @@ def test_async_gossip_keeps_the_sum_and_contracts(graph: tuple[int, dict[str, An
 
 def test_async_gossip_reaches_consensus_on_a_ring() -> None:
     dep = gossip.build(config(8, 4, 200, mode="async", period=1.0))
-    host, _ = run_host(dep, network=Scripted([0.05, 0.2, 0.1]), drain=True)
-    got = finals(host)
-    np.testing.assert_allclose(got, np.broadcast_to(start_values(8, 4).mean(axis=0), got.shape),
-                               atol=1e-4)
+    host, _ = run_host(dep, network=Scripted([0.05, 0.2, 0.1]))
+    res = host.result
+    assert res is not None and res["rounds"] == 200 and res["reports"] == 8
+    assert res["max_abs_dev"] < 1e-4
+    np.testing.assert_allclose(res["model"]["x"], start_values(8, 4).mean(axis=0), atol=1e-4)
 
 
 # -- determinism -----------------------------------------------------------------------------
@@ -203,11 +223,8 @@ def test_same_seed_same_model_bytes(protocol: dict[str, Any]) -> None:
     cfg["network"] = {"latency": {"kind": "uniform", "low": 0.01, "high": 0.5}, "duplicate": 0.1}
 
     def once() -> tuple[bytes, list[dict[str, Any]]]:
-        dep = gossip.build(cfg)
-        net = NetworkModel.from_config(cfg["network"], 5, dep.node_ids)
-        host, rows = run_host(dep, seed=5, network=net)
-        assert host.result is not None
-        return host.result["model"]["x"].tobytes(), rows
+        res, rows = run_inproc(cfg, gossip.build(cfg))
+        return res["model"]["x"].tobytes(), rows
 
     assert once() == once()
 
@@ -250,11 +267,8 @@ def test_dsgd_is_deterministic_with_stragglers() -> None:
                                                     "low": 1.0, "high": 5.0}}}
 
     def once() -> tuple[bytes, list[dict[str, Any]]]:
-        dep = gossip.build_dsgd(cfg)
-        net = NetworkModel.from_config(cfg["network"], 2, dep.node_ids)
-        host, rows = run_host(dep, seed=2, network=net)
-        assert host.result is not None
-        return common.digest(host.result["model"]).encode(), rows
+        res, rows = run_inproc(cfg, gossip.build_dsgd(cfg))
+        return common.digest(res["model"]).encode(), rows
 
     first = once()
     assert first == once()

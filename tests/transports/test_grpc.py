@@ -6,7 +6,9 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 from collections.abc import Iterator, Mapping
+from concurrent import futures
 from pathlib import Path
 from typing import Any
 
@@ -38,7 +40,7 @@ from transports.grpc import (
     pack,
     validate_options,
 )
-from transports.grpc_shard import FrameQueue
+from transports.grpc_shard import FrameQueue, PeerLink
 from transports.inproc import InprocTransport
 
 pytestmark = pytest.mark.grpc
@@ -373,6 +375,86 @@ def test_a_shard_that_cannot_build_is_reported_with_its_error() -> None:
             transport.run(job)
     finally:
         transport.close()
+
+
+class FlakyPeer:
+    """A real gRPC server on loopback speaking the Deliver protocol, which drops (UNAVAILABLE)
+    the first `drop` calls, each after reading `after` messages."""
+
+    def __init__(self, drop: int, after: int) -> None:
+        self.drop, self.after = drop, after
+        self.calls = 0
+        self.frames: list[bytes] = []
+        self.changed = threading.Condition()
+        self.server = grpc.server(futures.ThreadPoolExecutor(4))
+        self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
+            DELIVER.split("/")[1], {"Deliver": grpc.stream_unary_rpc_method_handler(self._take)})])
+        self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
+        self.server.start()
+
+    def _take(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+        with self.changed:
+            self.calls += 1
+            call = self.calls
+            self.changed.notify_all()
+        if call <= self.drop and self.after == 0:
+            context.abort(grpc.StatusCode.UNAVAILABLE, "dropped by the test")
+        reasm = Reassembler()
+        for i, data in enumerate(requests):
+            if call <= self.drop and i == self.after:
+                context.abort(grpc.StatusCode.UNAVAILABLE, "dropped by the test")
+            with self.changed:
+                self.frames += [bytes(buf) for _, buf in reasm.feed(data)]
+                self.changed.notify_all()
+        return b""
+
+    def wait(self, what: Any, text: str) -> None:
+        with self.changed:
+            assert self.changed.wait_for(what, timeout=WAIT_S), text
+
+
+def test_a_dropped_stream_reconnects_and_keeps_frame_order() -> None:
+    peer = FlakyPeer(drop=1, after=1)
+    errors: list[str] = []
+    link = PeerLink(0, 1, peer.address, "tok", validate_options({}), None, errors.append)
+    try:
+        link.connect(WAIT_S)
+        link.queue.put(([1], [b"first"], 5), timeout=WAIT_S)
+        peer.wait(lambda: peer.frames == [b"first"], "the first frame did not arrive")
+        link.queue.put(([1], [b"dropper"], 7), timeout=WAIT_S)  # the server drops this call
+        peer.wait(lambda: peer.calls == 2, "the link did not reconnect")
+        for word in (b"a", b"b", b"c"):
+            link.queue.put(([1], [word], 1), timeout=WAIT_S)
+        peer.wait(lambda: peer.frames[-1:] == [b"c"], "frames after the reconnect did not arrive")
+    finally:
+        link.close(WAIT_S)
+        peer.server.stop(None)
+    assert peer.frames in ([b"first", b"a", b"b", b"c"], [b"first", b"dropper", b"a", b"b", b"c"])
+    assert link.stats["reconnects"] == 1 and not errors
+
+
+def test_a_stream_that_keeps_failing_gives_up_after_max_reconnects() -> None:
+    peer = FlakyPeer(drop=1000, after=0)
+    failed = threading.Event()
+    errors: list[str] = []
+
+    def on_error(text: str) -> None:
+        errors.append(text)
+        failed.set()
+
+    link = PeerLink(0, 1, peer.address, "tok", validate_options({"max_reconnects": 2}), None,
+                    on_error)
+    try:
+        link.connect(WAIT_S)
+        assert failed.wait(WAIT_S), "the link never gave up"
+        gave_up = r"stream to shard 1 at .*UNAVAILABLE \(gave up after 2 reconnects"
+        with pytest.raises(RunError, match=gave_up):
+            link.queue.put(([1], [b"x"], 1), timeout=WAIT_S)
+    finally:
+        link.close(WAIT_S)
+        peer.server.stop(None)
+    assert peer.calls == 3 and link.stats["reconnects"] == 2
+    assert "UNAVAILABLE" in errors[0]
 
 
 def test_full_queue_blocks_then_times_out_naming_the_stream() -> None:

@@ -56,8 +56,13 @@ def _run(transport: Any, config: Mapping[str, Any], rows: list[dict[str, Any]] |
         transport.close()
 
 
+WALL_FIELDS = frozenset({"t", "wall", "wall_s", "round_s", "dt_s"})
+
+
 def _rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    return [{k: v for k, v in r.items() if k != "t"} for r in rows if r["name"] == "round"]
+    """The "round" rows without their wall-clock fields."""
+    return [{k: v for k, v in r.items() if k not in WALL_FIELDS}
+            for r in rows if r["name"] == "round"]
 
 
 # -- options ---------------------------------------------------------------------------------
@@ -212,14 +217,14 @@ def test_unplaceable_shards_fail_within_the_call_timeout(local_ray: None) -> Non
 
 # -- a real two-node cluster (last: it replaces the module's Ray) ----------------------------
 
-def test_two_node_cluster_spread_gives_the_inproc_model() -> None:
+def test_two_node_cluster_spreads_shards_and_reports_a_lost_node() -> None:
     from ray.cluster_utils import Cluster
 
     if ray.is_initialized():
         ray.shutdown()
     cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1})
     try:
-        cluster.add_node(num_cpus=1)
+        worker = cluster.add_node(num_cpus=1)
         cluster.wait_for_nodes()
         config = {"run": {"seed": 4, "rounds": 3},
                   "protocol": {"name": rp.SYNC, "nodes": 6, "dim": 30_000}}
@@ -231,7 +236,30 @@ def test_two_node_cluster_spread_gives_the_inproc_model() -> None:
         np.testing.assert_array_equal(got.result["model"]["x"], want.result["model"]["x"])
         assert len({s["node_id"] for s in got.shards}) == 2
         assert not ray.is_initialized()  # it joined the cluster, so it disconnected after
+
+        # Losing a machine kills the shard on it: the run fails naming that shard.
+        ticker = {"run": {"seed": 0, "rounds": 30},
+                  "protocol": {"name": rp.TICKER, "nodes": 6, "gap": 0.1}}
+
+        def lose_worker(row: dict[str, Any]) -> None:
+            if row["name"] == "round" and row["value"] == 1:
+                cluster.remove_node(worker)
+
+        tr = RayTransport({"address": cluster.address, "placement": "SPREAD",
+                           "call_timeout": 20.0})
+        with pytest.raises(RunError, match=r"ray shard [01] \(nodes [0-5,]+\) died"):
+            _run(tr, ticker, on_metric=lose_worker)
     finally:
         if ray.is_initialized():
             ray.shutdown()
         cluster.shutdown()
+
+
+def test_unreachable_cluster_address_fails_with_a_remedy() -> None:
+    if ray.is_initialized():
+        ray.shutdown()
+    config = {"run": {"seed": 0, "rounds": 1}, "protocol": {"name": rp.SYNC, "nodes": 2}}
+    tr = RayTransport({"address": "127.0.0.1:9", "call_timeout": 5.0})
+    with pytest.raises(RunError, match=r"could not reach .*'127.0.0.1:9'.*Remedy: start a head"):
+        _run(tr, config)
+    assert not ray.is_initialized()

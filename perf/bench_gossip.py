@@ -1,0 +1,148 @@
+"""W4 (gossip-64) on inproc beside the same 50 rounds as numpy array ops in one process.
+
+fedloom: `runner.execute(perf/workloads/w4.toml)` and its `rounds_s` (transport time: node
+start-up with the initial vectors, 50 rounds of messages and mixing, the final reports and the
+deviation), plus the same on inproc's strict mode (every message through the codec). Floor:
+numpy doing the same arithmetic on a 64 x 100,000 float32 matrix X: build X from the same
+seeded generators, then X <- W X fifty times (W the 64 x 64 mixing matrix, one float32 GEMM per
+round), then max |X - mean|; the faster of that and a preallocated five-slice stencil. Runs
+alternate, medians of `repeats`; the target is fedloom within 2x of the floor.
+
+    python -m perf.bench_gossip [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import tomllib
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from kernel import runner
+from protocols import gossip, topology
+
+W4 = Path(__file__).resolve().parent / "workloads" / "w4.toml"
+TARGET_RATIO = 2.0
+
+
+def load(**protocol: Any) -> dict[str, Any]:
+    """W4's config, with [protocol] overrides."""
+    cfg = tomllib.loads(W4.read_text())
+    cfg["protocol"].update(protocol)
+    return cfg
+
+
+def fedloom(cfg: dict[str, Any], strict: bool) -> tuple[float, float]:
+    """(rounds_s, max_abs_dev) of one run through the runner."""
+    cfg = dict(cfg, transport={"kind": "inproc", "strict": strict})
+    res = runner.execute(cfg, quiet=True).result
+    return float(res["rounds_s"]), float(res["extra"]["max_abs_dev"])
+
+
+def _start(n: int, dim: int) -> np.ndarray:
+    return np.stack([gossip.initial_vector(i, dim) for i in range(n)])
+
+
+def numpy_gemm(n: int, dim: int, rounds: int, degree: int) -> tuple[float, float]:
+    """(seconds, max_abs_dev) of X <- W X, `rounds` times, float32."""
+    t0 = time.perf_counter()
+    w = topology.mixing_matrix(topology.ring_lattice(n, degree)).astype(np.float32)
+    x = _start(n, dim)
+    for _ in range(rounds):
+        x = w @ x
+    dev = float(np.abs(x - x.mean(axis=0, dtype=np.float64)).max())
+    return time.perf_counter() - t0, dev
+
+
+def numpy_stencil(n: int, dim: int, rounds: int, degree: int) -> tuple[float, float]:
+    """(seconds, max_abs_dev) of the ring-lattice mean as shifted adds into two buffers."""
+    t0 = time.perf_counter()
+    x = _start(n, dim)
+    y = np.empty_like(x)
+    scale = np.float32(1.0 / (degree + 1))
+    for _ in range(rounds):
+        np.copyto(y, x)
+        for d in range(1, degree // 2 + 1):
+            # Row i gains rows i - d and i + d (mod n), as slices: no temporaries.
+            y[d:] += x[:-d]
+            y[:d] += x[-d:]
+            y[:-d] += x[d:]
+            y[-d:] += x[:d]
+        np.multiply(y, scale, out=y)
+        x, y = y, x
+    dev = float(np.abs(x - x.mean(axis=0, dtype=np.float64)).max())
+    return time.perf_counter() - t0, dev
+
+
+def _median(fn: Callable[[], tuple[float, float]], times: list[float]) -> float:
+    s, dev = fn()
+    times.append(s)
+    return dev
+
+
+def run(quick: bool = False, repeats: int = 3) -> list[dict[str, Any]]:
+    """Rows for perf.micro: fedloom W4 (plain and strict inproc) against the numpy floor."""
+    cfg = load()
+    n, dim = cfg["protocol"]["nodes"], cfg["protocol"]["dim"]
+    rounds, degree = cfg["run"]["rounds"], cfg["protocol"]["topology"]["degree"]
+    if quick:
+        dim, rounds, repeats = 10_000, 20, 2
+        cfg = load(dim=dim)
+        cfg["run"]["rounds"] = rounds
+    times: dict[str, list[float]] = {"inproc": [], "strict": [], "gemm": [], "stencil": []}
+    devs: dict[str, float] = {}
+    for _ in range(repeats):  # alternate, so load from elsewhere hits every side alike
+        devs["inproc"] = _median(lambda: fedloom(cfg, False), times["inproc"])
+        devs["gemm"] = _median(lambda: numpy_gemm(n, dim, rounds, degree), times["gemm"])
+        devs["strict"] = _median(lambda: fedloom(cfg, True), times["strict"])
+        devs["stencil"] = _median(lambda: numpy_stencil(n, dim, rounds, degree),
+                                  times["stencil"])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    floor_key = min(("gemm", "stencil"), key=lambda k: med[k])
+    floor = med[floor_key]
+    floor_name = {"gemm": "numpy X <- W X (float32 GEMM)",
+                  "stencil": "numpy shifted adds"}[floor_key]
+    label = f"W4 gossip-{n} x {dim}, {rounds} rounds"
+    agree = abs(devs["inproc"] - devs[floor_key]) <= 1e-4
+    rows = []
+    for key, what in (("inproc", "inproc"), ("strict", "inproc strict (codec)")):
+        rows.append({"name": f"{label}: {what}", "value": med[key], "unit": "s",
+                     "floor": floor, "floor_name": floor_name, "ratio": med[key] / floor,
+                     "target_ratio": TARGET_RATIO, "runs": times[key],
+                     "floor_runs": times[floor_key], "max_abs_dev": devs[key],
+                     "floor_max_abs_dev": devs[floor_key], "answers_agree": agree})
+    other = "stencil" if floor_key == "gemm" else "gemm"
+    rows.append({"name": f"{label}: numpy {other} (not the floor)", "value": med[other],
+                 "unit": "s", "floor": floor, "floor_name": floor_name,
+                 "ratio": med[other] / floor})
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="a small W4 (10,000 floats)")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--json", action="store_true", help="print the rows as JSON")
+    args = parser.parse_args()
+    rows = run(quick=args.quick, repeats=args.repeats)
+    if args.json:
+        print(json.dumps(rows, indent=2))
+        return
+    for r in rows:
+        print(f"{r['name']:<58} {r['value']:8.3f} s   floor {r['floor']:7.3f} s "
+              f"({r['floor_name']})   ratio {r['ratio']:5.2f}")
+    main_row = rows[0]
+    verdict = "within" if main_row["ratio"] <= TARGET_RATIO else "OUTSIDE"
+    print(f"inproc is {main_row['ratio']:.2f}x the numpy floor: {verdict} the "
+          f"{TARGET_RATIO:g}x target; answers agree: {main_row['answers_agree']} "
+          f"(max_abs_dev {main_row['max_abs_dev']:.6g} vs {main_row['floor_max_abs_dev']:.6g})")
+
+
+if __name__ == "__main__":
+    main()
