@@ -144,9 +144,12 @@ def compare(name: str, repeats: int) -> dict[str, Any]:
 def w5_child(clients: int) -> dict[str, Any]:
     """One W5 run with `clients` clients in this (fresh) process."""
     cfg = load("w5", **{"workload.clients": clients})
+    cpu = time.process_time()
     res = runner.execute(cfg, quiet=True).result
+    cpu = time.process_time() - cpu
     peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return {"clients": clients, "s_per_round": res["rounds_s"] / res["rounds"],
+            "cpu_s_per_round": cpu / res["rounds"],
             "peak_rss_mb": peak_kb / 1024, "accuracy": res["test_accuracy"]}
 
 
@@ -160,7 +163,8 @@ def w5(sizes: tuple[int, ...], repeats: int) -> dict[int, dict[str, float]]:
                                  timeout=600)
             runs[n].append(json.loads(out.stdout.strip().splitlines()[-1]))
     return {n: {key: statistics.median(r[key] for r in rs)
-                for key in ("s_per_round", "peak_rss_mb")} for n, rs in runs.items()}
+                for key in ("s_per_round", "cpu_s_per_round", "peak_rss_mb")}
+            for n, rs in runs.items()}
 
 
 def run(quick: bool = False) -> list[dict[str, Any]]:
@@ -181,6 +185,9 @@ def run(quick: bool = False) -> list[dict[str, Any]]:
     rows.append({"name": "w5 s/round at 10k clients", "value": big["s_per_round"], "unit": "s",
                  "floor": small["s_per_round"], "floor_name": "same at 1k clients",
                  "runs": repeats})
+    rows.append({"name": "w5 cpu s/round at 10k clients", "value": big["cpu_s_per_round"],
+                 "unit": "cpu s", "floor": small["cpu_s_per_round"],
+                 "floor_name": "same at 1k clients", "runs": repeats})
     rows.append({"name": "w5 peak RSS at 10k clients", "value": big["peak_rss_mb"], "unit": "MB",
                  "floor": small["peak_rss_mb"], "floor_name": "same at 1k clients",
                  "runs": repeats})

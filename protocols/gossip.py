@@ -23,7 +23,10 @@ Entries (registry group "protocols"):
   sender (older totals, by sequence number, are ignored). A lost message's mass arrives with
   the next one, so mass is conserved exactly (sum s + the per-link sigma - rho still in
   flight) and the estimates converge to the true average under loss. variant = "plain"
-  sends the shares themselves: lost mass is gone.
+  sends the shares themselves: lost mass is gone. Messages carry the sender's incarnation
+  (its start time), so a node restarted after a crash counts from zero again; the mass it
+  held when it crashed is lost and its x_i is put in afresh, so the nodes then agree on a
+  shifted average.
 - `dsgd` (`build_dsgd`): decentralised SGD (adapt then combine): each round every node trains
   one `learners.train` call on its client's data, then the synchronous gossip step above
   mixes the trained models. Node i is client i; `[workload] clients` nodes.
@@ -301,6 +304,7 @@ class _Ticking(Protocol):
         self.id, self.n = node, n
         self.rounds, self.period, self.drain = rounds, period, drain
         self.ticks = 0
+        self.inc = 0.0  # this incarnation's start time: tells a restarted node's messages apart
         self.reports: _Reports | None = _Reports(n) if node == 0 else None
 
     def value(self) -> np.ndarray:
@@ -312,7 +316,7 @@ class _Ticking(Protocol):
         raise NotImplementedError
 
     def start_ticking(self, ctx: Context) -> None:
-        self.ticks = 0
+        self.ticks, self.inc = 0, float(ctx.now)
         ctx.set_timer(self.period * float(ctx.rng.uniform(0.0, 1.0)), "tick")
 
     def on_timer(self, ctx: Context, key: Hashable) -> None:
@@ -351,11 +355,11 @@ class AsyncGossip(_Ticking):
         self.waiting = False
         self.xid = 0  # exchanges this node started
         self.open: set[int] = set()  # those whose reply has not come yet
-        self.seen: dict[int, int] = {}  # src -> newest exchange answered
+        self.seen: dict[int, tuple[float, int]] = {}  # src -> newest (inc, xid) answered
 
     def on_start(self, ctx: Context) -> None:
         self.x = self.init(self.id)
-        self.waiting, self.open, self.seen = False, set(), {}
+        self.waiting, self.open, self.seen, self.xid = False, set(), {}, 0
         self.start_ticking(ctx)
 
     def value(self) -> np.ndarray:
@@ -368,7 +372,7 @@ class AsyncGossip(_Ticking):
             j = self.neigh[int(ctx.rng.integers(len(self.neigh)))]
             self.xid += 1
             self.open.add(self.xid)
-            ctx.send(j, "push", x=self.x, xid=self.xid)
+            ctx.send(j, "push", x=self.x, xid=self.xid, inc=self.inc)
             self.waiting = True
             ctx.set_timer(4 * self.period, "timeout")
 
@@ -382,20 +386,21 @@ class AsyncGossip(_Ticking):
         body = msg.body
         if msg.kind == "push":
             # Answer each exchange once: a duplicated or overtaken push would move mass twice.
-            if body["xid"] <= self.seen.get(msg.src, 0):
+            key = (body["inc"], body["xid"])
+            if key <= self.seen.get(msg.src, (-1.0, 0)):
                 return
-            self.seen[msg.src] = body["xid"]
+            self.seen[msg.src] = key
             if self.waiting and msg.src > self.id:
                 # Two nodes pushing to each other at once would swap values: the lower id wins.
-                ctx.send(msg.src, "busy", xid=body["xid"])
+                ctx.send(msg.src, "busy", xid=body["xid"], inc=body["inc"])
                 return
             # New arrays, never in place: a sent x may still be read by its receiver.
             d = (body["x"] - self.x) * np.float32(0.5)
             self.x = self.x + d
-            ctx.send(msg.src, "pull", d=d, xid=body["xid"])
+            ctx.send(msg.src, "pull", d=d, xid=body["xid"], inc=body["inc"])
         elif msg.kind in ("pull", "busy"):
-            if body["xid"] not in self.open:
-                return
+            if body["inc"] != self.inc or body["xid"] not in self.open:
+                return  # for an exchange this incarnation did not start, or already applied
             self.open.discard(body["xid"])
             if msg.kind == "pull":
                 self.x = self.x - body["d"]
@@ -410,7 +415,8 @@ class AsyncGossip(_Ticking):
 
 class PushSum(_Ticking):
     """A push-sum node. State: `s` (float64 vector), `w`; robust variant also `sig_s`, `sig_w`
-    (cumulative pushed per out-link) and `rho[src] = (seq, s, w)` (last totals taken)."""
+    (cumulative pushed per out-link) and `rho[src] = (inc, k, s, w)` (the last totals taken
+    from `src`: its incarnation, tick, and totals)."""
 
     def __init__(self, node: int, out: tuple[int, ...], n: int, robust: bool, rounds: int,
                  period: float, drain: float, init: Callable[[int], np.ndarray]) -> None:
@@ -421,10 +427,10 @@ class PushSum(_Ticking):
         self.w = 1.0
         self.sig_s: np.ndarray = np.empty(0)
         self.sig_w = 0.0
-        self.rho: dict[int, tuple[int, np.ndarray, float]] = {}
+        self.rho: dict[int, tuple[float, int, np.ndarray, float]] = {}
 
     def on_start(self, ctx: Context) -> None:
-        # A restart after a crash starts afresh; the mass the node held is lost (documented).
+        # A restart starts afresh: the mass the node held is lost and x_i is put in again.
         self.s = self.init(self.id).astype(np.float64)
         self.w, self.rho = 1.0, {}
         self.sig_s, self.sig_w = np.zeros_like(self.s), 0.0
@@ -443,9 +449,10 @@ class PushSum(_Ticking):
                 # New arrays each time: a sent total is read by its receivers later.
                 self.sig_s = self.sig_s + part_s
                 self.sig_w += part_w
-                ctx.multicast(self.out, "ps", k=self.ticks, s=self.sig_s, w=self.sig_w)
+                ctx.multicast(self.out, "ps", k=self.ticks, inc=self.inc, s=self.sig_s,
+                              w=self.sig_w)
             else:
-                ctx.multicast(self.out, "ps", k=self.ticks, s=part_s, w=part_w)
+                ctx.multicast(self.out, "ps", k=self.ticks, inc=self.inc, s=part_s, w=part_w)
         if self.id == 0:
             ctx.emit("round", self.ticks, w=self.w)
 
@@ -457,15 +464,17 @@ class PushSum(_Ticking):
                 self.w += body["w"]
                 return
             last = self.rho.get(msg.src)
-            if last is None:
+            inc, k = body["inc"], body["k"]
+            if last is None or inc > last[0]:
+                # The first total from this incarnation of the sender: it counts from zero.
                 self.s = self.s + body["s"]
                 self.w += body["w"]
-            elif body["k"] > last[0]:
-                self.s = self.s + (body["s"] - last[1])
-                self.w += body["w"] - last[2]
+            elif inc == last[0] and k > last[1]:
+                self.s = self.s + (body["s"] - last[2])
+                self.w += body["w"] - last[3]
             else:
-                return  # an older or repeated total
-            self.rho[msg.src] = (body["k"], body["s"], body["w"])
+                return  # an older or repeated total, or one from an earlier incarnation
+            self.rho[msg.src] = (inc, k, body["s"], body["w"])
         elif msg.kind == "final" and self.reports is not None:
             self._report(ctx, msg.src, body["x"])
 

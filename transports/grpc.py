@@ -70,6 +70,7 @@ DEFAULTS: dict[str, Any] = {
     "strict": False,
     "tick": 0.0,  # > 0: a stream lingers this long to fill a batch; 0 sends when it is free
     "queue_bytes": 64 << 20,  # per peer stream; a full queue blocks the sending node
+    "pool_bytes": 256 << 20,  # per shard: receive buffers of chunked frames kept for reuse
 }
 
 Buffer = bytes | bytearray | memoryview
@@ -85,8 +86,9 @@ def validate_options(given: Mapping[str, Any]) -> dict[str, Any]:
     for key in ("call_timeout", "connect_timeout"):
         if not opts[key] > 0:
             raise_config(f"[transport] {key} = {opts[key]!r} must be > 0 seconds")
-    if opts["max_reconnects"] < 0 or opts["tick"] < 0:
-        raise_config("[transport] max_reconnects and tick must be >= 0")
+    for key in ("max_reconnects", "tick", "pool_bytes"):
+        if opts[key] < 0:
+            raise_config(f"[transport] {key} = {opts[key]!r} must be >= 0")
     if opts["chunk_bytes"] > 64 << 20:
         raise_config(f"[transport] chunk_bytes = {opts['chunk_bytes']} must be <= 64 MiB")
     return opts

@@ -34,6 +34,7 @@ from transports.base import place
 from transports.grpc import (
     DELIVER,
     READY,
+    BufferPool,
     Frame,
     Reassembler,
     authenticate,
@@ -243,6 +244,7 @@ class Shard:
         self.events = FrameQueue(int(self.opts["queue_bytes"]),
                                  f"grpc shard {self.index}'s event stream to the driver")
         self.host: Host | None = None
+        self.pool = BufferPool(int(self.opts["pool_bytes"]))
         self.stopped = False
         self.stats = {"frames_in": 0, "wire_bytes_in": 0, "bad_frames": 0, "refused": 0}
         self._early: list[tuple[Message, list[int]]] = []
@@ -283,7 +285,7 @@ class Shard:
 
     def _deliver(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         peer = self._auth(context)
-        reasm = Reassembler(self.codec.max_message_bytes)
+        reasm = Reassembler(self.codec.max_message_bytes, self.pool)
         stats = self.stats
         bad = 0
         for data in requests:
@@ -401,7 +403,7 @@ class Shard:
             link.close(float(self.opts["call_timeout"]))
         stats: dict[str, Any] = dict(self.host.stats) if self.host is not None else {}
         stats.update(self.stats, nodes=len(self.local), frames_out=0, wire_bytes_out=0,
-                     reconnects=0)
+                     reconnects=0, buffers_reused=self.pool.reused)
         for link in self.links.values():
             for key, value in link.stats.items():
                 stats[key] += value

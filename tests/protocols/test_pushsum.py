@@ -108,8 +108,8 @@ def robust_mass(host: Host, g: topology.Graph) -> tuple[np.ndarray, float]:
     for j, outs in enumerate(g.out):
         for i in outs:
             taken = ps[i].rho.get(j)
-            s = s + ps[j].sig_s - (taken[1] if taken else 0.0)
-            w += ps[j].sig_w - (taken[2] if taken else 0.0)
+            s = s + ps[j].sig_s - (taken[2] if taken else 0.0)
+            w += ps[j].sig_w - (taken[3] if taken else 0.0)
     return s, w
 
 
