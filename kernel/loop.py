@@ -96,8 +96,8 @@ class Scheduler:
             return "max_events", 0
         if self.wall:
             return self._run_wall(dispatch, until, max_events, idle_wait)
-        fifo = self._fifo
-        popleft = fifo.popleft
+        heap, fifo = self._heap, self._fifo
+        pop, popleft = heapq.heappop, fifo.popleft
         # A limit the count never reaches keeps the hot loop to one comparison.
         limit = max_events if max_events is not None else -1
         n = 0
@@ -108,29 +108,18 @@ class Scheduler:
                     return "finished", n
                 if n == limit:
                     return "max_events", n
-            why = self.advance(until)
-            if why is not None:
-                return why, n
-
-    def advance(self, until: float | None = None) -> str | None:
-        """Virtual time, with the FIFO empty: jump to the next event time and move every event
-        due then to the FIFO, in (time, insertion) order. Returns None when it did, else why not
-        ("idle": nothing is queued; "until": the next event is after `until`, and the clock
-        now reads `until`)."""
-        heap = self._heap
-        if not heap:
-            return "idle"
-        t = heap[0][0]
-        if until is not None and t > until:
-            if until > self.now:
-                self.now = until
-            return "until"
-        self.now = t
-        fifo, pop = self._fifo, heapq.heappop
-        while heap and heap[0][0] == t:
-            e = pop(heap)
-            fifo.append((e[2], e[3], e[4]))
-        return None
+            if not heap:
+                return "idle", n
+            t = heap[0][0]
+            if until is not None and t > until:
+                if until > self.now:
+                    self.now = until
+                return "until", n
+            self.now = t
+            # Move everything due at t to the FIFO so (time, insertion) order holds exactly.
+            while heap and heap[0][0] == t:
+                e = pop(heap)
+                fifo.append((e[2], e[3], e[4]))
 
     def _run_wall(
         self,

@@ -2,7 +2,8 @@
 
 Entries (registry group "protocols"):
 
-- `gossip` (`build`): node i holds `default_rng(i).standard_normal(dim)` as float32.
+- `gossip` (`build`): node i of `[protocol] nodes` holds `default_rng(i).standard_normal(dim)`
+  as float32 (gossip and pushsum read no `[workload]`).
   mode = "sync": in round r every node sends x_i to its neighbours, waits for their round-r
   values (later rounds' values that arrive early are buffered), and sets
   x_i = sum_j w_ij x_j over itself and its neighbours in sorted id order, in float32 (the same
@@ -23,10 +24,12 @@ Entries (registry group "protocols"):
   sender (older totals, by sequence number, are ignored). A lost message's mass arrives with
   the next one, so mass is conserved exactly (sum s + the per-link sigma - rho still in
   flight) and the estimates converge to the true average under loss. variant = "plain"
-  sends the shares themselves: lost mass is gone. Messages carry the sender's incarnation
-  (its start time), so a node restarted after a crash counts from zero again; the mass it
-  held when it crashed is lost and its x_i is put in afresh, so the nodes then agree on a
-  shifted average.
+  sends the shares themselves: lost mass is gone. Crashes: a restarted node is a new
+  incarnation (counted per node); its totals start again from zero, which its receivers see
+  from the incarnation in its messages, and its first total from each sender only sets the
+  baseline (the sender's total may include mass its earlier incarnation took). What a
+  crashed node held and what was in flight on its links is lost, and its x_i with weight 1 is
+  put in afresh, so the nodes then agree on a shifted average (still a convex combination).
 - `dsgd` (`build_dsgd`): decentralised SGD (adapt then combine): each round every node trains
   one `learners.train` call on its client's data, then the synchronous gossip step above
   mixes the trained models. Node i is client i; `[workload] clients` nodes.
@@ -41,6 +44,7 @@ for reports `drain` seconds after its own.
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
 
@@ -295,6 +299,11 @@ def build(config: Mapping[str, Any]) -> Deployment:
 
 # -- timer-driven nodes ----------------------------------------------------------------------
 
+# How many times each node (its context, which outlives crashes) has started: a fresh protocol
+# instance after a restart learns from it that it is a new incarnation. Looked up, never iterated.
+_starts: weakref.WeakKeyDictionary[Context, int] = weakref.WeakKeyDictionary()
+
+
 class _Ticking(Protocol):
     """A node that acts on `rounds` jittered ticks, reports its value to node 0 `drain` seconds
     after its last tick (late replies are in by then), and, on node 0, finishes once every
@@ -304,7 +313,8 @@ class _Ticking(Protocol):
         self.id, self.n = node, n
         self.rounds, self.period, self.drain = rounds, period, drain
         self.ticks = 0
-        self.inc = 0.0  # this incarnation's start time: tells a restarted node's messages apart
+        self.inc = 0  # incarnation: 0 until a crash and restart, then 1, 2, ...
+        self.born = 0.0  # when this incarnation started
         self.reports: _Reports | None = _Reports(n) if node == 0 else None
 
     def value(self) -> np.ndarray:
@@ -316,7 +326,9 @@ class _Ticking(Protocol):
         raise NotImplementedError
 
     def start_ticking(self, ctx: Context) -> None:
-        self.ticks, self.inc = 0, float(ctx.now)
+        self.inc = _starts.get(ctx, 0)
+        _starts[ctx] = self.inc + 1
+        self.ticks, self.born = 0, float(ctx.now)
         ctx.set_timer(self.period * float(ctx.rng.uniform(0.0, 1.0)), "tick")
 
     def on_timer(self, ctx: Context, key: Hashable) -> None:
@@ -355,7 +367,7 @@ class AsyncGossip(_Ticking):
         self.waiting = False
         self.xid = 0  # exchanges this node started
         self.open: set[int] = set()  # those whose reply has not come yet
-        self.seen: dict[int, tuple[float, int]] = {}  # src -> newest (inc, xid) answered
+        self.seen: dict[int, tuple[int, int]] = {}  # src -> newest (inc, xid) answered
 
     def on_start(self, ctx: Context) -> None:
         self.x = self.init(self.id)
@@ -387,7 +399,7 @@ class AsyncGossip(_Ticking):
         if msg.kind == "push":
             # Answer each exchange once: a duplicated or overtaken push would move mass twice.
             key = (body["inc"], body["xid"])
-            if key <= self.seen.get(msg.src, (-1.0, 0)):
+            if key <= self.seen.get(msg.src, (-1, 0)):
                 return
             self.seen[msg.src] = key
             if self.waiting and msg.src > self.id:
@@ -427,7 +439,7 @@ class PushSum(_Ticking):
         self.w = 1.0
         self.sig_s: np.ndarray = np.empty(0)
         self.sig_w = 0.0
-        self.rho: dict[int, tuple[float, int, np.ndarray, float]] = {}
+        self.rho: dict[int, tuple[int, int, np.ndarray, float]] = {}
 
     def on_start(self, ctx: Context) -> None:
         # A restart starts afresh: the mass the node held is lost and x_i is put in again.
@@ -449,10 +461,10 @@ class PushSum(_Ticking):
                 # New arrays each time: a sent total is read by its receivers later.
                 self.sig_s = self.sig_s + part_s
                 self.sig_w += part_w
-                ctx.multicast(self.out, "ps", k=self.ticks, inc=self.inc, s=self.sig_s,
-                              w=self.sig_w)
+                ctx.multicast(self.out, "ps", k=self.ticks, inc=self.inc, born=self.born,
+                              s=self.sig_s, w=self.sig_w)
             else:
-                ctx.multicast(self.out, "ps", k=self.ticks, inc=self.inc, s=part_s, w=part_w)
+                ctx.multicast(self.out, "ps", k=self.ticks, s=part_s, w=part_w)
         if self.id == 0:
             ctx.emit("round", self.ticks, w=self.w)
 
@@ -465,8 +477,16 @@ class PushSum(_Ticking):
                 return
             last = self.rho.get(msg.src)
             inc, k = body["inc"], body["k"]
-            if last is None or inc > last[0]:
-                # The first total from this incarnation of the sender: it counts from zero.
+            if last is None:
+                # All of the sender's total is new to this node unless this node restarted
+                # after the sender started: then an earlier incarnation of this node may have
+                # taken part of it, and the total only sets the baseline (that link's mass in
+                # flight is lost with the crash).
+                if self.inc == 0 or body["born"] >= self.born:
+                    self.s = self.s + body["s"]
+                    self.w += body["w"]
+            elif inc > last[0]:
+                # The sender restarted while this node ran: its totals start again from zero.
                 self.s = self.s + body["s"]
                 self.w += body["w"]
             elif inc == last[0] and k > last[1]:

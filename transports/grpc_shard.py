@@ -246,7 +246,8 @@ class Shard:
         self.host: Host | None = None
         self.pool = BufferPool(int(self.opts["pool_bytes"]))
         self.stopped = False
-        self.stats = {"frames_in": 0, "wire_bytes_in": 0, "bad_frames": 0, "refused": 0}
+        self.stats = {"bad_frames": 0, "refused": 0}
+        self._stream_stats: list[dict[str, int]] = []
         self._early: list[tuple[Message, list[int]]] = []
         self._lock = threading.Lock()
         self._events_open = False
@@ -280,13 +281,17 @@ class Shard:
         try:
             return authenticate(context, self.token)
         except Exception:
-            self.stats["refused"] += 1
+            with self._lock:
+                self.stats["refused"] += 1
             raise
 
     def _deliver(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
         peer = self._auth(context)
         reasm = Reassembler(self.codec.max_message_bytes, self.pool)
-        stats = self.stats
+        # This stream's own counters (one thread each), summed when the shard reports.
+        stats = {"frames_in": 0, "wire_bytes_in": 0}
+        with self._lock:
+            self._stream_stats.append(stats)
         bad = 0
         for data in requests:
             stats["frames_in"] += 1
@@ -306,7 +311,8 @@ class Shard:
 
     def _bad(self, peer: str, what: object, seen: int) -> int:
         # A malformed frame costs the frame, never the shard.
-        self.stats["bad_frames"] += 1
+        with self._lock:
+            self.stats["bad_frames"] += 1
         if seen < MAX_BAD_LOGS:
             log.warning("malformed frame from %s dropped: %s", peer, what)
         return seen + 1
@@ -402,11 +408,13 @@ class Shard:
         for link in self.links.values():
             link.close(float(self.opts["call_timeout"]))
         stats: dict[str, Any] = dict(self.host.stats) if self.host is not None else {}
-        stats.update(self.stats, nodes=len(self.local), frames_out=0, wire_bytes_out=0,
-                     reconnects=0, buffers_reused=self.pool.reused)
-        for link in self.links.values():
-            for key, value in link.stats.items():
-                stats[key] += value
+        with self._lock:
+            stats.update(self.stats, nodes=len(self.local), frames_in=0, wire_bytes_in=0,
+                         frames_out=0, wire_bytes_out=0, reconnects=0,
+                         buffers_reused=self.pool.reused)
+            for counters in [*self._stream_stats, *(link.stats for link in self.links.values())]:
+                for key, value in counters.items():
+                    stats[key] += value
         self.stopped = True
         self.events.close(drain=True)
         return {"stats": stats}
@@ -428,10 +436,9 @@ class Shard:
         while not self._stop.wait(1.0):
             pass
         try:
-            host.stop()
+            host.stop()  # raises only errors that run() has not raised already
         except Exception as exc:
-            if host.error is None or exc is not host.error:
-                self.report_error(_describe(exc))
+            self.report_error(_describe(exc))
 
     def _run_slices(self, host: Host) -> str | None:
         until, left = self.until, self.max_events

@@ -28,6 +28,8 @@ from kernel.registry import load
 from transports.base import place
 
 ALIGN = 64
+# A destination's batch holding this many bytes of frames is sent at once, not at the tick.
+FLUSH_BYTES = 1 << 20
 # Shard states as reported to the driver; the loop's own stop reasons come from Scheduler.run.
 STARTING, RUNNING, STOPPED, ERROR = "starting", "running", "stopped", "error"
 ENDED = frozenset({"finished", "until", "max_events", STOPPED, ERROR})
@@ -57,6 +59,7 @@ class ShardOutbox:
         self.shard = shard
         # dst shard -> entries (dsts, frame bytes or ObjectRef)
         self.pending: dict[int, list[tuple[list[int], Any]]] = {}
+        self.pending_bytes: dict[int, int] = {}
         self.scheduled = False
         self.closed = False
         self._scratch = np.empty(0, np.uint8)
@@ -85,8 +88,13 @@ class ShardOutbox:
             item = b"".join(parts)
         for s, ds in groups.items():
             self.pending.setdefault(s, []).append((ds, item))
+            self.pending_bytes[s] = self.pending_bytes.get(s, 0) + n
+            if self.pending_bytes[s] >= FLUSH_BYTES:
+                # Bulk goes now: one call is cheap beside a megabyte, and the destination
+                # should not wait for whatever else this shard has to do in this tick.
+                self._send(s)
         sh.stats["wire_bytes"] += n * len(groups)
-        if not self.scheduled:
+        if self.pending and not self.scheduled:
             self.scheduled = True
             host = sh.host
             if sh.tick > 0:
@@ -109,36 +117,41 @@ class ShardOutbox:
         return buf[:n]
 
     def flush(self) -> None:
+        """Send every destination's batch: one actor call per destination shard."""
         self.scheduled = False
-        if not self.pending or self.closed:
+        if self.closed:
             self.pending.clear()
             return
+        for s in sorted(self.pending):
+            self._send(s)
+
+    def _send(self, s: int) -> None:
         sh = self.shard
-        pending, self.pending = self.pending, {}
-        for s in sorted(pending):
-            index: list[list[Any]] = []
-            small: list[bytes] = []
-            refs: list[Any] = []
-            for ds, item in pending[s]:
-                if isinstance(item, bytes):
-                    index.append([ds, len(item)])
-                    small.append(item)
-                    # Frames start 64-aligned in the batch, as the codec aligns tensors.
-                    pad = -len(item) % ALIGN
-                    if pad:
-                        small.append(bytes(pad))
-                else:
-                    refs.append(item)
-                    index.append([ds, -len(refs)])
-            peer = sh.peers[s]
-            seq = sh.out_seq.get(s, 0)
-            sh.out_seq[s] = seq + 1
-            # Fire and forget: a dead destination is the driver's to notice and report.
-            peer.deliver.remote(
-                sh.shard_id, sh.incarnation, sh.peer_inc[s], seq,
-                msgpack.packb(index), b"".join(small), *refs,
-            )
-            sh.stats["batches"] += 1
+        entries = self.pending.pop(s)
+        self.pending_bytes.pop(s, None)
+        index: list[list[Any]] = []
+        small: list[bytes] = []
+        refs: list[Any] = []
+        for ds, item in entries:
+            if isinstance(item, bytes):
+                index.append([ds, len(item)])
+                small.append(item)
+                # Frames start 64-aligned in the batch, as the codec aligns tensors.
+                pad = -len(item) % ALIGN
+                if pad:
+                    small.append(bytes(pad))
+            else:
+                refs.append(item)
+                index.append([ds, -len(refs)])
+        peer = sh.peers[s]
+        seq = sh.out_seq.get(s, 0)
+        sh.out_seq[s] = seq + 1
+        # Fire and forget: a dead destination is the driver's to notice and report.
+        peer.deliver.remote(
+            sh.shard_id, sh.incarnation, sh.peer_inc[s], seq,
+            msgpack.packb(index), b"".join(small), *refs,
+        )
+        sh.stats["batches"] += 1
 
 
 class ShardCore:

@@ -20,6 +20,7 @@ from kernel.host import Host
 from protocols import common, gossip, learners, topology
 from transports.base import Job
 from transports.inproc import InprocTransport
+from transports.netmodel import NetworkModel
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -211,6 +212,23 @@ def test_async_gossip_reaches_consensus_on_a_ring() -> None:
     assert res is not None and res["rounds"] == 200 and res["reports"] == 8
     assert res["max_abs_dev"] < 1e-4
     np.testing.assert_allclose(res["model"]["x"], start_values(8, 4).mean(axis=0), atol=1e-4)
+
+
+def test_async_gossip_recovers_consensus_after_a_restart() -> None:
+    cfg = config(8, 4, 120, {"kind": "ring_lattice", "degree": 4}, mode="async", period=1.0,
+                 drain=1e6)
+    cfg["network"] = {"latency": {"kind": "uniform", "low": 0.1, "high": 1.5},
+                      "crashes": [{"node": 3, "at": 10.0, "restart": 14.0}]}
+    dep = gossip.build(cfg)
+    host, _ = run_host(dep, network=NetworkModel.from_config(cfg["network"], 0, dep.node_ids),
+                       until=1e5)
+    restarted = host.nodes[3]
+    assert isinstance(restarted, gossip.AsyncGossip) and restarted.inc == 1
+    assert restarted.xid > 0 and not restarted.open, "the new incarnation's pushes went unanswered"
+    got = finals(host)
+    np.testing.assert_allclose(got, np.broadcast_to(got[0], got.shape), atol=1e-4)
+    x0 = start_values(8, 4)
+    assert (got >= x0.min(axis=0) - 1e-6).all() and (got <= x0.max(axis=0) + 1e-6).all()
 
 
 # -- determinism -----------------------------------------------------------------------------

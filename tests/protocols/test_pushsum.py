@@ -20,6 +20,7 @@ from kernel.messages import Message
 from protocols import gossip, topology
 from transports.base import Job
 from transports.inproc import InprocTransport
+from transports.netmodel import NetworkModel
 
 DIM = 6
 
@@ -210,6 +211,30 @@ def test_result_reports_node_0_estimate_and_deviation() -> None:
     assert res["max_abs_dev"] < 1e-3
     again = once()
     assert again["model"]["x"].tobytes() == res["model"]["x"].tobytes()
+
+
+def test_a_restarted_node_rejoins_and_the_nodes_agree_on_a_convex_combination() -> None:
+    """After a crash and restart the sums restart for that node (a new incarnation): no
+    mass is counted twice (each restart puts in at most its own weight 1), all weights stay
+    positive, so every estimate stays within the range of the starting values, and the nodes
+    reach consensus again."""
+    cfg = config(8, 150, {"kind": "random_out", "degree": 2, "seed": 1})
+    cfg["network"] = {"latency": {"kind": "uniform", "low": 0.1, "high": 1.5},
+                      "crashes": [{"node": [2, 5], "at": 20.0, "restart": 31.0}]}
+    dep = gossip.build_pushsum(cfg)
+    net = NetworkModel.from_config(cfg["network"], 0, dep.node_ids)
+    host = start(dep, net)
+    assert host.run(until=1e5) == "until"
+    ps = nodes(host)
+    assert [p.ticks for p in ps] == [150] * 8
+    assert [p.inc for p in ps] == [0, 0, 1, 0, 0, 1, 0, 0]
+    assert all(p.w > 0 for p in ps)
+    g, _ = topology.from_config(cfg["protocol"]["topology"], 8)
+    assert 0 < robust_mass(host, g)[1] <= 8 + 2 + 1e-9
+    est = np.stack([p.value() for p in ps]).astype(np.float64)
+    x0 = np.stack([gossip.initial_vector(i, DIM) for i in range(8)])
+    assert (est >= x0.min(axis=0) - 1e-9).all() and (est <= x0.max(axis=0) + 1e-9).all()
+    np.testing.assert_allclose(est, np.broadcast_to(est[0], est.shape), atol=1e-5)
 
 
 @pytest.mark.parametrize(("protocol", "fragment"), [

@@ -151,4 +151,5 @@ class Audited(Protocol):
     def on_stop(self, ctx: Context) -> None:
         p = self.inner
         ctx.emit("mass", ctx.id, s=p.s, w=p.w, sig_s=p.sig_s, sig_w=p.sig_w, out=list(p.out),
-                 rho={src: [k, s, w] for src, (k, s, w) in sorted(p.rho.items())})
+                 # rho[src] ends with the totals (s, w) last taken from src
+                 rho={src: [r[-2], r[-1]] for src, r in sorted(p.rho.items())})
