@@ -85,7 +85,7 @@ class Deployment:
     neighbours: Callable[[int], Sequence[int]] | None = None
     # Protocol parameters every node's ctx.params exposes.
     params: Mapping[str, Any] = field(default_factory=dict)
-    # Heavy shared read-only state (test sets, initial models) a shard builds once: name -> thunk.
+    # A one-line description for logs and `fedloom inspect`.
     describe: str = ""
 
 
