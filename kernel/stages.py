@@ -253,7 +253,8 @@ def _scale(v: np.ndarray, factors: np.ndarray, starts: np.ndarray, block: int,
 
 
 def _quantise(v: np.ndarray, starts: np.ndarray, block: int, enc: str,
-              rng: Callable[[], np.random.Generator] | None) -> tuple[np.ndarray, np.ndarray] | None:
+              rng: Callable[[], np.random.Generator] | None
+              ) -> tuple[np.ndarray, np.ndarray] | None:
     """(int8 scale exponents per group, int8 codes) with v ~ code * 2**exponent, |code| <= L
     (127 or 7), and the exponent the smallest with max|v| <= L * 2**exponent."""
     levels, shift = _LEVELS[enc], _SHIFT[enc]
@@ -385,9 +386,7 @@ def decode(n: int, pipe: Pipeline, orig: str, sections: Sequence[np.ndarray]) ->
         idx = _indices(rest.pop(0), n)
     m = n if idx is None else idx.size
     enc = pipe.encoder
-    if enc is None:
-        values = rest[0]
-    elif enc == "fp16":
+    if enc is None or enc == "fp16":
         values = rest[0]
     elif enc == "bf16":
         values = (rest[0].astype(np.uint32) << 16).view(_F4)

@@ -6,6 +6,12 @@ A record's ext data is `<BBBB` (dtype code, compression id, ndim, placement), nd
 dimensions, then either the raw bytes (placement 0, inline) or `<QQ` (offset, length) of its
 payload in the frame's payload region (placement 1). Torch is imported only when a torch tensor
 is encoded or a torch record decoded.
+
+A staged record (ext 5: a float tensor after lossy stages, see kernel.stages) is `<BBBB`
+(original dtype code, target ext 1 numpy or 2 torch, ndim, stage count), ndim `<Q` dimensions,
+per stage `<BBQ` (stage id, flags, parameter), `<B` section count, then per section `<BBBQ`
+(dtype code, compression id, placement, element count) and its bytes inline or `<QQ` (offset,
+length) as above. It decodes to a dense array of the original dtype and shape.
 """
 
 from __future__ import annotations
@@ -20,6 +26,8 @@ import lz4.block
 import numpy as np
 from msgpack import ExtType
 
+from kernel import stages
+
 
 class CodecError(ValueError):
     """Bytes that are not a valid fedloom frame, or a value that cannot be encoded; the message
@@ -29,6 +37,7 @@ class CodecError(ValueError):
 EXT_NDARRAY = 1  # numpy array
 EXT_TORCH = 2  # torch tensor
 EXT_SCALAR = 3  # numpy scalar: dtype code then itemsize bytes
+EXT_STAGED = 5  # a float tensor after lossy stages (4 is the codec's tuple record)
 
 COMP_NONE, COMP_LZ4, COMP_SHUFFLE_LZ4 = 0, 1, 2
 POLICIES = ("auto", "none", "lz4", "shuffle+lz4")
@@ -50,6 +59,10 @@ _MAX_ELEMENTS = 1 << 62
 
 _HEAD = struct.Struct("<BBBB")
 _SPAN = struct.Struct("<QQ")
+_STAGE = struct.Struct("<BBQ")
+_SECTION = struct.Struct("<BBBQ")
+_FLOAT_CODES = {9: "float16", 10: "float32", 11: "float64", 14: "bfloat16"}
+_U64 = (1 << 64) - 1
 _LZ4_MAX_INPUT = 0x7E000000
 # lz4 block output is at most ~255 bytes per input byte: a larger declared size is a lie, and
 # refusing it before lz4 allocates keeps a small input from allocating a lot.
@@ -166,11 +179,39 @@ def decompress(src: memoryview, comp: int, raw: int, itemsize: int) -> np.ndarra
 
 # ------------------------------------------------------------------------------------ encoding
 
+class Staged:
+    """A tensor on its way out under a codec rule: the value, the rule (its pipeline and
+    lossless policy) and the seed of the randomness its stages may need."""
+
+    __slots__ = ("value", "rule", "seed")
+
+    def __init__(self, value: Any, rule: stages.Rule, seed: tuple[int, ...]) -> None:
+        self.value = value
+        self.rule = rule
+        self.seed = seed
+
+    def rng(self) -> np.random.Generator:
+        return np.random.default_rng([x & _U64 for x in self.seed])
+
+
+class StageStats:
+    """Running byte counts of staged tensors (one per writer, so one per thread: no locks)."""
+
+    __slots__ = ("tensors", "raw_bytes", "wire_bytes", "stage_bytes", "fallbacks")
+
+    def __init__(self) -> None:
+        self.tensors = 0  # float tensors that went through lossy stages
+        self.raw_bytes = 0  # their bytes before any stage
+        self.wire_bytes = 0  # their bytes on the wire (after lossless compression)
+        self.stage_bytes: dict[str, int] = {}  # their bytes after each stage, by stage name
+        self.fallbacks = 0  # tensors a rule named that had to travel losslessly (NaN, range)
+
+
 class TensorWriter:
     """Turns arrays, tensors and numpy scalars into ext records for one frame, collecting the
     out-of-band payloads (with alignment padding) in `parts`."""
 
-    __slots__ = ("policy", "min_compress", "inline", "max_tensor", "parts", "end")
+    __slots__ = ("policy", "min_compress", "inline", "max_tensor", "parts", "end", "stage_stats")
 
     def __init__(self, policy: str, min_compress: int, inline: int, max_tensor: int) -> None:
         self.policy = policy
@@ -179,8 +220,79 @@ class TensorWriter:
         self.max_tensor = max_tensor
         self.parts: list[Any] = []
         self.end = 0  # bytes in the payload region so far
+        self.stage_stats = StageStats()
 
-    def ndarray(self, a: np.ndarray) -> ExtType:
+    def staged(self, st: Staged) -> ExtType:
+        """A tensor under a rule: a staged record when its pipeline is lossy and the tensor is
+        floating (and representable), else a plain record with the rule's lossless policy."""
+        rule, v = st.rule, st.value
+        policy = rule.compression or self.policy
+        is_np = isinstance(v, np.ndarray)
+        if not rule.pipeline.names or (is_np and v.dtype.kind != "f"):
+            return self.ndarray(v, policy) if is_np else self.tensor(v, policy)
+        if is_np:
+            code = _NP_CODE.get(v.dtype.newbyteorder("<").str)
+            if code not in _FLOAT_CODES:
+                return self.ndarray(v, policy)
+            flat = np.ascontiguousarray(v, dtype=v.dtype.newbyteorder("<")).reshape(-1)
+            shape, ext = v.shape, EXT_NDARRAY
+        else:
+            import torch
+
+            t = v.detach()
+            code = _torch_codes().get(t.dtype)
+            if code not in _FLOAT_CODES or t.layout != torch.strided:
+                return self.tensor(v, policy)
+            t = t.cpu().resolve_conj().resolve_neg().contiguous()
+            flat = (t.float() if code == 14 else t).numpy().reshape(-1)
+            shape, ext = tuple(t.shape), EXT_TORCH
+        raw = flat.size * _ITEMSIZE[code]
+        if raw > self.max_tensor:
+            raise CodecError(f"tensor of shape {shape} has {raw} bytes; max_tensor_bytes is "
+                             f"{self.max_tensor}")
+        ndim = len(shape)
+        if ndim > _MAX_NDIM:
+            raise CodecError(f"tensor has {ndim} dimensions; at most {_MAX_NDIM} travel")
+        enc = stages.encode(flat, rule.pipeline, st.rng) if flat.size else None
+        if enc is None:
+            self.stage_stats.fallbacks += bool(flat.size)
+            return self.ndarray(v, policy) if is_np else self.tensor(v, policy)
+        head = [_HEAD.pack(code, ext, ndim, len(enc.specs)), struct.pack(f"<{ndim}Q", *shape)]
+        head += [_STAGE.pack(*spec) for spec in enc.specs]
+        head.append(bytes((len(enc.sections),)))
+        wire = 0
+        for sec in enc.sections:
+            scode = _NP_CODE[sec.dtype.str]
+            comp, where, tail = self._place(sec.view(np.uint8), sec.dtype.itemsize, policy)
+            head.append(_SECTION.pack(scode, comp, where, sec.size))
+            head.append(tail)
+            wire += len(tail) if where == 0 else _SPAN.unpack(tail)[1]
+        ss = self.stage_stats
+        ss.tensors += 1
+        ss.raw_bytes += raw
+        ss.wire_bytes += wire
+        for name, nbytes in enc.sizes:
+            ss.stage_bytes[name] = ss.stage_bytes.get(name, 0) + nbytes
+        return ExtType(EXT_STAGED, b"".join(head))
+
+    def _place(self, u8: np.ndarray, itemsize: int, policy: str) -> tuple[int, int, bytes]:
+        """(compression id, placement, inline bytes or span) of a section's bytes `u8`."""
+        n = u8.size
+        if n <= self.inline:
+            return COMP_NONE, 0, u8.tobytes()
+        if n >= self.min_compress:
+            comp, payload = compress(u8, itemsize, policy)
+        else:
+            comp, payload = COMP_NONE, u8.data
+        off = -(-self.end // ALIGN) * ALIGN
+        if off > self.end:
+            self.parts.append(_ZEROS[:off - self.end])
+        self.parts.append(payload)
+        size = len(payload)
+        self.end = off + size
+        return comp, 1, _SPAN.pack(off, size)
+
+    def ndarray(self, a: np.ndarray, policy: str | None = None) -> ExtType:
         dt = a.dtype
         code = _NP_CODE.get(dt.str)
         if code is None:
@@ -192,9 +304,9 @@ class TensorWriter:
                                  "uint, float and complex arrays travel")
         if not a.flags.c_contiguous:
             a = np.ascontiguousarray(a)
-        return self._record(EXT_NDARRAY, code, a.shape, a.reshape(-1).view(np.uint8))
+        return self._record(EXT_NDARRAY, code, a.shape, a.reshape(-1).view(np.uint8), policy)
 
-    def tensor(self, t: Any) -> ExtType:
+    def tensor(self, t: Any, policy: str | None = None) -> ExtType:
         import torch
 
         t = t.detach()
@@ -216,7 +328,7 @@ class TensorWriter:
         # refuses to view as bytes: restride explicitly.
         n = t.numel()
         u8 = t.as_strided((n,), (1,)).view(torch.uint8).numpy() if n else np.empty(0, np.uint8)
-        return self._record(EXT_TORCH, code, tuple(t.shape), u8)
+        return self._record(EXT_TORCH, code, tuple(t.shape), u8, policy)
 
     @staticmethod
     def scalar(s: np.generic) -> ExtType:
@@ -225,7 +337,8 @@ class TensorWriter:
             raise CodecError(f"a numpy scalar of dtype {s.dtype.str!r} ({s.dtype})")
         return ExtType(EXT_SCALAR, bytes((code,)) + s.tobytes())
 
-    def _record(self, ext: int, code: int, shape: tuple[int, ...], u8: np.ndarray) -> ExtType:
+    def _record(self, ext: int, code: int, shape: tuple[int, ...], u8: np.ndarray,
+                policy: str | None = None) -> ExtType:
         n = u8.size
         if n > self.max_tensor:
             raise CodecError(f"tensor of shape {shape} has {n} bytes; max_tensor_bytes is "
@@ -233,21 +346,9 @@ class TensorWriter:
         ndim = len(shape)
         if ndim > _MAX_NDIM:
             raise CodecError(f"tensor has {ndim} dimensions; at most {_MAX_NDIM} travel")
-        if n <= self.inline:
-            return ExtType(ext, _HEAD.pack(code, COMP_NONE, ndim, 0)
-                           + struct.pack(f"<{ndim}Q", *shape) + u8.tobytes())
-        if n >= self.min_compress:
-            comp, payload = compress(u8, _ITEMSIZE[code], self.policy)
-        else:
-            comp, payload = COMP_NONE, u8.data
-        off = -(-self.end // ALIGN) * ALIGN
-        if off > self.end:
-            self.parts.append(_ZEROS[:off - self.end])
-        self.parts.append(payload)
-        size = len(payload)
-        self.end = off + size
-        return ExtType(ext, _HEAD.pack(code, comp, ndim, 1)
-                       + struct.pack(f"<{ndim}Q", *shape) + _SPAN.pack(off, size))
+        comp, where, tail = self._place(u8, _ITEMSIZE[code], policy or self.policy)
+        return ExtType(ext, _HEAD.pack(code, comp, ndim, where)
+                       + struct.pack(f"<{ndim}Q", *shape) + tail)
 
 
 # ------------------------------------------------------------------------------------ decoding
@@ -271,6 +372,8 @@ class TensorReader:
     def record(self, ext: int, data: bytes) -> Any:
         if ext == EXT_SCALAR:
             return _scalar(data)
+        if ext == EXT_STAGED:
+            return self._staged(data)
         if len(data) < 4:
             raise CodecError(f"tensor record of {len(data)} bytes is shorter than its 4-byte head")
         code, comp, ndim, where = _HEAD.unpack_from(data)
@@ -309,6 +412,19 @@ class TensorReader:
         if len(data) != pos + 16:
             raise CodecError(f"out-of-band tensor record has {len(data)} bytes; expected "
                              f"{pos + 16}")
+        start, stop = self._span(data, pos)
+        length = stop - start
+        if comp == COMP_NONE:
+            if length != raw:
+                raise CodecError(f"tensor of shape {shape} needs {raw} bytes; its payload at "
+                                 f"byte offset {start} holds {length}")
+            return _make(ext, code, shape, count, self.mv, start)
+        u8 = decompress(self.mv[start:stop], comp, raw, itemsize)
+        return _make(ext, code, shape, count, u8, 0)
+
+    def _span(self, data: bytes, pos: int) -> tuple[int, int]:
+        """Frame byte offsets (start, stop) of the payload whose (offset, length) is at `pos` of
+        a record, checked to follow the previous payload and to lie inside the frame."""
         off, length = _SPAN.unpack_from(data, pos)
         if off < self.end:
             raise CodecError(f"payload at offset {off} of the payload region overlaps the "
@@ -320,13 +436,102 @@ class TensorReader:
                              f"declared at byte offset {start} runs past the end of the frame")
         self.end = off + length
         self.seen = True
-        if comp == COMP_NONE:
-            if length != raw:
-                raise CodecError(f"tensor of shape {shape} needs {raw} bytes; its payload at "
-                                 f"byte offset {start} holds {length}")
-            return _make(ext, code, shape, count, self.mv, start)
-        u8 = decompress(self.mv[start:stop], comp, raw, itemsize)
-        return _make(ext, code, shape, count, u8, 0)
+        return start, stop
+
+    def _staged(self, data: bytes) -> Any:
+        """A staged record (see the module docstring) back to a dense tensor: the header is
+        checked against the stages (kernel.stages.check_layout) before any section is read."""
+        size = len(data)
+        if size < 4:
+            raise CodecError(f"staged tensor record of {size} bytes is shorter than its 4-byte "
+                             "head")
+        code, target, ndim, nst = _HEAD.unpack_from(data)
+        if target not in (EXT_NDARRAY, EXT_TORCH):
+            raise CodecError(f"staged tensor record: target {target}; expected {EXT_NDARRAY} "
+                             f"(numpy) or {EXT_TORCH} (torch)")
+        orig = _FLOAT_CODES.get(code)
+        if orig is None or (code == 14 and target == EXT_NDARRAY):
+            raise CodecError(f"staged tensor record: dtype code {code}; stages apply to float16 "
+                             "(9), float32 (10), float64 (11) and torch bfloat16 (14) only")
+        if ndim > _MAX_NDIM:
+            raise CodecError(f"staged tensor record declares {ndim} dimensions; at most "
+                             f"{_MAX_NDIM}")
+        pos = 4 + 8 * ndim + _STAGE.size * nst + 1
+        if size < pos:
+            raise CodecError(f"staged tensor record truncated: {size} bytes cannot hold "
+                             f"{ndim} dimensions and {nst} stages")
+        shape = struct.unpack_from(f"<{ndim}Q", data, 4)
+        if math.prod(max(d, 1) for d in shape) > _MAX_ELEMENTS:
+            raise CodecError(f"staged tensor record declares shape {shape}: too many elements")
+        n = math.prod(shape)
+        raw = n * _ITEMSIZE[code]
+        if raw > self.max_tensor:
+            raise CodecError(f"tensor of shape {shape} declares {raw} bytes; max_tensor_bytes "
+                             f"is {self.max_tensor}")
+        if raw > self.budget:
+            raise CodecError(f"tensors of this frame declare more than max_message_bytes in all "
+                             f"(the one of shape {shape} needs {raw} bytes, {self.budget} left)")
+        self.budget -= raw
+        specs = [_STAGE.unpack_from(data, 4 + 8 * ndim + _STAGE.size * i) for i in range(nst)]
+        nsec = data[pos - 1]
+        table: list[tuple[np.dtype, int, int, int, int]] = []  # dtype, count, comp, where, pos
+        for i in range(nsec):
+            if size < pos + _SECTION.size:
+                raise CodecError(f"staged tensor record truncated at section {i} of {nsec}")
+            scode, comp, where, count = _SECTION.unpack_from(data, pos)
+            pos += _SECTION.size
+            if scode >= len(_NP_DTYPES):
+                raise CodecError(f"staged tensor section {i}: bad dtype code {scode}")
+            dt = _NP_DTYPES[scode]
+            table.append((dt, count, comp, where, pos))
+            if where == 0:
+                if comp != COMP_NONE:
+                    raise CodecError(f"staged tensor section {i}: inline with compression id "
+                                     f"{comp}; inline sections are never compressed")
+                pos += count * dt.itemsize
+            elif where == 1:
+                pos += _SPAN.size
+            else:
+                raise CodecError(f"staged tensor section {i}: bad placement {where}; expected "
+                                 "0 or 1")
+        if pos != size:
+            raise CodecError(f"staged tensor record has {size} bytes; its sections account for "
+                             f"{pos}")
+        try:
+            pipe = stages.Pipeline.from_specs(specs)
+            stages.check_layout(n, pipe, orig, [(t[0], t[1]) for t in table])
+        except stages.StageError as e:
+            raise CodecError(f"staged tensor of shape {shape}: {e}") from None
+        sections = []
+        for i, (dt, count, comp, where, at) in enumerate(table):
+            nbytes = count * dt.itemsize
+            if where == 0:
+                sections.append(np.frombuffer(data, dt, count, at))
+                continue
+            start, stop = self._span(data, at)
+            if comp == COMP_NONE:
+                if stop - start != nbytes:
+                    raise CodecError(f"staged tensor section {i} needs {nbytes} bytes; its "
+                                     f"payload at byte offset {start} holds {stop - start}")
+                sections.append(np.frombuffer(self.mv, dt, count, start))
+            else:
+                u8 = decompress(self.mv[start:stop], comp, nbytes, dt.itemsize)
+                sections.append(u8.view(dt))
+        try:
+            flat = stages.decode(n, pipe, orig, sections)
+        except stages.StageError as e:
+            raise CodecError(f"staged tensor of shape {shape}: {e}") from None
+        except Exception as e:  # untrusted bytes: nothing but a CodecError may leave
+            raise CodecError(f"staged tensor of shape {shape} cannot be decoded: "
+                             f"{type(e).__name__}: {e}") from None
+        a = flat.reshape(shape)
+        if target == EXT_TORCH:
+            import torch
+
+            t = torch.from_numpy(a if a.flags.writeable else a.copy())
+            return t.to(torch.bfloat16) if code == 14 else t
+        a.flags.writeable = False
+        return a
 
 
 def _scalar(data: bytes) -> np.generic:

@@ -525,10 +525,12 @@ def main() -> int:
     print(f"{READY} READY {port}", flush=True)
     for _ in sys.stdin:  # nothing more is sent; EOF means the driver is done or gone
         pass
-    if not shard.stopped:
+    if shard.stopped:
+        with contextlib.suppress(Exception):
+            shard.shutdown()
+    else:
+        # The driver died or gave up on the run: nobody is listening, so go at once.
         log.warning("the driver went away before stopping this shard; exiting")
-    with contextlib.suppress(Exception):
-        shard.shutdown()
     sys.stdout.flush()
     sys.stderr.flush()
     # Skip interpreter teardown: gRPC's threads must not keep a finished shard alive.

@@ -9,7 +9,9 @@ shards for metric rows and their state until one node finishes, a limit passes o
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
+import re
 import socket
 import time
 from collections.abc import Mapping
@@ -88,7 +90,7 @@ class RayTransport(Transport):
         if ray.is_initialized():
             return
         o = self.opts
-        kw: dict[str, Any] = {"log_to_driver": False, "logging_level": "ERROR",
+        kw: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR,
                               "include_dashboard": o["dashboard"]}
         if o["address"]:
             kw["address"] = o["address"]
@@ -362,10 +364,24 @@ class RayTransport(Transport):
             ray.shutdown()
 
 
+_ANSI = re.compile(r"\x1b\[[0-9;]*m")
+_RAISED = re.compile(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt|Exit)\b")
+
+
 def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    first = next((line for line in text if line.strip()), "")
-    return f"{type(exc).__name__}: {first[:300]}"
+    """One line for an error from Ray: its first line, plus the exception that caused it where
+    Ray's text carries a remote traceback (a creation task that raised, for one)."""
+    lines = [ln.strip() for ln in _ANSI.sub("", str(exc)).splitlines() if ln.strip()]
+    first = lines[0] if lines else ""
+    out = f"{type(exc).__name__}: {first[:300]}"
+    cause = next((ln for ln in reversed(lines[1:]) if _RAISED.match(ln)), None)
+    if cause is not None:
+        out += f" ... {cause[:300]}"
+        if cause.startswith(("ModuleNotFoundError", "ImportError")):
+            out += (" (shard actors import the protocol themselves: its module must be "
+                    "importable on every Ray node; a local Ray puts the driver's working "
+                    "directory on the workers' path)")
+    return out
 
 
 def _plain(obj: Any) -> Any:

@@ -206,6 +206,20 @@ def test_protocol_error_names_shard_and_node(local_ray: None) -> None:
         _run(RayTransport({}), config)
 
 
+def test_shard_that_cannot_build_names_the_cause(local_ray: None) -> None:
+    config = {"run": {"seed": 0, "rounds": 1}, "protocol": {"name": rp.SYNC, "nodes": 4}}
+    dep = registry_load("protocols", rp.SYNC)(config)
+    # The driver's deployment is fine, but the shards rebuild it from a config they can't load.
+    broken = {**config, "protocol": {"name": "tests.transports.no_such_module:build"}}
+    tr = RayTransport({})
+    with pytest.raises(RunError, match=r"ray shard \d \(nodes .*\) died during start-up.*"
+                                       r"ModuleNotFoundError.*no_such_module"):
+        try:
+            tr.run(Job(config=broken, deployment=dep, seed=0, until=TIME_LIMIT))
+        finally:
+            tr.close()
+
+
 def test_unplaceable_shards_fail_within_the_call_timeout(local_ray: None) -> None:
     config = {"run": {"seed": 0, "rounds": 1}, "protocol": {"name": rp.SYNC, "nodes": 4}}
     tr = RayTransport({"shards": 2, "placement": "STRICT_SPREAD", "call_timeout": 2.0})
