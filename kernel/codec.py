@@ -15,6 +15,24 @@ torch tensors (bfloat16 included; dense, on the CPU, detached), lists, tuples (a
 dicts whose keys are any of these hashable values (str and int keys included). Subclasses come
 back as their base type (a namedtuple as a tuple, an OrderedDict as a dict); a msgpack.Timestamp
 comes back as a float (seconds).
+
+Lossy stages (kernel.stages) apply to messages only, never to bodies (checkpoints and results
+stay exact): `[codec]` rules pick them per message kind and tensor name, where a tensor's name
+is its path in the body with keys joined by "/" (`model/0.weight`, `updates/3`):
+
+    [codec.stages]              # shorthand: message kind = stages, for every tensor
+    update = ["int8"]
+    [[codec.rules]]             # full form; rules are tried in order, then the shorthand
+    kind = "update"             # fnmatch patterns
+    tensors = "model/*"
+    stages = ["topk", "int8"]   # at most a sparsifier (topk, randk), then an encoder
+    fraction = 0.01             # (fp16, bf16, int8, int4); see kernel.stages.RULE_DEFAULTS
+    block = 256                 # for the other keys: k, stochastic, min_elements, compression
+
+Every stage and its parameters travel in the tensor's record, so a receiver decodes without
+the sender's config. Random-k and stochastic rounding draw from a generator seeded by
+([codec] seed, src, seq, crc32 of the tensor's name): the same on every transport. `stats`
+counts frames and the bytes of staged tensors before and after each stage.
 """
 
 from __future__ import annotations
@@ -23,6 +41,7 @@ import operator
 import struct
 import sys
 import threading
+import zlib
 from collections.abc import Mapping
 from typing import Any
 
@@ -32,13 +51,16 @@ from msgpack import ExtType
 
 from kernel.config import ConfigError, options
 from kernel.messages import Message
+from kernel.stages import Rule, Rules
 from kernel.tensorwire import (
     ALIGN,
     EXT_NDARRAY,
     EXT_SCALAR,
+    EXT_STAGED,
     EXT_TORCH,
     POLICIES,
     CodecError,
+    Staged,
     TensorReader,
     TensorWriter,
 )
@@ -60,6 +82,9 @@ DEFAULTS: dict[str, Any] = {
     "max_tensor_bytes": 1 << 31,  # one tensor, decoded
     "max_depth": 32,  # nesting of lists, tuples and dicts (the body dict is depth 1)
     "max_items": 1 << 22,  # entries of one list, tuple or dict
+    "seed": 0,  # of random-k and stochastic rounding (with each message's src and seq)
+    "rules": [],  # [[codec.rules]]: lossy stages per message kind and tensor name
+    "stages": {},  # [codec.stages]: message kind = stage list (shorthand for a rule)
 }
 _RANGES = {
     "min_compress_bytes": (0, 1 << 62),
@@ -68,6 +93,7 @@ _RANGES = {
     "max_tensor_bytes": (0, 1 << 62),
     "max_depth": (1, 256),
     "max_items": (1, 1 << 40),
+    "seed": (0, (1 << 64) - 1),
 }
 _TUPLE_RECORD = ExtType(EXT_TUPLE, b"")
 _TUPLE_MARK = object()  # what the tuple record decodes to before its list becomes a tuple
@@ -91,7 +117,11 @@ class Codec:
         self.max_tensor_bytes: int = cfg["max_tensor_bytes"]
         self.max_depth: int = cfg["max_depth"]
         self.max_items: int = cfg["max_items"]
+        self.seed: int = cfg["seed"]
+        self.rules = Rules.from_config(cfg["rules"], cfg["stages"], POLICIES)
         self._local = threading.local()
+        self._writers: list[_Writer] = []  # one per thread that encoded: their counters
+        self._lock = threading.Lock()
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> Codec:
@@ -101,14 +131,50 @@ class Codec:
 
     def __repr__(self) -> str:
         return (f"Codec(compression={self.compression!r}, max_message_bytes="
-                f"{self.max_message_bytes}, max_tensor_bytes={self.max_tensor_bytes})")
+                f"{self.max_message_bytes}, max_tensor_bytes={self.max_tensor_bytes}, "
+                f"rules={len(self.rules.rules)})")
+
+    @property
+    def lossy(self) -> bool:
+        """Whether some rule changes tensors (a transport must then pass local messages through
+        the codec too, or they would arrive exact where remote ones do not)."""
+        return self.rules.lossy
+
+    @property
+    def stats(self) -> dict[str, Any]:
+        """Running counts since creation (or `reset_stats`), over all threads: `frames` and
+        `frame_bytes` of messages encoded; of the tensors that went through lossy stages:
+        `staged`, `raw_bytes` (before), `stage_bytes` (after each stage, by name), `wire_bytes`
+        (after lossless compression); `fallbacks`: tensors a rule named that travelled
+        losslessly (non-finite or out-of-range values)."""
+        out: dict[str, Any] = {"frames": 0, "frame_bytes": 0, "staged": 0, "raw_bytes": 0,
+                               "stage_bytes": {}, "wire_bytes": 0, "fallbacks": 0}
+        with self._lock:
+            writers = list(self._writers)
+        for w in writers:
+            ss = w.stage_stats
+            out["frames"] += w.frames
+            out["frame_bytes"] += w.frame_bytes
+            out["staged"] += ss.tensors
+            out["raw_bytes"] += ss.raw_bytes
+            out["wire_bytes"] += ss.wire_bytes
+            out["fallbacks"] += ss.fallbacks
+            for name, n in sorted(ss.stage_bytes.items()):
+                out["stage_bytes"][name] = out["stage_bytes"].get(name, 0) + n
+        return out
+
+    def reset_stats(self) -> None:
+        """Zero the counters of `stats`."""
+        with self._lock:
+            for w in self._writers:
+                w.reset_counts()
 
     # ------------------------------------------------------------------------------ encoding
 
     def encode(self, msg: Message) -> list[bytes | memoryview]:
         """`msg` as frame parts, header first; tensor payloads are views of the arrays, not
         copies, so the arrays must not change until the parts are written out."""
-        return self._frame(KIND_MESSAGE, _header(msg), check=True)
+        return self._frame(KIND_MESSAGE, self._message(msg), check=True)
 
     def encode_body(self, body: Mapping[str, Any]) -> list[bytes | memoryview]:
         """A bare body (a checkpoint, a result) as frame parts, the same way as `encode`."""
@@ -125,6 +191,8 @@ class Codec:
             w = _Writer(self)
             packer = msgpack.Packer(default=w.default, **_PACK_OPTS)
             self._local.tools = packer, w
+            with self._lock:
+                self._writers.append(w)
         w.parts = []
         w.end = 0
         w.current = None
@@ -143,6 +211,9 @@ class Codec:
             if 8 + hl > self.max_message_bytes:
                 raise CodecError(f"frame of {8 + hl} bytes exceeds max_message_bytes "
                                  f"{self.max_message_bytes}")
+            if kind == KIND_MESSAGE:
+                w.frames += 1
+                w.frame_bytes += 8 + hl
             return [_PREFIX.pack(MAGIC, VERSION, kind, hl) + header]
         w.parts = []  # the payload views leave with the frame, not with the writer
         pad = -(8 + hl) % ALIGN
@@ -150,6 +221,9 @@ class Codec:
         if total > self.max_message_bytes:
             raise CodecError(f"frame of {total} bytes exceeds max_message_bytes "
                              f"{self.max_message_bytes}")
+        if kind == KIND_MESSAGE:
+            w.frames += 1
+            w.frame_bytes += total
         first = b"".join((_PREFIX.pack(MAGIC, VERSION, kind, hl), header, bytes(pad)))
         return [first, *parts]
 
@@ -186,9 +260,18 @@ class Codec:
     def roundtrip(self, msg: Message) -> tuple[Message, int]:
         """`msg` after encoding and decoding (what a receiver in another process would get, in
         fresh memory) and the frame's size in bytes."""
-        parts = self._frame(KIND_MESSAGE, _header(msg), check=False)
+        parts = self._frame(KIND_MESSAGE, self._message(msg), check=False)
         data = parts[0] if len(parts) == 1 else join(parts)
         return self.decode(data), len(data)
+
+    def _message(self, msg: Message) -> list[Any]:
+        """The header list of `msg`, its body's tensors wrapped for the rules of its kind."""
+        h = _header(msg)
+        if self.rules:
+            rules = self.rules.for_kind(h[2])
+            if rules:
+                h[5] = _wrap(h[5], "", rules, (self.seed, h[0], h[4]))
+        return h
 
     def _unframe(self, data: Any, kind: int) -> tuple[Any, bool]:
         """The header object of frame `data`, and whether its nesting must still be checked."""
@@ -256,12 +339,18 @@ class _Writer(TensorWriter):
     """msgpack's `default` for one frame: tensors become records, tuples tagged lists, and
     subclasses of plain types their base type."""
 
-    __slots__ = ("current",)
+    __slots__ = ("current", "frames", "frame_bytes")
 
     def __init__(self, codec: Codec) -> None:
         super().__init__(codec.compression, codec.min_compress_bytes, codec.inline_bytes,
                          codec.max_tensor_bytes)
         self.current: Any = None  # the value being converted, to name it in an error
+        self.frames = 0  # message frames encoded by this thread, and their bytes
+        self.frame_bytes = 0
+
+    def reset_counts(self) -> None:
+        self.frames = self.frame_bytes = 0
+        self.stage_stats = type(self.stage_stats)()
 
     def default(self, obj: Any) -> Any:
         self.current = obj
@@ -270,6 +359,8 @@ class _Writer(TensorWriter):
             return self.ndarray(obj)
         if t is tuple:
             return [_TUPLE_RECORD, *obj]
+        if t is Staged:
+            return self.staged(obj)
         torch = sys.modules.get("torch")
         if torch is not None and isinstance(obj, torch.Tensor):
             return self.tensor(obj)
@@ -319,11 +410,11 @@ class _Reader(TensorReader):
                 raise CodecError(f"tuple record holds {len(data)} bytes; expected none")
             self.marks += 1
             return _TUPLE_MARK
-        if code in (EXT_NDARRAY, EXT_TORCH, EXT_SCALAR):
+        if code in (EXT_NDARRAY, EXT_TORCH, EXT_SCALAR, EXT_STAGED):
             return self.record(code, data)
         raise CodecError(f"unknown ext code {code} in the header; expected {EXT_NDARRAY} "
-                         f"(numpy), {EXT_TORCH} (torch), {EXT_SCALAR} (numpy scalar) or "
-                         f"{EXT_TUPLE} (tuple)")
+                         f"(numpy), {EXT_TORCH} (torch), {EXT_SCALAR} (numpy scalar), "
+                         f"{EXT_TUPLE} (tuple) or {EXT_STAGED} (staged tensor)")
 
     def object_hook(self, d: dict[Any, Any]) -> dict[Any, Any]:
         self.nests += 1
@@ -355,6 +446,40 @@ def _header(msg: Message) -> list[Any]:
             raise CodecError(f"message kind must be a str; got {_describe(kind)}")
         kind = str.__str__(kind)
     return [src, dst, kind, sent_at, seq, _as_dict(body)]
+
+
+def _wrap(obj: Any, path: str, rules: tuple[Rule, ...], seed: tuple[int, int, int]) -> Any:
+    """`obj` (named `path`) with each tensor a rule names wrapped as Staged; containers on the
+    way are copied only when something inside them is wrapped (the sender's body is never
+    changed)."""
+    t = type(obj)
+    if t is dict or t is list or t is tuple:
+        items = obj.items() if t is dict else enumerate(obj)
+        out = None
+        for key, v in items:
+            if type(v) not in _WRAPPABLE and not _is_tensor(v):
+                continue
+            w = _wrap(v, f"{path}/{key}" if path else str(key), rules, seed)
+            if w is not v:
+                if out is None:
+                    out = dict(obj) if t is dict else list(obj)
+                out[key] = w
+        if out is None:
+            return obj
+        return tuple(out) if t is tuple else out
+    n = obj.size if t is np.ndarray else obj.numel()
+    for rule in rules:
+        if rule.matches(path, n):
+            return Staged(obj, rule, (*seed, zlib.crc32(path.encode())))
+    return obj
+
+
+_WRAPPABLE = frozenset((dict, list, tuple, np.ndarray))
+
+
+def _is_tensor(v: Any) -> bool:
+    torch = sys.modules.get("torch")
+    return torch is not None and isinstance(v, torch.Tensor)
 
 
 def _as_dict(body: Any) -> dict[Any, Any]:

@@ -69,7 +69,7 @@ class Pipeline:
     encoder: str | None = None
     fraction: float = 0.01
     k: int = 0
-    block: int = 256  # quantiser block (consecutive positions of the flat tensor); 0: per tensor
+    block: int = 64  # quantiser block (consecutive positions of the flat tensor); 0: per tensor
     stochastic: bool = False
 
     @property
@@ -163,7 +163,8 @@ def encode(x: np.ndarray, pipe: Pipeline,
     if enc is None:
         sections.append(values)
     elif enc == "fp16":
-        h = values.astype(np.float16)
+        with np.errstate(over="ignore"):
+            h = values.astype(np.float16)
         if not np.isfinite(h).all():
             return None
         sections.append(h)
@@ -202,6 +203,7 @@ def _select(x: np.ndarray, k: int, how: str,
     else:
         gen = rng() if rng is not None else np.random.default_rng(0)
         idx = np.sort(gen.choice(n, size=k, replace=False))
+        idx = idx[x[idx] != 0]  # zeros are implied (and -0.0 would not survive a second pass)
     if how == "topk" and not np.isfinite(x[idx]).all():
         return None
     return idx.astype(np.int64, copy=False)
@@ -275,8 +277,12 @@ def _quantise(v: np.ndarray, starts: np.ndarray, block: int, enc: str,
     inv = np.ldexp(np.float32(1), -e).astype(_F4)
     scaled = _scale(v, inv, starts, block, out=a)  # exact: powers of two
     if rng is not None:
-        scaled += rng().random(m, dtype=np.float32)
-        np.floor(scaled, out=scaled)
+        # floor(v) + (u < frac(v)), not floor(v + u): the sum can round up to the next integer
+        # in float32, and an integer v (a value already on the grid) must stay as it is.
+        low = np.floor(scaled)
+        scaled -= low  # exact: the fraction of a float32 below 128
+        low += rng().random(m, dtype=np.float32) < scaled
+        scaled = low
     else:
         np.rint(scaled, out=scaled)
     np.clip(scaled, -levels, levels, out=scaled)
@@ -348,8 +354,10 @@ def check_layout(n: int, pipe: Pipeline, orig: str,
                                  "elements)")
             m = count
             continue
+        want: np.dtype[Any]
         if name == "scales":
-            want, expect, exact = np.dtype(np.int8), _groups_bound(m, pipe, n), False
+            want, expect = np.dtype(np.int8), _groups_bound(m, pipe, n)
+            exact = pipe.sparsifier is None
         elif name == "codes" and enc == "int4":
             want, expect, exact = np.dtype(np.uint8), (m + 1) // 2, True
         elif name == "codes":
@@ -394,7 +402,7 @@ def decode(n: int, pipe: Pipeline, orig: str, sections: Sequence[np.ndarray]) ->
         exps = rest[0]
         starts = _starts(m, pipe.block, idx)
         if exps.size != starts.size:
-            raise StageError(f"section 'scales': count {exps.size}; the indices make "
+            raise StageError(f"section 'scales': count {exps.size}; the kept positions make "
                              f"{starts.size} blocks of {pipe.block}")
         if exps.size and (exps.min() < E_MIN or exps.max() > E_MAX):
             bad = int(exps.min()) if exps.min() < E_MIN else int(exps.max())
@@ -437,7 +445,7 @@ RULE_DEFAULTS: dict[str, Any] = {
     "kind": "*",  # message kinds (fnmatch pattern)
     "tensors": "*",  # tensor names: the path in the body, keys joined by "/" ("model/0.weight")
     "stages": [],  # e.g. ["int8"], ["topk", "int8"]; [] sends the tensors losslessly
-    "block": 256,  # int8/int4 scale block (positions); 0: one scale per tensor
+    "block": 64,  # int8/int4 scale block (positions); 0: one scale per tensor
     "stochastic": False,  # int8/int4: stochastic rounding (seeded; see Codec)
     "fraction": 0.01,  # topk/randk: fraction of the elements kept (at least 1)
     "k": 0,  # topk/randk: a fixed count instead (> 0)

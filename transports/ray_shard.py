@@ -196,8 +196,8 @@ class ShardCore:
         self.thread: threading.Thread | None = None
         self.busy_s = 0.0
         self.loop_s = 0.0
-        # Learners read workload.torch_threads; without it a shard uses what it was given, so
-        # shards sharing a machine do not oversubscribe its cores.
+        # The same thread count the learners set from workload.torch_threads, applied here too
+        # for protocols that use torch without them: shards must not oversubscribe the cores.
         torch = sys.modules.get("torch")
         if torch is not None and threads > 0:
             torch.set_num_threads(threads)
