@@ -42,7 +42,7 @@ def test_run_folder_summary(run_dir: Path, capsys: pytest.CaptureFixture[str]) -
     assert f"messages       {result['messages']:,}" in text
     assert result["final_model_sha256"] in text
     rounds = text.split("rounds (3):\n", 1)[1].split("\n\n", 1)[0].splitlines()
-    assert rounds[0].split() == ["round", "t", "accuracy", "loss"]
+    assert rounds[0].split() == ["round", "t", "accuracy", "loss", "wall_s"]
     for r, line in zip((1, 2, 3), rounds[1:], strict=True):
         cols = line.split()
         assert cols[0] == str(r)
