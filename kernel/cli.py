@@ -1,12 +1,19 @@
 """The `fedloom` command.
 
-    fedloom run [CONFIG] [--set key=value ...] [--out DIR] [--quiet] [--debug]
+    fedloom run [CONFIG] [--set key=value ...] [--out DIR] [--checkpoint-every N] [--quiet]
+                [--debug]
+    fedloom run --resume DIR [--checkpoint-every N] [--out DIR2]
     fedloom perf compare|micro ...     (implemented by perf.cli)
     fedloom inspect DIR                (implemented by perf.cli)
 
 `fedloom run` without CONFIG runs the built-in default (workload W1: FedAvg, 10 clients,
 5 rounds, mlp, inproc). Outputs go to `--out`, else `[output] dir`, else `runs/<config stem>`
 (`runs/default` for the built-in config); files of an earlier run there are replaced.
+
+Checkpoints (inproc): `--checkpoint-every N` saves DIR/checkpoint.fl every N rounds, and Ctrl-C
+saves one and stops (exit 130, saying how to resume). `--resume DIR` continues the run saved in
+DIR (its config comes from the checkpoint; a CONFIG given too must be the same) and writes its
+outputs into DIR (or --out); the finished run equals one never interrupted.
 
 Exit codes: 0 the run finished; 1 an error (bad config, a failed run: the message without a
 traceback unless --debug); 2 bad command-line usage; 3 the run stopped (time limit, event
@@ -24,6 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from kernel.api import RunError
+from kernel.checkpoint import RunInterrupted
 from kernel.config import DEFAULT_CONFIG_NAME, ConfigError, default_config, load
 from kernel.progress import human_bytes
 from kernel.registry import UnknownName
@@ -49,6 +57,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
     try:
         return _run(ns)
+    except RunInterrupted as exc:
+        print(f"fedloom: {exc.message}", file=sys.stderr)
+        return EXIT_INTERRUPTED
     except KeyboardInterrupt:
         print("fedloom: interrupted", file=sys.stderr)
         return EXIT_INTERRUPTED
@@ -75,6 +86,12 @@ def _parser() -> argparse.ArgumentParser:
                         "--set run.seed=3 (repeatable; values are TOML, else strings)")
     p.add_argument("--out", type=Path, metavar="DIR",
                    help="output directory (default: [output] dir, else runs/<config stem>)")
+    p.add_argument("--checkpoint-every", type=int, metavar="N",
+                   help="save DIR/checkpoint.fl every N rounds (inproc only; Ctrl-C always "
+                        "saves one on inproc)")
+    p.add_argument("--resume", type=Path, metavar="DIR",
+                   help="continue the run whose checkpoint is in DIR, writing into DIR "
+                        "(or --out)")
     p.add_argument("--quiet", action="store_true",
                    help="print nothing but errors (no progress, no summary)")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -86,20 +103,32 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def _run(ns: argparse.Namespace) -> int:
-    if ns.config is None:
-        config = default_config(ns.overrides)
-        stem = DEFAULT_CONFIG_NAME
+    if ns.checkpoint_every is not None and ns.checkpoint_every < 1:
+        raise ConfigError(f"--checkpoint-every {ns.checkpoint_every} is not allowed; expected "
+                          f"an integer >= 1 (rounds between checkpoints)")
+    config: dict[str, Any] | None
+    if ns.resume is not None:
+        if ns.overrides:
+            raise ConfigError("--set cannot change a resumed run: it continues with the "
+                              "config saved in its checkpoint")
+        config = load(ns.config) if ns.config is not None else None
+        out_dir = ns.out if ns.out is not None else ns.resume
     else:
-        config = load(ns.config, ns.overrides)
-        stem = ns.config.stem
-    out_dir = ns.out
-    if out_dir is None:
-        configured = config.get("output", {}).get("dir", "")
-        out_dir = Path(configured) if configured else Path("runs") / stem
+        if ns.config is None:
+            config = default_config(ns.overrides)
+            stem = DEFAULT_CONFIG_NAME
+        else:
+            config = load(ns.config, ns.overrides)
+            stem = ns.config.stem
+        out_dir = ns.out
+        if out_dir is None:
+            configured = config.get("output", {}).get("dir", "")
+            out_dir = Path(configured) if configured else Path("runs") / stem
     # Imported here so `fedloom --help` and config errors stay fast.
     from kernel.runner import run
 
-    result = run(config, out_dir, quiet=ns.quiet)
+    result = run(config, out_dir, quiet=ns.quiet, checkpoint_every=ns.checkpoint_every,
+                 resume=ns.resume)
     finished = result.get("reason") == "finished"
     if not ns.quiet:
         print(summary(result, out_dir))
@@ -132,6 +161,11 @@ def summary(result: Mapping[str, Any], out_dir: Path) -> str:
         f"  model sha256   {result['final_model_sha256'] or '-'}",
         f"  outputs        {out_dir}",
     ]
+    ck = result.get("checkpoint")
+    if ck:
+        resumed = ck.get("resumed_from_round")
+        lines.append(f"  checkpoint     {ck['path']} ({ck['written']} written"
+                     + (f", resumed from round {resumed}" if resumed is not None else "") + ")")
     return "\n".join(lines)
 
 

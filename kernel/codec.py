@@ -27,12 +27,12 @@ is its path in the body with keys joined by "/" (`model/0.weight`, `updates/3`):
     tensors = "model/*"
     stages = ["topk", "int8"]   # at most a sparsifier (topk, randk), then an encoder
     fraction = 0.01             # (fp16, bf16, int8, int4); see kernel.stages.RULE_DEFAULTS
-    block = 256                 # for the other keys: k, stochastic, min_elements, compression
+    block = 64                  # for the other keys: k, stochastic, min_elements, compression
 
 Every stage and its parameters travel in the tensor's record, so a receiver decodes without
 the sender's config. Random-k and stochastic rounding draw from a generator seeded by
 ([codec] seed, src, seq, crc32 of the tensor's name): the same on every transport. `stats`
-counts frames and the bytes of staged tensors before and after each stage.
+counts the bytes of staged tensors before and after each stage.
 """
 
 from __future__ import annotations
@@ -61,6 +61,7 @@ from kernel.tensorwire import (
     POLICIES,
     CodecError,
     Staged,
+    StageStats,
     TensorReader,
     TensorWriter,
 )
@@ -119,8 +120,10 @@ class Codec:
         self.max_items: int = cfg["max_items"]
         self.seed: int = cfg["seed"]
         self.rules = Rules.from_config(cfg["rules"], cfg["stages"], POLICIES)
+        self._staging = bool(self.rules.rules)  # checked on every message: a plain attribute
         self._local = threading.local()
-        self._writers: list[_Writer] = []  # one per thread that encoded: their counters
+        # The stage counters of each thread that encoded (small; its writer dies with it).
+        self._counters: list[StageStats] = []
         self._lock = threading.Lock()
 
     @classmethod
@@ -142,19 +145,16 @@ class Codec:
 
     @property
     def stats(self) -> dict[str, Any]:
-        """Running counts since creation (or `reset_stats`), over all threads: `frames` and
-        `frame_bytes` of messages encoded; of the tensors that went through lossy stages:
-        `staged`, `raw_bytes` (before), `stage_bytes` (after each stage, by name), `wire_bytes`
-        (after lossless compression); `fallbacks`: tensors a rule named that travelled
-        losslessly (non-finite or out-of-range values)."""
-        out: dict[str, Any] = {"frames": 0, "frame_bytes": 0, "staged": 0, "raw_bytes": 0,
-                               "stage_bytes": {}, "wire_bytes": 0, "fallbacks": 0}
+        """Running counts since creation (or `reset_stats`), over all threads, of the tensors
+        that went through lossy stages: `staged` (how many), `raw_bytes` (before), `stage_bytes`
+        (after each stage, by name), `wire_bytes` (after lossless compression); `fallbacks`:
+        tensors a rule named that travelled losslessly (non-finite or out-of-range values).
+        Frame sizes are the host's to count (`Host.stats["bytes"]` in strict mode)."""
+        out: dict[str, Any] = {"staged": 0, "raw_bytes": 0, "stage_bytes": {}, "wire_bytes": 0,
+                               "fallbacks": 0}
         with self._lock:
-            writers = list(self._writers)
-        for w in writers:
-            ss = w.stage_stats
-            out["frames"] += w.frames
-            out["frame_bytes"] += w.frame_bytes
+            counters = list(self._counters)
+        for ss in counters:
             out["staged"] += ss.tensors
             out["raw_bytes"] += ss.raw_bytes
             out["wire_bytes"] += ss.wire_bytes
@@ -166,15 +166,16 @@ class Codec:
     def reset_stats(self) -> None:
         """Zero the counters of `stats`."""
         with self._lock:
-            for w in self._writers:
-                w.reset_counts()
+            for ss in self._counters:
+                ss.reset()
 
     # ------------------------------------------------------------------------------ encoding
 
     def encode(self, msg: Message) -> list[bytes | memoryview]:
         """`msg` as frame parts, header first; tensor payloads are views of the arrays, not
         copies, so the arrays must not change until the parts are written out."""
-        return self._frame(KIND_MESSAGE, self._message(msg), check=True)
+        h = self._staged_header(msg) if self._staging else _header(msg)
+        return self._frame(KIND_MESSAGE, h, check=True)
 
     def encode_body(self, body: Mapping[str, Any]) -> list[bytes | memoryview]:
         """A bare body (a checkpoint, a result) as frame parts, the same way as `encode`."""
@@ -192,7 +193,7 @@ class Codec:
             packer = msgpack.Packer(default=w.default, **_PACK_OPTS)
             self._local.tools = packer, w
             with self._lock:
-                self._writers.append(w)
+                self._counters.append(w.stage_stats)
         w.parts = []
         w.end = 0
         w.current = None
@@ -211,9 +212,6 @@ class Codec:
             if 8 + hl > self.max_message_bytes:
                 raise CodecError(f"frame of {8 + hl} bytes exceeds max_message_bytes "
                                  f"{self.max_message_bytes}")
-            if kind == KIND_MESSAGE:
-                w.frames += 1
-                w.frame_bytes += 8 + hl
             return [_PREFIX.pack(MAGIC, VERSION, kind, hl) + header]
         w.parts = []  # the payload views leave with the frame, not with the writer
         pad = -(8 + hl) % ALIGN
@@ -221,9 +219,6 @@ class Codec:
         if total > self.max_message_bytes:
             raise CodecError(f"frame of {total} bytes exceeds max_message_bytes "
                              f"{self.max_message_bytes}")
-        if kind == KIND_MESSAGE:
-            w.frames += 1
-            w.frame_bytes += total
         first = b"".join((_PREFIX.pack(MAGIC, VERSION, kind, hl), header, bytes(pad)))
         return [first, *parts]
 
@@ -260,17 +255,17 @@ class Codec:
     def roundtrip(self, msg: Message) -> tuple[Message, int]:
         """`msg` after encoding and decoding (what a receiver in another process would get, in
         fresh memory) and the frame's size in bytes."""
-        parts = self._frame(KIND_MESSAGE, self._message(msg), check=False)
+        h = self._staged_header(msg) if self._staging else _header(msg)
+        parts = self._frame(KIND_MESSAGE, h, check=False)
         data = parts[0] if len(parts) == 1 else join(parts)
         return self.decode(data), len(data)
 
-    def _message(self, msg: Message) -> list[Any]:
+    def _staged_header(self, msg: Message) -> list[Any]:
         """The header list of `msg`, its body's tensors wrapped for the rules of its kind."""
         h = _header(msg)
-        if self.rules:
-            rules = self.rules.for_kind(h[2])
-            if rules:
-                h[5] = _wrap(h[5], "", rules, (self.seed, h[0], h[4]))
+        rules = self.rules.for_kind(h[2])
+        if rules:
+            h[5] = _wrap(h[5], "", rules, (self.seed, h[0], h[4]))
         return h
 
     def _unframe(self, data: Any, kind: int) -> tuple[Any, bool]:
@@ -339,18 +334,12 @@ class _Writer(TensorWriter):
     """msgpack's `default` for one frame: tensors become records, tuples tagged lists, and
     subclasses of plain types their base type."""
 
-    __slots__ = ("current", "frames", "frame_bytes")
+    __slots__ = ("current",)
 
     def __init__(self, codec: Codec) -> None:
         super().__init__(codec.compression, codec.min_compress_bytes, codec.inline_bytes,
                          codec.max_tensor_bytes)
         self.current: Any = None  # the value being converted, to name it in an error
-        self.frames = 0  # message frames encoded by this thread, and their bytes
-        self.frame_bytes = 0
-
-    def reset_counts(self) -> None:
-        self.frames = self.frame_bytes = 0
-        self.stage_stats = type(self.stage_stats)()
 
     def default(self, obj: Any) -> Any:
         self.current = obj

@@ -184,6 +184,8 @@ class Host:
         self.finished_by: int | None = None
         self.error: BaseException | None = None
         self._stop = False
+        # Set by `request_pause`: the loop returns "paused" after the event running now.
+        self._pause = False
         self._timer_token = 0
         self._direct = self.sched._fifo.append if network is None and strict is None else None
         # Counters (see `stats`); messages are counted from the senders' sequence numbers.
@@ -234,7 +236,7 @@ class Host:
                         self._crash_at.setdefault(node, []).append(t)
         for node in sorted(self.local):
             self._start_node(node)
-            if self._stop:
+            if self.result is not None or self.error is not None:
                 return
 
     def _start_node(self, node: int) -> None:
@@ -256,10 +258,11 @@ class Host:
             raise self.error
 
     def run(self, until: float | None = None, max_events: int | None = None) -> str:
-        """Run until a node finishes, nothing is left, `until` or `max_events`; say which.
+        """Run until a node finishes, nothing is left, `until` or `max_events`, or a pause was
+        requested; say which ("paused" for the last: calling `run` again goes on exactly).
         Raises RunError (naming node, handler, message and time) when a protocol raised."""
         # A transport may have cleared `error` (after interrupting the loop on purpose).
-        self._stop = self.result is not None or self.error is not None
+        self._stop = self.result is not None or self.error is not None or self._pause
         if not self._stop:
             reason, n = self.sched.run(self._dispatch, until=until, max_events=max_events)
             self._events += n
@@ -267,7 +270,17 @@ class Host:
             reason = "finished"
         if self.error is not None:
             raise self.error
+        if self._pause and self.result is None:
+            self._pause = False
+            return "paused"
         return reason
+
+    def request_pause(self) -> None:
+        """Make `run` return "paused" once the event running now (if any) is done, between
+        events, where the whole state can be saved. Only sets two flags, so a signal handler
+        may call it; the hot path pays nothing (it already checks `_stop` after each event)."""
+        self._pause = True
+        self._stop = True
 
     def _call(self, fn: Callable[..., None], node: int, *args: Any) -> None:
         try:
@@ -371,7 +384,8 @@ class Host:
                     self._fail(ctx.id, "on_message", exc, payload)
             else:
                 self._timer(ctx, payload)
-            if self._stop:
+            # Not `_stop`: a pause must not leave events stranded in the mailbox.
+            if self.result is not None or self.error is not None:
                 return
             if ctx.busy_until > now:
                 if pending:

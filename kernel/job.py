@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from kernel.api import Deployment
+
+if TYPE_CHECKING:
+    from kernel.checkpoint import CheckpointPlan
 
 
 @dataclass
@@ -21,6 +24,9 @@ class Job:
     until: float | None = None
     max_events: int | None = None
     on_metric: Callable[[dict[str, Any]], None] = lambda row: None
+    # Checkpoints and resuming (inproc only: a transport without `checkpoints = True` never
+    # gets one); None runs without.
+    checkpoint: CheckpointPlan | None = None
 
 
 @dataclass
@@ -29,7 +35,7 @@ class Outcome:
 
     result: Mapping[str, Any] | None
     finished_by: int | None
-    reason: str  # "finished", "idle", "until" or "max_events"
+    reason: str  # "finished", "idle", "until", "max_events" or "interrupted" (Ctrl-C)
     clock_s: float  # virtual seconds on inproc, wall seconds of the run loop elsewhere
     messages: int
     bytes: int

@@ -74,6 +74,26 @@ class Scheduler:
     def __len__(self) -> int:
         return len(self._fifo) + len(self._heap) + len(self._inbox)
 
+    def state(self) -> dict[str, Any]:
+        """The clock and the queued events, for a checkpoint (between events, virtual time):
+        `now`, `seq` (the insertion counter), `heap` ((time, seq, etype, node, payload)
+        entries) and `fifo` ((etype, node, payload) events due now, in order)."""
+        if self._inbox:
+            raise RuntimeError("events handed in from other threads are still in the inbox")
+        return {"now": self.now, "seq": self._seq, "heap": list(self._heap),
+                "fifo": list(self._fifo)}
+
+    def set_state(self, now: float, seq: int, heap: list[tuple[float, int, int, int, Any]],
+                  fifo: list[Event]) -> None:
+        """Replace the clock and queues with those of `state()` (before the loop runs)."""
+        self.now = now
+        self._seq = seq
+        # (time, seq) keys are unique, so the pop order does not depend on the heap's layout.
+        self._heap[:] = heap
+        heapq.heapify(self._heap)
+        self._fifo.clear()
+        self._fifo.extend(fifo)
+
     def elapsed(self) -> float:
         """Wall seconds since this scheduler was made."""
         return time.monotonic() - self._t0

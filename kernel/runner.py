@@ -12,6 +12,13 @@ neither. Timing and memory fields of the result (all wall-clock, so they differ 
   the processes the transport reports (`Outcome.pids`), sampled every `RSS_INTERVAL_S` by a
   background thread, and never less than this process's own peak (getrusage). Shared pages
   (Ray's object store) count once per process that maps them, so it overstates a little.
+
+Checkpoints (inproc only; see kernel.checkpoint): with an output directory, a run on a
+transport that supports them saves `DIR/checkpoint.fl` every `checkpoint_every` rounds (the
+argument, else `[run] checkpoint_every`) and when interrupted by Ctrl-C (SIGINT), after which
+`run` raises `RunInterrupted` saying how to resume. `resume=DIR` continues from DIR's
+checkpoint: its config, metric rows and state; the finished run's result and metrics equal
+an uninterrupted run's (wall-clock fields aside).
 """
 
 from __future__ import annotations
@@ -19,10 +26,11 @@ from __future__ import annotations
 import contextlib
 import os
 import resource
+import signal
 import sys
 import threading
 import time
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -30,9 +38,10 @@ from typing import Any
 import numpy as np
 import psutil
 
+from kernel import checkpoint as ckpt
 from kernel import registry
 from kernel.api import RunError
-from kernel.config import WALL_TIME_LIMIT_S, validate
+from kernel.config import WALL_TIME_LIMIT_S, ConfigError, validate
 from kernel.job import Job
 from kernel.outputs import jsonable, model_sha256, named_arrays, write_outputs
 from kernel.progress import Progress
@@ -54,16 +63,23 @@ class RunRecord:
 
 
 def run(
-    config: Mapping[str, Any],
+    config: Mapping[str, Any] | None,
     out_dir: str | Path | None = None,
     *,
     quiet: bool = False,
     progress: Progress | None = None,
     started_at: float | None = None,
+    checkpoint_every: int | None = None,
+    resume: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run `config` and return result.json's content; with `out_dir`, also write the run's
-    files there (see `kernel.outputs.write_outputs`)."""
-    record = execute(config, quiet=quiet, progress=progress, started_at=started_at)
+    files there (see `kernel.outputs.write_outputs`) and checkpoints (see the module doc).
+    `resume=DIR` continues DIR's checkpoint (and writes into DIR unless `out_dir` is given);
+    `config` may then be None, or must be the checkpoint's own."""
+    if resume is not None and out_dir is None:
+        out_dir = resume
+    record = execute(config, quiet=quiet, progress=progress, started_at=started_at,
+                     checkpoint_dir=out_dir, checkpoint_every=checkpoint_every, resume=resume)
     if out_dir is not None:
         save_model = record.config.get("output", {}).get("save_model", True)
         write_outputs(out_dir, record.config, record.result, record.rows, record.model,
@@ -72,22 +88,46 @@ def run(
 
 
 def execute(
-    config: Mapping[str, Any],
+    config: Mapping[str, Any] | None,
     *,
     quiet: bool = False,
     progress: Progress | None = None,
     started_at: float | None = None,
+    checkpoint_dir: str | Path | None = None,
+    checkpoint_every: int | None = None,
+    resume: str | Path | None = None,
 ) -> RunRecord:
-    """Run `config` and keep everything in memory (what `run` writes to disk).
+    """Run `config` and keep everything in memory (what `run` writes to disk), but for
+    checkpoints, which go to `checkpoint_dir` (see the module doc).
 
     Progress: `progress` if given; otherwise a `Progress` on stderr unless `quiet` or
-    `[run] progress = false`. Errors of the run (`RunError`) and of the config (`ConfigError`)
-    propagate with their messages.
+    `[run] progress = false`. Errors of the run (`RunError`, `CheckpointError`) and of the
+    config (`ConfigError`) propagate with their messages; Ctrl-C during a checkpointed run
+    raises `RunInterrupted` once the checkpoint is written.
     """
     if started_at is None:
         started_at = process_start_time()
-    cfg = validate(config)
+    # A checkpoint is read and verified before anything else happens.
+    loaded = ckpt.read(resume) if resume is not None else None
+    if loaded is not None:
+        cfg = validate(loaded.config)
+        if config is not None and ckpt.config_sha256(validate(config)) != ckpt.config_sha256(cfg):
+            raise ckpt.CheckpointError(
+                f"{loaded.path} was written by a different config than the one given; resume "
+                f"without a config to continue that run")
+    elif config is None:
+        raise ConfigError("no config given and nothing to resume")
+    else:
+        cfg = validate(config)
     run_cfg = cfg["run"]
+    every = checkpoint_every
+    if every is None:
+        every = run_cfg.get("checkpoint_every")
+    if every is None and loaded is not None:
+        every = loaded.header.get("checkpoint_every")
+    if every is not None and (type(every) is not int or every < 1):
+        raise ConfigError(f"checkpoint_every = {every!r} is not allowed; expected an integer "
+                          f">= 1 (rounds between checkpoints)")
     seed: int = run_cfg["seed"]
     name: str = cfg["protocol"]["name"]
     kind: str = cfg["transport"]["kind"]
@@ -105,8 +145,13 @@ def execute(
     if until is None and not virtual:
         until = WALL_TIME_LIMIT_S
 
-    rows: list[dict[str, Any]] = []
+    rows: list[dict[str, Any]] = list(loaded.rows) if loaded is not None else []
     show = progress.update if progress is not None else None
+    plan = _plan(cfg, kind, transport_cls, build, checkpoint_dir, every, loaded, rows)
+    if show is not None and loaded is not None:
+        done = [r for r in rows if r.get("name") == "round"]
+        if done:
+            show(done[-1])
 
     t_run = time.perf_counter()
 
@@ -127,6 +172,7 @@ def execute(
         until=until,
         max_events=run_cfg.get("max_events"),
         on_metric=on_metric,
+        checkpoint=plan,
     )
     rss = PeakRss(RSS_INTERVAL_S)
     rss.start()
@@ -136,7 +182,8 @@ def execute(
             if progress is not None:
                 progress.start()
             t = time.perf_counter()
-            outcome = transport.run(job)
+            with _sigint_to(plan):
+                outcome = transport.run(job)
             run_s = time.perf_counter() - t
             wall_s = time.time() - started_at
             rss.watch(getattr(outcome, "pids", ()) or ())
@@ -150,6 +197,8 @@ def execute(
         if progress is not None:
             progress.close()
 
+    if outcome.reason == "interrupted" and plan is not None:
+        raise ckpt.RunInterrupted(plan.path if plan.saved else None, plan.last_round())
     res: Mapping[str, Any] = outcome.result if outcome.result is not None else {}
     model = named_arrays(res["model"]) if "model" in res else None
     startup_s = float(outcome.startup_s)
@@ -180,7 +229,53 @@ def execute(
         "shards": outcome.shards,
         "extra": {k: v for k, v in res.items() if k not in _PROMOTED},
     }
+    if plan is not None and (plan.saved or loaded is not None):
+        result["checkpoint"] = {
+            "path": str(plan.path), "every": plan.every, "written": plan.saved,
+            "last_bytes": plan.last_bytes, "write_s": plan.write_s,
+            "resumed_from_round": loaded.round if loaded is not None else None,
+        }
     return RunRecord(jsonable(result), rows, model, cfg)
+
+
+def _plan(cfg: dict[str, Any], kind: str, transport_cls: Any, build: Any,
+          directory: str | Path | None, every: int | None, loaded: ckpt.Loaded | None,
+          rows: list[dict[str, Any]]) -> ckpt.CheckpointPlan | None:
+    """The run's checkpoint plan: None where the transport cannot checkpoint (then asking
+    for checkpoints or resuming is a ConfigError) or there is no directory to write to."""
+    if not getattr(transport_cls, "checkpoints", False):
+        if every is not None or loaded is not None:
+            raise ConfigError(
+                f"checkpoints (checkpoint_every, --resume) are inproc-only for now; this run's "
+                f"transport.kind = {kind!r}")
+        return None
+    if directory is None and loaded is not None:
+        directory = loaded.path.parent  # a resumed run checkpoints where it came from
+    if directory is None:
+        if every is not None:
+            raise ConfigError("checkpoint_every needs an output directory to write "
+                              "checkpoint.fl into (--out DIR)")
+        return None
+    return ckpt.CheckpointPlan(Path(directory), every, cfg, rows,
+                               ckpt.allowed_modules(cfg, build), resume=loaded)
+
+
+@contextlib.contextmanager
+def _sigint_to(plan: ckpt.CheckpointPlan | None) -> Iterator[None]:
+    """While the run goes on, Ctrl-C asks `plan` to save and stop (a second Ctrl-C stops at
+    once). Signal handlers can only be set in the main thread: elsewhere nothing changes."""
+    if plan is None or threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum: int, frame: Any) -> None:
+        plan.interrupt()
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
 
 
 def _load(group: str, name: str, what: str) -> Any:

@@ -150,6 +150,10 @@ def encode(x: np.ndarray, pipe: Pipeline,
     sizes: list[tuple[str, int]] = []
     idx: np.ndarray | None = None
     values = x
+    if pipe.sparsifier == "randk" and not _fits(x, pipe.encoder):
+        # Decided on the whole tensor, not on the random selection: whether a tensor falls
+        # back must not depend on the draw, or the stage would not be a projection.
+        return None
     if pipe.sparsifier is not None:
         k = pipe.kept(n)
         idx = _select(x, k, pipe.sparsifier, rng)
@@ -163,11 +167,10 @@ def encode(x: np.ndarray, pipe: Pipeline,
     if enc is None:
         sections.append(values)
     elif enc == "fp16":
-        with np.errstate(over="ignore"):
-            h = values.astype(np.float16)
-        if not np.isfinite(h).all():
+        v32 = values.astype(_F4, copy=False)
+        if not _fits(v32, "fp16"):  # max and min of the input: cheaper than isfinite on fp16
             return None
-        sections.append(h)
+        sections.append(v32.astype(np.float16))
     elif enc == "bf16":
         b = _to_bf16(values.astype(_F4, copy=False))
         if b.size and ((b & 0x7F80) == 0x7F80).any():  # an infinity or NaN
@@ -188,12 +191,28 @@ def encode(x: np.ndarray, pipe: Pipeline,
     return Encoded(pipe.specs(n), sections, sizes)
 
 
+def _fits(x: np.ndarray, enc: str | None) -> bool:
+    """Whether `encoder` can represent every value of `x` (rounding is monotone in the
+    magnitude, so the largest one decides)."""
+    if not x.size:
+        return True
+    top = np.float32(max(x.max(), -x.min()))  # NaN propagates
+    if not np.isfinite(top):
+        return False
+    if enc == "fp16":
+        with np.errstate(over="ignore"):
+            return bool(np.isfinite(np.float16(top)))
+    if enc == "bf16":
+        return bool((_to_bf16(np.array([top], _F4))[0] & 0x7F80) != 0x7F80)
+    if enc in _LEVELS:
+        return _quantise(np.array([top], _F4), np.zeros(1, np.int64), 0, enc, None) is not None
+    return True
+
+
 def _select(x: np.ndarray, k: int, how: str,
             rng: Callable[[], np.random.Generator] | None) -> np.ndarray | None:
-    """Sorted int64 positions to keep, or None when `x` holds a NaN or infinity."""
+    """Sorted int64 positions to keep (top-k: None when `x` holds a NaN or infinity)."""
     n = x.size
-    if how == "randk" and not np.isfinite(x).all():
-        return None
     if np.count_nonzero(x) <= k:
         # Already k-sparse: keep every nonzero (what makes the stage a projection).
         idx = np.flatnonzero(x)
@@ -414,7 +433,9 @@ def decode(n: int, pipe: Pipeline, orig: str, sections: Sequence[np.ndarray]) ->
     if idx is None:
         return values.astype(out_dt, copy=False)
     out = np.zeros(n, out_dt)
-    out[idx] = values
+    # + 0 turns a -0.0 (a tiny value the encoder flushed) into +0.0, like every unkept entry.
+    with np.errstate(invalid="ignore"):  # a signalling NaN in the values
+        out[idx] = values + values.dtype.type(0)
     return out
 
 
@@ -535,7 +556,7 @@ def _rule(where: str, given: Any, policies: Sequence[str]) -> Rule:
     stages = o["stages"]
     sparsifier = encoder = None
     for j, s in enumerate(stages):
-        if s not in _IDS:
+        if not isinstance(s, str) or s not in _IDS:
             raise ConfigError(f"[{where}] stages[{j}] = {s!r} is not a stage; choose from "
                               f"{', '.join(STAGES)}")
         if s in SPARSIFIERS:

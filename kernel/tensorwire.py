@@ -200,6 +200,9 @@ class StageStats:
     __slots__ = ("tensors", "raw_bytes", "wire_bytes", "stage_bytes", "fallbacks")
 
     def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
         self.tensors = 0  # float tensors that went through lossy stages
         self.raw_bytes = 0  # their bytes before any stage
         self.wire_bytes = 0  # their bytes on the wire (after lossless compression)
@@ -518,7 +521,8 @@ class TensorReader:
                 u8 = decompress(self.mv[start:stop], comp, nbytes, dt.itemsize)
                 sections.append(u8.view(dt))
         try:
-            flat = stages.decode(n, pipe, orig, sections)
+            with np.errstate(all="ignore"):  # arbitrary bits may hold NaNs; never warn
+                flat = stages.decode(n, pipe, orig, sections)
         except stages.StageError as e:
             raise CodecError(f"staged tensor of shape {shape}: {e}") from None
         except Exception as e:  # untrusted bytes: nothing but a CodecError may leave

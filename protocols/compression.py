@@ -28,6 +28,7 @@ before lossless compression) and `residual` (the residual's L2 norm).
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Hashable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -97,8 +98,9 @@ class ErrorFeedback:
             if self.enabled and key in self._residual:
                 acc += self._residual[key]
             flat = acc.reshape(-1)
-            seed = [self.seed, node, calls, len(out)]
-            enc = stages.encode(flat, rule.pipeline, lambda s=seed: np.random.default_rng(s))
+            enc = stages.encode(flat, rule.pipeline,
+                                functools.partial(np.random.default_rng,
+                                                  [self.seed, node, calls, len(out)]))
             if enc is None:  # not representable: the codec sends it losslessly
                 sent = acc
                 stats.sent_bytes += acc.nbytes

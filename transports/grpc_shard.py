@@ -381,7 +381,8 @@ class Shard:
         return {}
 
     def _start(self) -> dict[str, Any]:
-        if self.opts["strict"]:
+        # Lossy stages must reach every message, or this run would differ from inproc.
+        if self.opts["strict"] or self.codec.lossy:
             strict, sizer = self.codec, None
         else:
             strict, sizer = None, body_nbytes

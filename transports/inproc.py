@@ -1,9 +1,18 @@
 """inproc: every node in this process, virtual time, the seeded network model; bit-for-bit
 deterministic. Strict mode passes every message through the codec, proving it would cross a
-process boundary unchanged."""
+process boundary unchanged.
+
+Checkpoints (`job.checkpoint`): after the event that emits a "round" row due for one (or
+after Ctrl-C), the host pauses between events, the whole state is saved, and the loop goes on
+(or, interrupted, stops with reason "interrupted"). A resumed job restores a fresh host from
+the checkpoint instead of starting the nodes, and goes on exactly where the saved run was.
+"""
 
 from __future__ import annotations
 
+from typing import Any
+
+from kernel import checkpoint
 from kernel.codec import Codec, body_nbytes
 from kernel.config import options
 from kernel.host import Host
@@ -15,6 +24,7 @@ class InprocTransport(Transport):
     """One host for all nodes on a virtual clock (options: `strict`)."""
 
     virtual_clock = True
+    checkpoints = True
 
     def run(self, job: Job) -> Outcome:
         dep = job.deployment
@@ -22,21 +32,50 @@ class InprocTransport(Transport):
         network = NetworkModel.from_config(job.config.get("network", {}), job.seed, dep.node_ids)
         codec = Codec.from_config(job.config.get("codec", {}))
         strict = codec if opts["strict"] else None
+        plan = job.checkpoint
+        on_metric = job.on_metric
+        if plan is not None and plan.every:
+            emit = job.on_metric
+
+            def on_metric(row: dict[str, Any]) -> None:
+                # Only metric rows look at the checkpoint schedule: the event loop does not.
+                emit(row)
+                if plan.due(row):
+                    host.request_pause()
+
         host = Host(
             dep,
             dep.node_ids,
             seed=job.seed,
             network=network,
             strict=strict,
-            on_metric=job.on_metric,
+            on_metric=on_metric,
             sizer=body_nbytes,
         )
-        host.start()
-        reason = "finished" if host.result is not None else host.run(job.until, job.max_events)
-        host.stop()
+        if plan is not None and plan.resume is not None:
+            checkpoint.restore(host, network, plan.resume.state, plan.allowed)
+        else:
+            host.start()
+        reason = "finished" if host.result is not None else ""
+        if plan is not None:
+            plan.attach(host.request_pause)
+        try:
+            while not reason:
+                left = None if job.max_events is None else job.max_events - host._events
+                reason = host.run(job.until, left)
+                if reason == "paused" and plan is not None:
+                    plan.take(host, network)
+                    reason = "interrupted" if plan.interrupted else ""
+                elif reason == "paused":
+                    reason = ""
+        finally:
+            if plan is not None:
+                plan.attach(None)
+        if reason != "interrupted":
+            host.stop()
         st = host.stats
         return Outcome(
-            result=host.result,
+            result=host.result if reason != "interrupted" else None,
             finished_by=host.finished_by,
             reason=reason,
             clock_s=host.sched.now,

@@ -276,6 +276,42 @@ class NetworkModel:
             dt *= math.exp(self._jitter * self._rs.normal())
         return dt
 
+    # -- checkpoints ---------------------------------------------------------------------------
+    def state(self) -> dict[str, Any]:
+        """What changes as the model runs (its random stream and when each pipe frees up), as
+        plain values for a checkpoint. Links and compute factors follow from the config."""
+        rs = self._rs
+        return {
+            "rng": rs._gen.bit_generator.state,
+            "u": np.asarray(rs._u, np.float64), "ui": rs._ui,
+            "z": np.asarray(rs._z, np.float64), "zi": rs._zi,
+            "free": [[pipe, t] for pipe, t in self._free.items()],
+        }
+
+    def restore(self, state: Mapping[str, Any]) -> None:
+        """Continue from `state()` of a model made from the same config and seed; ValueError
+        names what does not fit (and nothing is changed then)."""
+        try:
+            u = np.asarray(state["u"], np.float64).tolist()
+            z = np.asarray(state["z"], np.float64).tolist()
+            ui, zi = int(state["ui"]), int(state["zi"])
+            free: dict[Any, float] = {}
+            for pipe, t in state["free"]:
+                key = tuple(pipe) if isinstance(pipe, list | tuple) else int(pipe)
+                free[key] = float(t)
+            gen = np.random.default_rng(0)
+            gen.bit_generator.state = state["rng"]
+        except (KeyError, TypeError, ValueError) as exc:
+            raise ValueError(f"network model state does not fit: {type(exc).__name__}: {exc}"
+                             ) from None
+        if not (0 <= ui <= len(u) and 0 <= zi <= len(z)):
+            raise ValueError(f"network model state: draw positions {ui}, {zi} outside blocks "
+                             f"of {len(u)}, {len(z)}")
+        rs = self._rs
+        rs._gen.bit_generator.state = gen.bit_generator.state
+        rs._u, rs._ui, rs._z, rs._zi = u, ui, z, zi
+        self._free = free
+
     # -- helpers -----------------------------------------------------------------------------
     def crosses_partition(self, src: int, dst: int, depart: float, arrival: float) -> bool:
         """Whether a message in flight over [depart, arrival] crosses a partition's window."""

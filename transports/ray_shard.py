@@ -184,8 +184,12 @@ class ShardCore:
         self.error: str | None = None
         self.result_frame: np.ndarray | None = None
         self.outbox = ShardOutbox(self)
+        # Lossy codec stages must reach messages between nodes of this shard too.
+        lossy = self.codec.lossy
         self.host = Host(dep, self.local, seed=int(config["run"]["seed"]), wall=True,
-                         outbox=self.outbox, on_metric=self._on_metric, sizer=body_nbytes)
+                         outbox=self.outbox, on_metric=self._on_metric,
+                         strict=self.codec if lossy else None,
+                         sizer=None if lossy else body_nbytes)
         self.peers: list[Any] = []
         self.peer_inc: list[int] = []
         self.out_seq: dict[int, int] = {}
