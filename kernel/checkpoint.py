@@ -50,7 +50,7 @@ from typing import Any
 import numpy as np
 
 from kernel import state as objstate
-from kernel.api import RunError
+from kernel.api import Deployment, RunError
 from kernel.codec import Codec, CodecError
 from kernel.host import Host
 from kernel.loop import CALL, CRASH, DELIVER, RESTART, TIMER, WAKE
@@ -268,9 +268,13 @@ def _check_body(p: Path, body: dict[Any, Any]) -> Loaded:
 
 # -- capturing and restoring a host ----------------------------------------------------------
 
-def capture(host: Host, network: Any, allowed: Sequence[str]) -> dict[str, Any]:
+def capture(host: Host, network: Any, allowed: Sequence[str],
+            fresh: Deployment) -> dict[str, Any]:
     """The state table of a paused inproc host (and its network model, which must have
-    `state()` when not None). Raises CheckpointError naming what cannot be saved."""
+    `state()` when not None). `fresh` is a deployment built anew from the same config: what
+    its nodes share with the host's is configuration the loading process has too (a learner
+    cached per config), everything else is saved. Raises CheckpointError naming what cannot
+    be saved."""
     sched = host.sched
     try:
         sched_state = sched.state()
@@ -281,7 +285,7 @@ def capture(host: Host, network: Any, allowed: Sequence[str]) -> dict[str, Any]:
         raise CheckpointError("cannot checkpoint: a transport callback (CALL event) is queued; "
                               "checkpoints are taken on inproc only")
     up = sorted(host.nodes)
-    fresh = objstate.Fresh(host.deployment.make_node, up)
+    counterparts = objstate.Fresh(fresh.make_node, up)
     anchors: dict[int, int] = {}
     for node in up:
         anchors.setdefault(id(host.nodes[node]), node)
@@ -311,7 +315,7 @@ def capture(host: Host, network: Any, allowed: Sequence[str]) -> dict[str, Any]:
         "tables": _side_tables(host, allowed),
     }
     try:
-        return objstate.dump(root, fresh=fresh, anchors=anchors, allowed=allowed)
+        return objstate.dump(root, fresh=counterparts, anchors=anchors, allowed=allowed)
     except objstate.StateError as exc:
         raise CheckpointError(f"cannot checkpoint: {exc}") from None
 
@@ -339,9 +343,11 @@ def _side_tables(host: Host, allowed: Sequence[str]) -> list[list[Any]]:
 
 
 def restore(host: Host, network: Any, table: Mapping[str, Any], allowed: Sequence[str]) -> None:
-    """Load a state table into `host`, freshly made for the same deployment and not started
-    (and into `network`, made from the same config). The table is decoded and checked in full
-    first: on a CheckpointError neither is changed."""
+    """Load a state table into `host`, freshly made for a deployment built from the same config
+    and not started (and into `network`, made from the same config). Protocol objects are
+    restored into nodes the deployment makes, so what it shares between them stays shared.
+    The table is decoded and checked in full first: on a CheckpointError neither `host` nor
+    `network` has changed."""
     dep = host.deployment
     fresh = objstate.Fresh(dep.make_node, dep.node_ids)
     try:
@@ -514,11 +520,15 @@ class CheckpointPlan:
     rows: list[dict[str, Any]]  # the runner's metric rows (the same list, growing)
     allowed: tuple[str, ...]
     resume: Loaded | None = None
+    # Builds the deployment anew from the config (the protocol's `build`): its nodes tell
+    # configuration from state (see `capture`). Built once, at the first checkpoint.
+    rebuild: Callable[[], Deployment] | None = None
     interrupted: bool = False
     saved: int = 0  # checkpoints written by this process
     last_bytes: int = 0
     write_s: float = 0.0  # capturing and writing them, in all
     _pause: Callable[[], None] | None = field(default=None, repr=False)
+    _fresh: Deployment | None = field(default=None, repr=False)
 
     @property
     def path(self) -> Path:
@@ -557,7 +567,13 @@ class CheckpointPlan:
         """Capture the paused `host` (and `network`) and write the checkpoint; `write_s`
         counts both."""
         t = time.perf_counter()
-        path = self.save(capture(host, network, self.allowed), host.sched.now, host._events)
+        if self._fresh is None:
+            if self.rebuild is None:
+                raise CheckpointError("cannot checkpoint: the plan has no way to rebuild the "
+                                      "deployment from its config")
+            self._fresh = self.rebuild()
+        table = capture(host, network, self.allowed, self._fresh)
+        path = self.save(table, host.sched.now, host._events)
         self.write_s += time.perf_counter() - t
         return path
 

@@ -257,7 +257,8 @@ def _plan(cfg: dict[str, Any], kind: str, transport_cls: Any, build: Any,
                               "checkpoint.fl into (--out DIR)")
         return None
     return ckpt.CheckpointPlan(Path(directory), every, cfg, rows,
-                               ckpt.allowed_modules(cfg, build), resume=loaded)
+                               ckpt.allowed_modules(cfg, build), resume=loaded,
+                               rebuild=lambda: build(cfg))
 
 
 @contextlib.contextmanager

@@ -14,13 +14,18 @@ generators (by state), enum members, named tuples, instances of classes (their `
 `__slots__`, frozen dataclasses included), classes and functions by their importable name,
 bound methods and `functools.partial`s.
 
-Configuration is not saved but found again: `Fresh` holds freshly built counterparts of the
-saved objects (a protocol's nodes made anew by `make_node`). An object that is the very object
-the fresh counterpart at the same place holds (or that a fresh node reaches through its
-attributes) is shared with what `build(config)` made: a learner, an options object, a plan, a
-closure. It is written as a path into the fresh nodes (`[node, "a", attr, "k", key, ...]`) and
-read back from a fresh deployment in the loading process. A closure that is not importable is
-taken from the fresh counterpart when that one runs the same code on equal captured values.
+Configuration is found again rather than saved: `Fresh` holds freshly built counterparts of
+the saved objects (nodes made by a deployment built anew from the same config). An object that
+is the very object its fresh counterpart at the same place holds (or that a fresh node reaches
+through its attributes) is one the process keeps across builds, such as a learner cached per
+config; it is written as a path into the fresh nodes (`[node, "a", attr, "k", key, ...]`) and
+read back from the loading process's fresh nodes. A closure that is not importable is taken
+from its fresh counterpart when that runs the same code on equal captured values. Everything
+else is saved by value, state that `build` shares between nodes included.
+
+On loading, an instance is restored into its fresh counterpart in place (same class, not
+claimed by another entry), so objects the loading deployment shares between its nodes and its
+`make_node` stay shared with what was restored; otherwise it is made with `cls.__new__`.
 
 `load(tree, ...)` imports classes and functions only from modules under the `allowed` prefixes
 (plus builtin and numpy scalar types); anything else, a malformed entry or a path the fresh
@@ -446,7 +451,7 @@ class _Dumper:
                 c.__dict__.get("__slots__") for c in cls.__mro__):
             raise self.fail(idx, f"an instance of {name} has neither __dict__ nor __slots__")
         same = path is not None and type(cp) is cls
-        out: list[Any] = ["o", name]
+        out: list[Any] = ["o", name, list(path) if same else None]  # type: ignore[arg-type]
         for field, value in _fields(obj):
             fcp = getattr(cp, field, _NONE) if same else _NONE
             fpath = (*path, "a", field) if fcp is not _NONE else None  # type: ignore[misc]
@@ -484,6 +489,7 @@ class _Loader:
         self.fills: deque[int] = deque()  # lists, instances, deques: filled first
         self.late: deque[Callable[[], None]] = deque()  # dicts and sets: keys hash then
         self.last: list[Callable[[], None]] = []  # generators, partials: need filled dicts
+        self.claimed: set[int] = set()  # fresh objects already restored into
 
     def run(self) -> Any:
         root = self.val(self.root)
@@ -580,16 +586,18 @@ class _Loader:
             self.fills.append(idx)
             return deque(maxlen=maxlen)
         if tag == "o":
-            self.need(idx, e, 2, exact=False)
-            if len(e) % 2:
+            self.need(idx, e, 3, exact=False)
+            if len(e) % 2 == 0:
                 raise self.bad(idx, "fields must come in name, value pairs")
             cls = self.import_global(e[1], idx)
             if not isinstance(cls, type):
                 raise self.bad(idx, f"{e[1]} is not a class")
-            try:
-                inst = cls.__new__(cls)  # type: ignore[call-overload]
-            except Exception as exc:
-                raise self.bad(idx, f"cannot make a {e[1]}: {exc}") from None
+            inst = self.counterpart(e[2], cls)
+            if inst is None:
+                try:
+                    inst = cls.__new__(cls)  # type: ignore[call-overload]
+                except Exception as exc:
+                    raise self.bad(idx, f"cannot make a {e[1]}: {exc}") from None
             self.fills.append(idx)
             return inst
         if tag in ("g", "bg"):
@@ -641,6 +649,22 @@ class _Loader:
             t.requires_grad_(True)
         return t
 
+    def counterpart(self, path: Any, cls: type) -> Any:
+        """The fresh object at `path` to restore into, or None (no fresh nodes, no such path,
+        another class, or already restored into for another entry)."""
+        if path is None or self.fresh is None:
+            return None
+        if type(path) is not list:
+            raise StateError(f"malformed path {path!r} into the fresh nodes")
+        try:
+            obj = self.fresh.resolve(path)
+        except StateError:
+            return None
+        if type(obj) is not cls or id(obj) in self.claimed:
+            return None
+        self.claimed.add(id(obj))
+        return obj
+
     def fill(self, idx: int) -> None:
         e, obj = self.objs[idx], self.out[idx]
         tag = e[0]
@@ -649,14 +673,21 @@ class _Loader:
         elif tag == "dq":
             obj.extend(self.val(x) for x in e[2:])
         else:  # "o"
-            for i in range(2, len(e), 2):
+            names = set()
+            for i in range(3, len(e), 2):
                 name = e[i]
                 if type(name) is not str or not name.isidentifier():
                     raise self.bad(idx, f"field name {name!r} is not an identifier")
+                names.add(name)
                 try:
                     object.__setattr__(obj, name, self.val(e[i + 1]))
                 except (AttributeError, TypeError) as exc:
                     raise self.bad(idx, f"cannot set {e[1]}.{name}: {exc}") from None
+            # Restored in place: attributes the saved object did not have go.
+            d = getattr(obj, "__dict__", None)
+            if isinstance(d, dict):
+                for name in [k for k in d if k not in names]:
+                    del d[name]
 
     def fill_late(self, idx: int, obj: Any) -> None:
         e = self.objs[idx]

@@ -96,6 +96,9 @@ class RayTransport(Transport):
             kw["address"] = o["address"]
             self._probe(o["address"])
         else:
+            # "local" always starts a fresh Ray: without it ray.init attaches to any Ray already
+            # running on this machine (RAY_ADDRESS, `ray start`), which is not what was asked.
+            kw["address"] = "local"
             kw["num_cpus"] = o["num_cpus"] or os.cpu_count() or 1
         try:
             ray.init(**kw)

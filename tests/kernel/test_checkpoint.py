@@ -7,6 +7,7 @@ the promised error before anything runs."""
 from __future__ import annotations
 
 import functools
+import io
 import json
 import os
 import signal
@@ -30,6 +31,7 @@ from kernel.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, main
 from kernel.config import ConfigError, options
 from kernel.messages import Message
 from kernel.outputs import WALL_FIELDS, read_metrics
+from kernel.progress import Progress
 from kernel.runner import RunRecord, execute, run
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -65,21 +67,23 @@ CONFIGS: dict[str, dict[str, Any]] = {
                     "protocol": {"name": "gossip", "nodes": 8, "dim": 20}},
     "dsgd": {"run": {"seed": 2, "rounds": 5}, "protocol": {"name": "dsgd"},
              "workload": LINEAR, "network": STRAGGLERS},
+    # Error-feedback residuals live in one object `build` shares between all clients.
+    "fedavg_ef": {"run": {"seed": 1, "rounds": 5},
+                  "protocol": {"name": "protocols.compression:fedavg_ef",
+                               "clients_per_round": 3},
+                  "workload": LINEAR, "codec": {"stages": {"update": ["topk"]}}},
 }
 COMPARED = ("final_model_sha256", "rounds", "reason", "finished_by", "clock_s", "messages",
             "bytes", "events", "test_accuracy", "extra")
 
 
-class InterruptAt:
+class InterruptAt(Progress):
     """A progress display that presses Ctrl-C (a real SIGINT to this process) when round
     `r` completes, as a user would."""
 
     def __init__(self, r: int) -> None:
+        super().__init__(r, io.StringIO())
         self.r = r
-
-    def start(self) -> None: ...
-
-    def close(self) -> None: ...
 
     def update(self, row: Mapping[str, Any]) -> None:
         if row.get("name") == "round" and row.get("value") == self.r:

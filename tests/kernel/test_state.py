@@ -55,7 +55,7 @@ keys = (st.none() | st.booleans() | st.integers(-(1 << 70), 1 << 70)
         | st.floats(allow_nan=False) | st.text(max_size=5) | st.binary(max_size=5))
 hashables = st.recursive(keys, lambda c: st.tuples(c, c) | st.frozensets(c, max_size=3),
                          max_leaves=6)
-values = st.recursive(
+values: st.SearchStrategy[Any] = st.recursive(
     scalars | st.builds(lambda n, d: (np.arange(n) % 3).astype(d), st.integers(0, 5),
                         st.sampled_from(["<f4", "<i8", "|u1", "<c16", "|b1"])),
     lambda c: (st.lists(c, max_size=4) | st.tuples(c, c)
@@ -170,6 +170,42 @@ def test_configuration_is_found_again_in_fresh_nodes_not_saved() -> None:
     assert node.seen == {4} and list(node.buf) == [2, 3, 4] and node.buf.maxlen == 3
 
 
+class Shared:
+    """State that `build` creates once and hands to every node (like error-feedback residuals
+    kept for all clients)."""
+
+    def __init__(self) -> None:
+        self.calls: dict[int, int] = {}
+
+
+class Member:
+    def __init__(self, shared: Shared) -> None:
+        self.shared = shared
+
+
+def build_members() -> Any:
+    shared = Shared()
+    return lambda i: Member(shared)
+
+
+def test_state_a_build_shares_between_nodes_is_saved_and_restored_into_the_new_build() -> None:
+    live_make = build_members()
+    live = [live_make(i) for i in range(3)]
+    live[0].shared.calls[2] = 5
+    anchors = {id(n): i for i, n in enumerate(live)}
+    # Counterparts from another build: its Shared is another object, so this one is state.
+    table = dump({"nodes": live}, fresh=Fresh(build_members(), range(3)), anchors=anchors,
+                 allowed=ALLOWED)
+    data = bytes(b"".join(CODEC.encode_body({"t": table})))
+    new_make = build_members()
+    back = load(CODEC.decode_body(data)["t"], fresh=Fresh(new_make, range(3)), allowed=ALLOWED)
+    nodes = back["nodes"]
+    assert nodes[0].shared.calls == {2: 5}
+    assert all(n.shared is nodes[0].shared for n in nodes)
+    # Restored into the new build's own object: a node it makes later (a restart) shares it.
+    assert new_make(7).shared is nodes[0].shared
+
+
 def test_a_closure_that_differs_from_the_fresh_one_is_refused() -> None:
     heavy, opts = object(), Opts(1, "cfg")
     live = make_node(heavy, opts)(0)
@@ -198,7 +234,7 @@ def tampered(entry: list[Any]) -> dict[str, Any]:
 @pytest.mark.parametrize("entry, what", [
     (["fn", "os:system"], r"refuses to import os:system: module 'os' is not under the "
                           r"allowed ones"),
-    (["o", "subprocess:Popen"], r"refuses to import subprocess:Popen"),
+    (["o", "subprocess:Popen", None], r"refuses to import subprocess:Popen"),
     (["fn", "builtins:eval"], r"refuses builtins:eval: only builtin and numpy scalar types"),
     (["g", "Evil", [0]], r"bit generator 'Evil' is not one of"),
     (["f", "x:y", 0], r"refers to a fresh deployment, and none was given"),
