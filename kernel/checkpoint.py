@@ -313,6 +313,8 @@ def capture(host: Host, network: Any, allowed: Sequence[str],
         },
         "network": network.state() if network is not None else None,
         "tables": _side_tables(host, allowed),
+        # Lossy-stage byte counters, so a resumed run's "wire" rows count on from here.
+        "codec": getattr(host.strict, "stats", None),
     }
     try:
         return objstate.dump(root, fresh=counterparts, anchors=anchors, allowed=allowed)
@@ -364,7 +366,7 @@ def _plan_restore(host: Host, network: Any, root: Any,
     def bad(why: str) -> objstate.StateError:
         return objstate.StateError(why)
 
-    keys = ("now", "seq", "heap", "fifo", "nodes", "host", "network", "tables")
+    keys = ("now", "seq", "heap", "fifo", "nodes", "host", "network", "tables", "codec")
     if type(root) is not dict or sorted(root) != sorted(keys):
         raise bad(f"the state must be a dict of {', '.join(keys)}")
     now, seq = root["now"], root["seq"]
@@ -445,6 +447,9 @@ def _plan_restore(host: Host, network: Any, root: Any,
                   f"({'none' if net is None else 'one'} saved, "
                   f"{'none' if network is None else 'one'} configured)")
     tables = _resolve_tables(root["tables"], allowed)
+    codec_stats = root["codec"]
+    if codec_stats is not None and type(codec_stats) is not dict:
+        raise bad("codec byte counters malformed")
 
     def apply() -> None:
         # The network model checks its state before changing anything, so it goes first.
@@ -472,6 +477,9 @@ def _plan_restore(host: Host, network: Any, root: Any,
         host._extra_messages = h["extra_messages"]
         host._bytes, host._events = h["bytes"], h["events"]
         host._dropped, host._lost = h["dropped"], h["lost"]
+        carry_on = getattr(host.strict, "continue_stats", None)
+        if codec_stats is not None and carry_on is not None:
+            carry_on(codec_stats)
         host._crash_at = {int(k): [float(t) for t in v] for k, v in crash_at.items()}
         host.down = set(down)
         for table, entries in tables:

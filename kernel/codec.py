@@ -125,6 +125,7 @@ class Codec:
         # The stage counters of each thread that encoded (small; its writer dies with it).
         self._counters: list[StageStats] = []
         self._lock = threading.Lock()
+        self._base: dict[str, Any] = {}  # counts carried over from before a resume
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any]) -> Codec:
@@ -150,8 +151,10 @@ class Codec:
         (after each stage, by name), `wire_bytes` (after lossless compression); `fallbacks`:
         tensors a rule named that travelled losslessly (non-finite or out-of-range values).
         Frame sizes are the host's to count (`Host.stats["bytes"]` in strict mode)."""
-        out: dict[str, Any] = {"staged": 0, "raw_bytes": 0, "stage_bytes": {}, "wire_bytes": 0,
-                               "fallbacks": 0}
+        base = self._base
+        out: dict[str, Any] = {k: base.get(k, 0) for k in
+                               ("staged", "raw_bytes", "wire_bytes", "fallbacks")}
+        out["stage_bytes"] = dict(base.get("stage_bytes", {}))
         with self._lock:
             counters = list(self._counters)
         for ss in counters:
@@ -163,8 +166,16 @@ class Codec:
                 out["stage_bytes"][name] = out["stage_bytes"].get(name, 0) + n
         return out
 
+    def continue_stats(self, base: Mapping[str, Any]) -> None:
+        """Count `stats` on from `base` (what a resumed run had counted before)."""
+        self._base = {k: int(base.get(k, 0)) for k in
+                      ("staged", "raw_bytes", "wire_bytes", "fallbacks")}
+        self._base["stage_bytes"] = {str(k): int(v) for k, v in
+                                     dict(base.get("stage_bytes", {})).items()}
+
     def reset_stats(self) -> None:
         """Zero the counters of `stats`."""
+        self._base = {}
         with self._lock:
             for ss in self._counters:
                 ss.reset()

@@ -42,6 +42,7 @@ RUN_DEFAULTS: dict[str, Any] = {
     "time_limit": None,
     "max_events": None,
     "progress": True,
+    "checkpoint_every": None,  # rounds between checkpoints in the run folder (inproc only)
 }
 OUTPUT_DEFAULTS: dict[str, Any] = {"dir": "", "save_model": True}
 DEFAULT_TRANSPORT = "inproc"
@@ -251,6 +252,9 @@ def _validate_run(given: Mapping[str, Any]) -> dict[str, Any]:
         run["time_limit"] = float(limit)
     if run["max_events"] is not None:
         _integer(run, "max_events", 1, "an integer >= 1 (leave it out for no limit)")
+    if run["checkpoint_every"] is not None:
+        _integer(run, "checkpoint_every", 1,
+                 "an integer >= 1 (rounds between checkpoints; inproc only)")
     return {k: v for k, v in run.items() if v is not None}
 
 

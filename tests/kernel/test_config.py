@@ -110,8 +110,8 @@ def test_default_config_is_workload_w1() -> None:
         ("max_events = 0", r"\[run\] max_events = 0 is not allowed; expected an integer >= 1"),
         ("max_events = 2.5", r"\[run\] max_events = 2.5 is not allowed; expected an integer >= 1"),
         ('progress = "yes"', r"\[run\] progress = 'yes' is a string; expected a boolean"),
-        ("sead = 1", r"\[run\] has no key 'sead'; did you mean 'seed'\? Allowed keys: max_events, "
-                     r"progress, rounds, seed, time_limit"),
+        ("sead = 1", r"\[run\] has no key 'sead'; did you mean 'seed'\? Allowed keys: "
+                     r"checkpoint_every, max_events, progress, rounds, seed, time_limit"),
     ],
 )
 def test_bad_run_values(tmp_path: Path, line: str, expected: str) -> None:
