@@ -395,13 +395,7 @@ class TensorReader:
         itemsize = _ITEMSIZE[code]
         count = math.prod(shape)
         raw = count * itemsize
-        if raw > self.max_tensor:
-            raise CodecError(f"tensor of shape {shape} declares {raw} bytes; max_tensor_bytes "
-                             f"is {self.max_tensor}")
-        if raw > self.budget:
-            raise CodecError(f"tensors of this frame declare more than max_message_bytes in all "
-                             f"(the one of shape {shape} needs {raw} bytes, {self.budget} left)")
-        self.budget -= raw
+        self._reserve(shape, raw)
         if where == 0:
             if comp != COMP_NONE:
                 raise CodecError(f"inline tensor record has compression id {comp}; inline "
@@ -424,6 +418,16 @@ class TensorReader:
             return _make(ext, code, shape, count, self.mv, start)
         u8 = decompress(self.mv[start:stop], comp, raw, itemsize)
         return _make(ext, code, shape, count, u8, 0)
+
+    def _reserve(self, shape: tuple[int, ...], raw: int) -> None:
+        """Count `raw` decoded bytes against the limits before anything is allocated."""
+        if raw > self.max_tensor:
+            raise CodecError(f"tensor of shape {shape} declares {raw} bytes; max_tensor_bytes "
+                             f"is {self.max_tensor}")
+        if raw > self.budget:
+            raise CodecError(f"tensors of this frame declare more than max_message_bytes in all "
+                             f"(the one of shape {shape} needs {raw} bytes, {self.budget} left)")
+        self.budget -= raw
 
     def _span(self, data: bytes, pos: int) -> tuple[int, int]:
         """Frame byte offsets (start, stop) of the payload whose (offset, length) is at `pos` of
@@ -468,13 +472,7 @@ class TensorReader:
             raise CodecError(f"staged tensor record declares shape {shape}: too many elements")
         n = math.prod(shape)
         raw = n * _ITEMSIZE[code]
-        if raw > self.max_tensor:
-            raise CodecError(f"tensor of shape {shape} declares {raw} bytes; max_tensor_bytes "
-                             f"is {self.max_tensor}")
-        if raw > self.budget:
-            raise CodecError(f"tensors of this frame declare more than max_message_bytes in all "
-                             f"(the one of shape {shape} needs {raw} bytes, {self.budget} left)")
-        self.budget -= raw
+        self._reserve(shape, raw)
         specs = [_STAGE.unpack_from(data, 4 + 8 * ndim + _STAGE.size * i) for i in range(nst)]
         nsec = data[pos - 1]
         table: list[tuple[np.dtype, int, int, int, int]] = []  # dtype, count, comp, where, pos

@@ -4,7 +4,7 @@ independence from arrival order, determinism."""
 from __future__ import annotations
 
 import tomllib
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +18,7 @@ from kernel.codec import Codec
 from kernel.config import ConfigError
 from kernel.host import Host
 from protocols import common, gossip, learners, topology
+from tests.protocols.scripted_network import Scripted
 from transports.base import Job
 from transports.inproc import InprocTransport
 from transports.netmodel import NetworkModel
@@ -26,36 +27,6 @@ ROOT = Path(__file__).resolve().parents[2]
 
 # Every message passes through the wire format, as on inproc's strict mode.
 STRICT = Codec.from_config({})
-
-
-class Scripted:
-    """A test double of kernel.api.Network: message k takes delays[k % len] seconds, so a
-    hypothesis-chosen list reorders messages at will; optional seeded loss and duplicates."""
-
-    def __init__(self, delays: Sequence[float], loss: float = 0.0, duplicate: float = 0.0,
-                 seed: int = 0) -> None:
-        self.delays, self.loss, self.duplicate = list(delays), loss, duplicate
-        self.rng = np.random.default_rng(seed)
-        self.k = 0
-
-    def _delay(self) -> float:
-        d = self.delays[self.k % len(self.delays)]
-        self.k += 1
-        return d
-
-    def arrivals(self, src: int, dst: int, depart: float, nbytes: int) -> list[float]:
-        if self.loss and self.rng.random() < self.loss:
-            return []
-        out = [depart + self._delay()]
-        if self.duplicate and self.rng.random() < self.duplicate:
-            out.append(depart + self._delay())
-        return out
-
-    def node_events(self) -> list[tuple[float, int, str]]:
-        return []
-
-    def compute_time(self, node: int, work: float, label: str) -> float:
-        return 0.0
 
 
 delays = st.lists(st.floats(0.0, 5.0, allow_nan=False), min_size=1, max_size=30)

@@ -3,7 +3,6 @@ duplication and, for the running-sum variant, loss; estimates reach the true ave
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
@@ -18,6 +17,7 @@ from kernel.host import Host
 from kernel.loop import DELIVER
 from kernel.messages import Message
 from protocols import gossip, topology
+from tests.protocols.scripted_network import Scripted
 from transports.base import Job
 from transports.inproc import InprocTransport
 from transports.netmodel import NetworkModel
@@ -26,36 +26,6 @@ DIM = 6
 
 # Every message passes through the wire format, as on inproc's strict mode.
 STRICT = Codec.from_config({})
-
-
-class Scripted:
-    """A test double of kernel.api.Network: message k takes delays[k % len] seconds (so
-    hypothesis picks any reordering), with seeded loss and duplicates."""
-
-    def __init__(self, delays: Sequence[float], loss: float = 0.0, duplicate: float = 0.0,
-                 seed: int = 0) -> None:
-        self.delays, self.loss, self.duplicate = list(delays), loss, duplicate
-        self.rng = np.random.default_rng(seed)
-        self.k = 0
-
-    def _delay(self) -> float:
-        d = self.delays[self.k % len(self.delays)]
-        self.k += 1
-        return d
-
-    def arrivals(self, src: int, dst: int, depart: float, nbytes: int) -> list[float]:
-        if self.loss and self.rng.random() < self.loss:
-            return []
-        out = [depart + self._delay()]
-        if self.duplicate and self.rng.random() < self.duplicate:
-            out.append(depart + self._delay())
-        return out
-
-    def node_events(self) -> list[tuple[float, int, str]]:
-        return []
-
-    def compute_time(self, node: int, work: float, label: str) -> float:
-        return 0.0
 
 
 def config(n: int, rounds: int, section: dict[str, Any], variant: str = "robust",
