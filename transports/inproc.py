@@ -74,7 +74,7 @@ class InprocTransport(Transport):
             plan.attach(host.request_pause)
         try:
             while not reason:
-                left = None if job.max_events is None else job.max_events - host._events
+                left = None if job.max_events is None else job.max_events - host.stats["events"]
                 reason = host.run(job.until, left)
                 if reason == "paused" and plan is not None:
                     plan.take(host, network)
