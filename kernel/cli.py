@@ -153,7 +153,8 @@ def summary(result: Mapping[str, Any], out_dir: Path) -> str:
         f"rounds {result['rounds_s']:.2f})",
     ]
     if virtual is not None:
-        lines.append(f"  virtual s      {virtual:.6g}")
+        why = "" if virtual else "  (no [network] latency or compute model: no time passes)"
+        lines.append(f"  virtual s      {virtual:.6g}{why}")
     lines += [
         f"  messages       {result['messages']}",
         f"  bytes          {result['bytes']} ({human_bytes(result['bytes'])})",
