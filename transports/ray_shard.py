@@ -1,9 +1,11 @@
 """One shard of a Ray run: a Ray actor running a wall-clock Host for a slice of the nodes.
 
 Messages leave the shard as codec frames, batched per destination shard and sent with one actor
-call per destination per loop tick. A frame above `inline_threshold` bytes is `ray.put` once (as a
-uint8 array, so receivers read it zero-copy from the object store) and only its ObjectRef travels,
-to however many shards need it. Only bytes, numpy arrays, ints and actor handles cross Ray.
+call per destination per loop tick. A batch's frames for one destination travel as one contiguous
+uint8 argument (above `inline_threshold` bytes Ray stores it once and the receiver reads it
+zero-copy from the object store). A frame above `inline_threshold` bytes bound for several shards
+is `ray.put` once and only its ObjectRef travels, to every shard that needs it. Only bytes, numpy
+arrays, ints and actor handles cross Ray.
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from transports.base import place
 
 ALIGN = 64
 # A destination's batch holding this many bytes of frames is sent at once, not at the tick.
-FLUSH_BYTES = 1 << 20
+FLUSH_BYTES = 16 << 20
 # Shard states as reported to the driver; the loop's own stop reasons come from Scheduler.run.
 STARTING, RUNNING, STOPPED, ERROR = "starting", "running", "stopped", "error"
 ENDED = frozenset({"finished", "until", "max_events", STOPPED, ERROR})
@@ -154,6 +156,7 @@ class ShardOutbox:
         else:
             # One contiguous argument: Ray stores it once and the receiver reads it zero-copy.
             blob = self._fill(entries, self._buffer(total)[:total])
+            sh.stats["stored_batches"] += 1
         peer = sh.peers[s]
         seq = sh.out_seq.get(s, 0)
         sh.out_seq[s] = seq + 1
@@ -203,8 +206,8 @@ class ShardCore:
         dep = load("protocols", config["protocol"]["name"])(config)
         self.placement = place(dep.node_ids, n_shards)
         self.local = [n for n, sh in sorted(self.placement.items()) if sh == shard_id]
-        self.stats = {"wire_bytes": 0, "batches": 0, "puts": 0, "received_batches": 0,
-                      "stale_batches": 0}
+        self.stats = {"wire_bytes": 0, "batches": 0, "stored_batches": 0, "puts": 0,
+                      "received_batches": 0, "stale_batches": 0}
         self.rows: list[dict[str, Any]] = []
         self.cond = threading.Condition()
         self.state = STARTING
@@ -371,7 +374,7 @@ class ShardCore:
 
     # -- receiving ----------------------------------------------------------------------------
     def deliver(self, src: int, src_inc: int, dst_inc: int, seq: int, index: bytes,
-                blob: bytes, *frames: np.ndarray) -> None:
+                blob: bytes | np.ndarray, *frames: np.ndarray) -> None:
         """Take one batch from shard `src`; batches run in the order their sender sent them."""
         if dst_inc != self.incarnation:
             self.stats["stale_batches"] += 1  # meant for this shard's previous incarnation
@@ -388,11 +391,13 @@ class ShardCore:
                 batch = self.held.get(key, {}).pop(seq, None)
             self.in_seq[key] = seq
 
-    def _unpack(self, src: int, index: bytes, blob: bytes, frames: tuple[np.ndarray, ...]) -> None:
+    def _unpack(self, src: int, index: bytes, blob: bytes | np.ndarray,
+                frames: tuple[np.ndarray, ...]) -> None:
         self.stats["received_batches"] += 1
         try:
             entries = msgpack.unpackb(index)
-            view = memoryview(blob)
+            # Bytes when small; a read-only view into the object store when large.
+            view = memoryview(blob if isinstance(blob, bytes) else blob.data)
             off = 0
             host, decode = self.host, self.codec.decode
             for dsts, n in entries:
@@ -437,5 +442,5 @@ class Shard:
 
     @ray.method(concurrency_group="io")
     def deliver(self, src: int, src_inc: int, dst_inc: int, seq: int, index: bytes,
-                blob: bytes, *frames: np.ndarray) -> None:
+                blob: bytes | np.ndarray, *frames: np.ndarray) -> None:
         self.core.deliver(src, src_inc, dst_inc, seq, index, blob, *frames)
