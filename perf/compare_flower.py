@@ -1,0 +1,231 @@
+"""Flower's Ray simulation engine against fedloom (ray and inproc) on workload W1, side by side.
+
+A standalone script, run with a Python that has `flwr[simulation]` and psutil installed (Flower
+is not a fedloom dependency, so keep it in its own venv), from the repository root:
+
+    /tmp/flwr-venv/bin/python -m perf.compare_flower [--reps 3] [--fedloom .venv/bin/fedloom]
+
+Both sides use the same model, data and local training (`protocols.learners`, W1's table), the
+same per-client rngs as protocols.fedavg (default_rng([seed, node, round]), node = client + 1)
+and sample-weighted FedAvg, so final accuracies should agree closely. Every run is a fresh
+process (start-up counted); runs alternate Flower, fedloom-ray, fedloom-inproc per repetition.
+Total wall is measured here from spawn to exit; memory is the peak summed RSS of the process
+tree (perf.procs.TreeSampler, every 0.15 s). Flower is imported only inside the child.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+# Run as a file, perf/ would lead sys.path and perf/inspect.py would shadow the stdlib's.
+sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != ROOT / "perf"]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+W1 = ROOT / "perf" / "workloads" / "w1.toml"
+TIMEOUT_S = 600.0
+
+
+def _w1() -> tuple[dict[str, Any], int, int]:
+    cfg = tomllib.loads(W1.read_text())
+    return cfg["workload"], int(cfg["run"]["seed"]), int(cfg["run"]["rounds"])
+
+
+def flower_child(out: Path) -> None:
+    """One Flower simulation of W1 in this process; writes timings and accuracy to `out`."""
+    t_child = time.time()
+    import numpy as np
+    from flwr.client import ClientApp, NumPyClient
+    from flwr.common import Context
+    from flwr.server import ServerApp, ServerAppComponents, ServerConfig
+    from flwr.server.strategy import FedAvg
+    from flwr.simulation import run_simulation
+
+    import flwr
+    from protocols import learners
+
+    workload, seed, rounds = _w1()
+    n_clients = int(workload["clients"])
+    t_imported = time.time()
+    marks: dict[str, Any] = {"round_start": {}, "eval_end": {}, "eval": {}}
+
+    learner = learners.make(workload)
+    names = list(learner.init().keys())
+
+    class W1Client(NumPyClient):  # type: ignore[misc]
+        def __init__(self, client: int) -> None:
+            self.client = client
+
+        def fit(self, parameters: list[np.ndarray], config: dict[str, Any]
+                ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
+            lrn = learners.make(workload)
+            rng = np.random.default_rng([seed, self.client + 1, int(config["server_round"])])
+            model = lrn.train(dict(zip(names, parameters)), self.client, rng)
+            return [model[n] for n in names], lrn.samples(self.client), {}
+
+    def client_fn(context: Context) -> Any:
+        return W1Client(int(context.node_config["partition-id"])).to_client()
+
+    def fit_config(server_round: int) -> dict[str, Any]:
+        marks["round_start"].setdefault(server_round, time.time())
+        return {"server_round": server_round}
+
+    def evaluate(server_round: int, params: list[np.ndarray], _cfg: dict[str, Any]
+                 ) -> tuple[float, dict[str, Any]]:
+        res = learner.evaluate(dict(zip(names, params)))
+        assert res is not None
+        marks["eval"][server_round] = res
+        marks["eval_end"][server_round] = time.time()
+        return res["loss"], {"accuracy": res["accuracy"]}
+
+    init = learner.init()
+    strategy = FedAvg(
+        fraction_fit=1.0, fraction_evaluate=0.0, min_fit_clients=n_clients,
+        min_evaluate_clients=0, min_available_clients=n_clients, evaluate_fn=evaluate,
+        on_fit_config_fn=fit_config,
+        initial_parameters=flwr.common.ndarrays_to_parameters([init[n] for n in names]),
+    )
+
+    def server_fn(_context: Context) -> ServerAppComponents:
+        return ServerAppComponents(strategy=strategy, config=ServerConfig(num_rounds=rounds))
+
+    run_simulation(
+        server_app=ServerApp(server_fn=server_fn), client_app=ClientApp(client_fn=client_fn),
+        num_supernodes=n_clients,
+        backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
+                        "init_args": {"num_cpus": 2, "include_dashboard": False}},
+    )
+    t_done = time.time()
+    last = marks["eval"].get(rounds)
+    r1, rN = marks["round_start"].get(1), marks["eval_end"].get(rounds)
+    out.write_text(json.dumps({
+        "flwr": flwr.__version__, "t_child": t_child, "t_imported": t_imported, "t_done": t_done,
+        "t_round1": r1, "t_last_eval": rN,
+        "rounds_s": (rN - r1) if r1 is not None and rN is not None else None,
+        "test_accuracy": last["accuracy"] if last else None,
+        "accuracies": [marks["eval"][r]["accuracy"] for r in sorted(marks["eval"])],
+    }))
+
+
+def measure(cmd: list[str], log: Path, env: dict[str, str]) -> dict[str, Any]:
+    """Run `cmd` to exit, sampling its process tree's RSS; wall from spawn to exit."""
+    from perf.procs import Reaper, TreeSampler
+
+    with log.open("w") as fh:
+        t0 = time.time()
+        p0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=fh, stderr=subprocess.STDOUT)
+        sampler = TreeSampler(proc.pid, 0.15).start()
+        reaper = Reaper(proc)
+        if not reaper.wait(TIMEOUT_S):
+            proc.kill()
+            raise RuntimeError(f"{cmd} did not finish within {TIMEOUT_S} s; log: {log}")
+        sampler.stop()
+    wall = (reaper.ended or time.perf_counter()) - p0
+    left = sampler.wait_gone(10.0)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{cmd} exited {proc.returncode}; log: {log}\n{log.read_text()[-3000:]}")
+    return {"t0": t0, "exit_s": wall, "tree_mb": max(sampler.peak_mb, reaper.maxrss_bytes / 2**20),
+            "procs": sampler.peak_procs, "leaked": len(left)}
+
+
+def run_flower(python: str, work: Path, env: dict[str, str]) -> dict[str, Any]:
+    res = work / "flower.json"
+    m = measure([python, "-m", "perf.compare_flower", "--flower-child", str(res)],
+                work / "flower.log", env)
+    r = json.loads(res.read_text())
+    return {**m, "result_s": r["t_done"] - m["t0"], "rounds_s": r["rounds_s"],
+            "acc": r["test_accuracy"], "flwr": r["flwr"], "accuracies": r["accuracies"]}
+
+
+def run_fedloom(fedloom: str, kind: str, work: Path, env: dict[str, str]) -> dict[str, Any]:
+    out = work / f"fedloom-{kind}"
+    m = measure([fedloom, "run", str(W1), "--set", f"transport.kind={kind}", "--out", str(out),
+                 "--quiet"], work / f"fedloom-{kind}.log", env)
+    r = json.loads((out / "result.json").read_text())
+    return {**m, "result_s": r["wall_s"], "rounds_s": r["rounds_s"], "acc": r["test_accuracy"],
+            "self_rss_mb": r.get("peak_rss_mb")}
+
+
+def _med(rows: list[dict[str, Any]], key: str) -> float | None:
+    vals = [r[key] for r in rows if r.get(key) is not None]
+    return statistics.median(vals) if vals else None
+
+
+def _f(x: float | None, fmt: str = "{:.2f}") -> str:
+    return "" if x is None else fmt.format(x)
+
+
+def table(runs: dict[str, list[dict[str, Any]]], reps: int) -> str:
+    cols = [("exit_s", "total wall to exit s", "{:.2f}"),
+            ("result_s", "wall to result s", "{:.2f}"),
+            ("rounds_s", "rounds-only s", "{:.2f}"),
+            ("acc", "final test accuracy", "{:.4f}"),
+            ("tree_mb", "peak tree RSS MB", "{:.0f}")]
+    lines = [f"W1 (fedavg-10, mlp, 5 rounds), medians of {reps} fresh-process runs, "
+             "alternating; 2-core machine", "",
+             "| engine | " + " | ".join(c[1] for c in cols) + " |",
+             "|---" * (len(cols) + 1) + "|"]
+    meds = {name: {k: _med(rows, k) for k, _, _ in cols} for name, rows in runs.items()}
+    for name, m in meds.items():
+        lines.append(f"| {name} | " + " | ".join(_f(m[k], f) for k, _, f in cols) + " |")
+    for base in ("fedloom-ray", "fedloom-inproc"):
+        cells = []
+        for k, _, _ in cols:
+            a, b = meds["flower"][k], meds[base][k]
+            cells.append("" if a is None or b is None or k == "acc" or not b
+                         else f"{a / b:.2f}x")
+        lines.append(f"| flower / {base} | " + " | ".join(cells) + " |")
+    lines += ["", "raw runs:"]
+    for name, rows in runs.items():
+        for r in rows:
+            lines.append(f"- {name}: " + ", ".join(
+                f"{k}={_f(r.get(k), f)}" for k, _, f in cols) + f", procs={r['procs']}, "
+                f"leaked={r['leaked']}")
+    return "\n".join(lines) + "\n"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--flower-child", type=Path, help=argparse.SUPPRESS)
+    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--fedloom", default=str(ROOT / ".venv" / "bin" / "fedloom"))
+    ap.add_argument("--save", type=Path, default=Path("/tmp/flower_cmp.md"))
+    args = ap.parse_args()
+    if args.flower_child is not None:
+        flower_child(args.flower_child)
+        return
+    env = dict(os.environ)
+    # Ray workers must import protocols.learners; Flower must not phone home.
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    env["FLWR_TELEMETRY_ENABLED"] = "0"
+    runs: dict[str, list[dict[str, Any]]] = {"flower": [], "fedloom-ray": [], "fedloom-inproc": []}
+    with tempfile.TemporaryDirectory(prefix="flower-cmp-") as tmp:
+        for i in range(args.reps):
+            work = Path(tmp) / f"rep{i}"
+            work.mkdir()
+            runs["flower"].append(run_flower(sys.executable, work, env))
+            runs["fedloom-ray"].append(run_fedloom(args.fedloom, "ray", work, env))
+            runs["fedloom-inproc"].append(run_fedloom(args.fedloom, "inproc", work, env))
+            print(f"rep {i}: " + "; ".join(
+                f"{k} exit {v[-1]['exit_s']:.1f}s acc {v[-1]['acc']:.4f} rss "
+                f"{v[-1]['tree_mb']:.0f}MB" for k, v in runs.items()), flush=True)
+    text = f"flwr {runs['flower'][0]['flwr']}; flower per-round accuracy " \
+           f"{[round(a, 4) for a in runs['flower'][0]['accuracies']]}\n\n" + table(runs, args.reps)
+    print(text)
+    args.save.write_text(text)
+
+
+if __name__ == "__main__":
+    main()
