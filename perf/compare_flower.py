@@ -45,6 +45,7 @@ def _w1() -> tuple[dict[str, Any], int, int]:
 def flower_child(out: Path) -> None:
     """One Flower simulation of W1 in this process; writes timings and accuracy to `out`."""
     t_child = time.time()
+    import flwr
     import numpy as np
     from flwr.client import ClientApp, NumPyClient
     from flwr.common import Context
@@ -52,7 +53,6 @@ def flower_child(out: Path) -> None:
     from flwr.server.strategy import FedAvg
     from flwr.simulation import run_simulation
 
-    import flwr
     from protocols import learners
 
     workload, seed, rounds = _w1()
@@ -87,6 +87,8 @@ def flower_child(out: Path) -> None:
         assert res is not None
         marks["eval"][server_round] = res
         marks["eval_end"][server_round] = time.time()
+        if server_round == rounds:  # to compare with fedloom's final_model.npz
+            np.savez(out.with_suffix(".npz"), **dict(zip(names, params)))  # type: ignore[arg-type]
         return res["loss"], {"accuracy": res["accuracy"]}
 
     init = learner.init()
@@ -109,10 +111,12 @@ def flower_child(out: Path) -> None:
     t_done = time.time()
     last = marks["eval"].get(rounds)
     r1, rN = marks["round_start"].get(1), marks["eval_end"].get(rounds)
+    e1 = marks["eval_end"].get(1)
     out.write_text(json.dumps({
         "flwr": flwr.__version__, "t_child": t_child, "t_imported": t_imported, "t_done": t_done,
         "t_round1": r1, "t_last_eval": rN,
         "rounds_s": (rN - r1) if r1 is not None and rN is not None else None,
+        "later_rounds_s": (rN - e1) if e1 is not None and rN is not None else None,
         "test_accuracy": last["accuracy"] if last else None,
         "accuracies": [marks["eval"][r]["accuracy"] for r in sorted(marks["eval"])],
     }))
@@ -145,8 +149,34 @@ def run_flower(python: str, work: Path, env: dict[str, str]) -> dict[str, Any]:
     m = measure([python, "-m", "perf.compare_flower", "--flower-child", str(res)],
                 work / "flower.log", env)
     r = json.loads(res.read_text())
-    return {**m, "result_s": r["t_done"] - m["t0"], "rounds_s": r["rounds_s"],
-            "acc": r["test_accuracy"], "flwr": r["flwr"], "accuracies": r["accuracies"]}
+    # The result exists at the last server-side evaluation; run_simulation returns only after
+    # tearing Ray down, which fedloom's wall_s (to the transport's outcome) leaves out too.
+    return {**m, "result_s": r["t_last_eval"] - m["t0"],
+            "teardown_s": r["t_done"] - r["t_last_eval"], "rounds_s": r["rounds_s"],
+            "later_s": r["later_rounds_s"], "acc": r["test_accuracy"], "flwr": r["flwr"],
+            "accuracies": r["accuracies"], "model": res.with_suffix(".npz")}
+
+
+def _later_rounds(metrics: Path) -> float | None:
+    """Wall time of rounds 2..last from fedloom's per-round metric rows (None without wall_s)."""
+    rows = [json.loads(line) for line in metrics.read_text().splitlines() if line.strip()]
+    wall = {r["value"]: r.get("wall_s") for r in rows if r.get("name") == "round"}
+    last = max(wall, default=None)
+    if last is None or wall.get(1) is None or wall.get(last) is None:
+        return None
+    return float(wall[last]) - float(wall[1])
+
+
+def same_model(flower_npz: Path, fedloom_npz: Path) -> str:
+    """'bitwise', 'max |diff| = x' or why the final models could not be compared."""
+    import numpy as np
+
+    a, b = np.load(flower_npz), np.load(fedloom_npz)
+    if sorted(a.files) != sorted(b.files):
+        return f"different tensors {sorted(a.files)} vs {sorted(b.files)}"
+    if all(np.array_equal(a[k], b[k]) for k in a.files):
+        return "bitwise equal"
+    return f"max |diff| = {max(float(np.abs(a[k] - b[k]).max()) for k in a.files):.3g}"
 
 
 def run_fedloom(fedloom: str, kind: str, work: Path, env: dict[str, str]) -> dict[str, Any]:
@@ -155,7 +185,8 @@ def run_fedloom(fedloom: str, kind: str, work: Path, env: dict[str, str]) -> dic
                  "--quiet"], work / f"fedloom-{kind}.log", env)
     r = json.loads((out / "result.json").read_text())
     return {**m, "result_s": r["wall_s"], "rounds_s": r["rounds_s"], "acc": r["test_accuracy"],
-            "self_rss_mb": r.get("peak_rss_mb")}
+            "self_rss_mb": r.get("peak_rss_mb"), "later_s": _later_rounds(out / "metrics.jsonl"),
+            "model": out / "final_model.npz"}
 
 
 def _med(rows: list[dict[str, Any]], key: str) -> float | None:
@@ -171,10 +202,16 @@ def table(runs: dict[str, list[dict[str, Any]]], reps: int) -> str:
     cols = [("exit_s", "total wall to exit s", "{:.2f}"),
             ("result_s", "wall to result s", "{:.2f}"),
             ("rounds_s", "rounds-only s", "{:.2f}"),
+            ("later_s", "rounds 2-5 s", "{:.3f}"),
             ("acc", "final test accuracy", "{:.4f}"),
             ("tree_mb", "peak tree RSS MB", "{:.0f}")]
     lines = [f"W1 (fedavg-10, mlp, 5 rounds), medians of {reps} fresh-process runs, "
-             "alternating; 2-core machine", "",
+             "alternating; 2-core machine",
+             "total wall: spawn to exit (measured here, same for all); to result: spawn to the "
+             "final model (flower: last server-side eval; fedloom: result.json wall_s); "
+             "rounds-only: flower = configure_fit(1) to last eval (includes Ray init and actor "
+             "start-up, which overlap round 1), fedloom = result.json rounds_s (excludes "
+             "startup_s); rounds 2-5: end of round 1 to end of round 5 on both.", "",
              "| engine | " + " | ".join(c[1] for c in cols) + " |",
              "|---" * (len(cols) + 1) + "|"]
     meds = {name: {k: _med(rows, k) for k, _, _ in cols} for name, rows in runs.items()}
@@ -192,7 +229,8 @@ def table(runs: dict[str, list[dict[str, Any]]], reps: int) -> str:
         for r in rows:
             lines.append(f"- {name}: " + ", ".join(
                 f"{k}={_f(r.get(k), f)}" for k, _, f in cols) + f", procs={r['procs']}, "
-                f"leaked={r['leaked']}")
+                f"leaked={r['leaked']}" + (f", self-reported rss={r['self_rss_mb']:.0f}"
+                                           if r.get("self_rss_mb") else ""))
     return "\n".join(lines) + "\n"
 
 
@@ -218,6 +256,9 @@ def main() -> None:
             runs["flower"].append(run_flower(sys.executable, work, env))
             runs["fedloom-ray"].append(run_fedloom(args.fedloom, "ray", work, env))
             runs["fedloom-inproc"].append(run_fedloom(args.fedloom, "inproc", work, env))
+            for kind in ("fedloom-ray", "fedloom-inproc"):
+                print(f"rep {i}: final model flower vs {kind}: "
+                      + same_model(runs["flower"][-1]["model"], runs[kind][-1]["model"]))
             print(f"rep {i}: " + "; ".join(
                 f"{k} exit {v[-1]['exit_s']:.1f}s acc {v[-1]['acc']:.4f} rss "
                 f"{v[-1]['tree_mb']:.0f}MB" for k, v in runs.items()), flush=True)
