@@ -23,6 +23,7 @@ from hypothesis.extra import numpy as hnp
 from kernel.codec import DEFAULTS, Codec, CodecError, body_nbytes, join
 from kernel.config import ConfigError
 from kernel.messages import Message
+from tests.kernel.mutation import edits, mutate
 
 POLICIES = ("auto", "none", "lz4", "shuffle+lz4")
 NP_DTYPES = [np.dtype(d) for d in ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16",
@@ -320,25 +321,9 @@ def test_arbitrary_bytes_only_raise_codec_error(data: bytes) -> None:
 
 
 @settings(max_examples=500, deadline=None)
-@given(which=st.integers(0, len(VALID_FRAMES) - 1),
-       edits=st.lists(st.tuples(st.sampled_from(["flip", "cut", "extend", "set", "insert"]),
-                                st.integers(0, 250) | st.integers(0, 10**6), st.integers(0, 255)),
-                      min_size=1, max_size=4))
-def test_mutated_frames_only_raise_codec_error(which: int, edits: list) -> None:
-    f = bytearray(VALID_FRAMES[which])
-    for op, pos, byte in edits:
-        i = pos % max(len(f), 1)
-        if op == "flip" and f:
-            f[i] ^= 1 << (byte % 8)
-        elif op == "cut":
-            del f[i:]
-        elif op == "extend":
-            f += bytes([byte]) * (pos % 70 + 1)
-        elif op == "set" and f:
-            f[i] = byte
-        elif op == "insert":
-            f[i:i] = bytes([byte])
-    _decodes_or_codec_error(Codec(), bytes(f))
+@given(which=st.integers(0, len(VALID_FRAMES) - 1), changes=edits())
+def test_mutated_frames_only_raise_codec_error(which: int, changes: list) -> None:
+    _decodes_or_codec_error(Codec(), mutate(VALID_FRAMES[which], changes))
 
 
 def test_valid_frames_decode() -> None:

@@ -21,6 +21,7 @@ from kernel.codec import Codec, CodecError, join
 from kernel.config import ConfigError
 from kernel.messages import Message
 from kernel.stages import Pipeline
+from tests.kernel.mutation import edits, mutate
 
 # ------------------------------------------------------------------------------- strategies
 
@@ -412,23 +413,11 @@ SAMPLES = _sample_frames()
 
 @settings(max_examples=300, deadline=None)
 @given(which=st.integers(0, len(SAMPLES) - 1),
-       edits=st.lists(st.tuples(st.sampled_from(["flip", "cut", "set", "insert"]),
-                                st.integers(0, 10**6), st.integers(0, 255)),
-                      min_size=1, max_size=3))
-def test_mutated_staged_frames_only_raise_codec_error(which: int, edits: list) -> None:
-    f = bytearray(SAMPLES[which])
-    for op, pos, byte in edits:
-        i = pos % max(len(f), 1)
-        if op == "flip" and f:
-            f[i] ^= 1 << (byte % 8)
-        elif op == "cut":
-            del f[i:]
-        elif op == "set" and f:
-            f[i] = byte
-        elif op == "insert":
-            f[i:i] = bytes([byte])
+       changes=edits(("flip", "cut", "set", "insert"), max_size=3))
+def test_mutated_staged_frames_only_raise_codec_error(which: int, changes: list) -> None:
+    f = mutate(SAMPLES[which], changes)
     try:
-        out = Codec().decode(bytes(f))
+        out = Codec().decode(f)
     except CodecError as e:
         assert str(e)
     else:
