@@ -272,6 +272,7 @@ class Host:
             raise self.error
         if self._pause and self.result is None:
             self._pause = False
+            self.sched.halted = False
             return "paused"
         return reason
 
@@ -281,6 +282,12 @@ class Host:
         may call it; the hot path pays nothing (it already checks `_stop` after each event)."""
         self._pause = True
         self._stop = True
+
+    def interrupt(self) -> None:
+        """`request_pause` from any thread: `run` returns "paused" between events, even while a
+        wall-clock loop is waiting for one (how ray and grpc shards stop their loops)."""
+        self.request_pause()
+        self.sched.halt()
 
     def _call(self, fn: Callable[..., None], node: int, *args: Any) -> None:
         try:

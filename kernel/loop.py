@@ -33,7 +33,7 @@ IDLE_POLL_S = 0.05
 class Scheduler:
     """An event queue with a clock; virtual time jumps, `wall=True` waits for real time to pass."""
 
-    __slots__ = ("now", "_heap", "_fifo", "_seq", "wall", "_t0", "_inbox", "_wake")
+    __slots__ = ("now", "_heap", "_fifo", "_seq", "wall", "_t0", "_inbox", "_wake", "halted")
 
     def __init__(self, wall: bool = False) -> None:
         self.now = 0.0
@@ -46,6 +46,8 @@ class Scheduler:
         # Events handed in from other threads (a transport's receiver); drained by the loop.
         self._inbox: deque[Event] = deque()
         self._wake = threading.Event()
+        # Set by `halt` (any thread): a wall-clock loop returns "halted" at its next look.
+        self.halted = False
 
     def push(self, t: float, etype: int, node: int, payload: Any) -> None:
         """Schedule an event at time `t` (at once, after those already due, when `t` is not in
@@ -63,6 +65,12 @@ class Scheduler:
 
     def wake(self) -> None:
         """Make a waiting wall-clock loop look at its queues now."""
+        self._wake.set()
+
+    def halt(self) -> None:
+        """Make a wall-clock loop return "halted" at its next look at the clock, from any
+        thread, without queueing an event (clear `halted` to run again)."""
+        self.halted = True
         self._wake.set()
 
     def next_time(self) -> float | None:
@@ -107,7 +115,8 @@ class Scheduler:
     ) -> tuple[str, int]:
         """Run events through `dispatch` (which returns True to stop) and say why it stopped.
 
-        Returns (reason, events) with reason one of "finished", "idle", "until", "max_events".
+        Returns (reason, events) with reason one of "finished", "idle", "until", "max_events"
+        or (wall mode, after `halt`) "halted".
         Events at exactly `until` still run. In wall mode "idle" is never returned: the loop
         waits (up to `until`) for events from other threads, calling `idle_wait(seconds)` each
         time it is about to block.
@@ -154,6 +163,8 @@ class Scheduler:
         t0, clock, wake = self._t0, time.monotonic, self._wake
         n = 0
         while True:
+            if self.halted:
+                return "halted", n
             self.now = clock() - t0
             while inbox:
                 fifo.append(inbox.popleft())

@@ -47,7 +47,6 @@ from transports.grpc import (
 
 log = logging.getLogger("fedloom.grpc.shard")
 
-SLICE_S = 0.05  # the host loop looks for a stop request this often
 MAX_BAD_LOGS = 10  # malformed frames logged per stream; the rest are only counted
 
 
@@ -400,7 +399,7 @@ class Shard:
     def _stop_run(self) -> dict[str, Any]:
         self._stop.set()
         if self.host is not None:
-            self.host.sched.wake()
+            self.host.interrupt()
         if self._loop_thread is not None:
             self._loop_thread.join(float(self.opts["call_timeout"]))
             if self._loop_thread.is_alive():
@@ -426,7 +425,7 @@ class Shard:
         assert host is not None
         try:
             host.start()
-            reason = self._run_slices(host)
+            reason = self._run(host)
             if reason == "finished":
                 self._event("done", {"reason": reason, "finished_by": host.finished_by,
                                      "result": dict(host.result or {})})
@@ -441,22 +440,10 @@ class Shard:
         except Exception as exc:
             self.report_error(_describe(exc))
 
-    def _run_slices(self, host: Host) -> str | None:
-        until, left = self.until, self.max_events
-        sched = host.sched
-        while not self._stop.is_set():
-            end = sched.elapsed() + SLICE_S
-            if until is not None and end > until:
-                end = until
-            before = host.stats["events"] if left is not None else 0
-            reason = host.run(until=end, max_events=left)
-            if reason in ("finished", "max_events"):
-                return reason
-            if until is not None and end >= until:
-                return "until"
-            if left is not None:
-                left -= host.stats["events"] - before
-        return None
+    def _run(self, host: Host) -> str | None:
+        """Run until the run ends (its reason) or the driver stops this shard (None)."""
+        reason = host.run(until=self.until, max_events=self.max_events)
+        return None if reason == "paused" else reason
 
     def _on_metric(self, row: dict[str, Any]) -> None:
         # Encoded now: a protocol may go on mutating an array it emitted.

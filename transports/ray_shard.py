@@ -37,10 +37,6 @@ STARTING, RUNNING, STOPPED, ERROR = "starting", "running", "stopped", "error"
 ENDED = frozenset({"finished", "until", "max_events", STOPPED, ERROR})
 
 
-class _Interrupt(RunError):
-    """Raised on the loop's thread to make the host's loop return: the driver asked to stop."""
-
-
 def encode_plain(codec: Codec, obj: Mapping[str, Any]) -> bytes:
     """A plain dict as one codec frame (configs, metric rows, results, stats)."""
     return bytes(join(codec.encode_body(dict(obj))))
@@ -310,8 +306,8 @@ class ShardCore:
         c0, w0 = time.thread_time(), time.monotonic()
         try:
             reason = self.host.run(until=self.until, max_events=self.max_events)
-        except _Interrupt:
-            reason = STOPPED
+            if reason == "paused":  # the driver asked to stop (`interrupt`)
+                reason = STOPPED
         except Exception as exc:
             reason = ERROR
             self._set_state(ERROR, f"{type(exc).__name__}: {exc}")
@@ -336,11 +332,7 @@ class ShardCore:
         """Make the loop return (from any thread); `why` marks it as this shard's error."""
         if why is not None:
             self._set_state(ERROR, why)
-
-        def stop() -> None:
-            raise _Interrupt("stopped by the driver")
-
-        self.host.call_soon_threadsafe(stop)
+        self.host.interrupt()
 
     def stop(self, timeout_s: float) -> bytes:
         """End the loop, call every node's on_stop, and report rows left and statistics."""
@@ -352,8 +344,6 @@ class ShardCore:
         if self.thread is not None and self.thread.is_alive():
             late = f"its event loop did not stop within {timeout_s:g} s"
         else:
-            if isinstance(self.host.error, _Interrupt):
-                self.host.error = None
             try:
                 self.host.stop()
             except Exception as exc:
