@@ -250,12 +250,7 @@ class TensorWriter:
             flat = (t.float() if code == 14 else t).numpy().reshape(-1)
             shape, ext = tuple(t.shape), EXT_TORCH
         raw = flat.size * _ITEMSIZE[code]
-        if raw > self.max_tensor:
-            raise CodecError(f"tensor of shape {shape} has {raw} bytes; max_tensor_bytes is "
-                             f"{self.max_tensor}")
-        ndim = len(shape)
-        if ndim > _MAX_NDIM:
-            raise CodecError(f"tensor has {ndim} dimensions; at most {_MAX_NDIM} travel")
+        ndim = self._check(shape, raw)
         enc = stages.encode(flat, rule.pipeline, st.rng) if flat.size else None
         if enc is None:
             self.stage_stats.fallbacks += bool(flat.size)
@@ -340,15 +335,19 @@ class TensorWriter:
             raise CodecError(f"a numpy scalar of dtype {s.dtype.str!r} ({s.dtype})")
         return ExtType(EXT_SCALAR, bytes((code,)) + s.tobytes())
 
-    def _record(self, ext: int, code: int, shape: tuple[int, ...], u8: np.ndarray,
-                policy: str | None = None) -> ExtType:
-        n = u8.size
-        if n > self.max_tensor:
-            raise CodecError(f"tensor of shape {shape} has {n} bytes; max_tensor_bytes is "
+    def _check(self, shape: tuple[int, ...], nbytes: int) -> int:
+        """Refuse a tensor the limits do not allow to travel; its number of dimensions."""
+        if nbytes > self.max_tensor:
+            raise CodecError(f"tensor of shape {shape} has {nbytes} bytes; max_tensor_bytes is "
                              f"{self.max_tensor}")
         ndim = len(shape)
         if ndim > _MAX_NDIM:
             raise CodecError(f"tensor has {ndim} dimensions; at most {_MAX_NDIM} travel")
+        return ndim
+
+    def _record(self, ext: int, code: int, shape: tuple[int, ...], u8: np.ndarray,
+                policy: str | None = None) -> ExtType:
+        ndim = self._check(shape, u8.size)
         comp, where, tail = self._place(u8, _ITEMSIZE[code], policy or self.policy)
         return ExtType(ext, _HEAD.pack(code, comp, ndim, where)
                        + struct.pack(f"<{ndim}Q", *shape) + tail)
