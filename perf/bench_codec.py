@@ -14,8 +14,8 @@ import lz4.block
 import msgpack
 import numpy as np
 
-from kernel.codec import Codec, body_nbytes, join
 from kernel.messages import Message
+from kernel.wire.codec import Codec, body_nbytes, join
 
 _MB = 1e6
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import numpy as np
 
-from kernel import runner
+from kernel.run import runner
 from protocols import aggregators, common, learners
 
 WORKLOADS = Path(__file__).resolve().parent / "workloads"
@@ -114,7 +114,8 @@ def direct(cfg: dict[str, Any]) -> tuple[float, float]:
         nodes = common.sample(rng, range(1, learner.clients + 1),
                               count=cfg["protocol"].get("clients_per_round"))
         model = aggregators.weighted_mean([
-            (learner.samples(n - 1), learner.train(model, n - 1, common.derive_rng(seed, n, r)))
+            (learner.samples(n - 1),
+             learner.train(model, n - 1, common.derive_rng(seed, n, r)).model)
             for n in nodes])
         learner.evaluate(model)
     return time.perf_counter() - t0, time.process_time() - cpu

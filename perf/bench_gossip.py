@@ -25,7 +25,7 @@ from typing import Any
 
 import numpy as np
 
-from kernel import runner
+from kernel.run import runner
 from protocols import gossip, topology
 
 W4 = Path(__file__).resolve().parent / "workloads" / "w4.toml"

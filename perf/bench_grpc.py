@@ -29,11 +29,12 @@ from typing import Any
 import grpc
 import numpy as np
 
-from kernel import config as kconfig
-from kernel import registry, runner
+from kernel import registry
 from kernel.api import Context, Deployment, Protocol
-from kernel.config import options
 from kernel.messages import Message
+from kernel.options import options
+from kernel.run import config as kconfig
+from kernel.run import runner
 from transports.base import Job
 from transports.grpc import DEFAULTS, GrpcTransport
 

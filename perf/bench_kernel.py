@@ -83,7 +83,7 @@ def kernel_network(rounds: int) -> tuple[int, float]:
 
 
 def kernel_strict(rounds: int) -> tuple[int, float]:
-    from kernel.codec import Codec
+    from kernel.wire.codec import Codec
 
     return _host_run(rounds, strict=Codec.from_config({}))
 

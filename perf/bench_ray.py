@@ -29,12 +29,12 @@ from typing import Any
 import numpy as np
 import ray
 
-from kernel import runner
 from kernel.api import Context, Deployment, Protocol
-from kernel.codec import Codec, join
-from kernel.config import load
 from kernel.messages import Message
 from kernel.registry import load as registry_load
+from kernel.run import runner
+from kernel.run.config import load
+from kernel.wire.codec import Codec, join
 from transports.base import Job
 from transports.ray import RayTransport
 
@@ -193,7 +193,7 @@ def w1_process(kind: str) -> dict[str, Any]:
     """One W1 run as `fedloom run` in a fresh process; its result.json."""
     with tempfile.TemporaryDirectory() as d:
         subprocess.run(
-            [sys.executable, "-m", "kernel.cli", "run", str(WORKLOADS / "w1.toml"), "--set",
+            [sys.executable, "-m", "kernel.run.cli", "run", str(WORKLOADS / "w1.toml"), "--set",
              f"transport.kind={kind}", "--out", d, "--quiet"],
             check=True, timeout=600, capture_output=True,
         )

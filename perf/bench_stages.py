@@ -26,9 +26,9 @@ from typing import Any
 
 import numpy as np
 
-from kernel import runner
-from kernel.codec import Codec, join
 from kernel.messages import Message
+from kernel.run import runner
+from kernel.wire.codec import Codec, join
 from perf.bench_codec import _fmt, _paired, _row
 
 WORKLOADS = Path(__file__).resolve().parent / "workloads"

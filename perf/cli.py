@@ -36,7 +36,7 @@ def parser() -> argparse.ArgumentParser:
     c = sub.add_parser(
         "compare", help="run a matrix of configs x transports x settings x repeats",
         description="Run every cell of CONFIGs x --transports x --vary values, --repeat times, "
-                    "each run a fresh `python -m kernel.cli run` process, repeats outermost "
+                    "each run a fresh `python -m kernel.run.cli run` process, repeats outermost "
                     "(A B A B ...). Writes results.jsonl, report.md and PNG plots into --out.")
     c.add_argument("configs", nargs="+", type=Path, metavar="CONFIG", help="run config (TOML)")
     c.add_argument("--transports", type=_csv, default=[], metavar="T1,T2",
@@ -61,8 +61,8 @@ def parser() -> argparse.ArgumentParser:
                    help="output folder (default perf-results/compare-<time>)")
     c.add_argument("--runner", metavar="CMD",
                    help="command that runs one config, given CONFIG --set ... --out DIR --quiet "
-                        "(default: this python -m kernel.cli run); e.g. another checkout's "
-                        "'/path/.venv/bin/python -m kernel.cli run' to compare versions")
+                        "(default: this python -m kernel.run.cli run); e.g. another checkout's "
+                        "'/path/.venv/bin/python -m kernel.run.cli run' to compare versions")
     m = sub.add_parser("micro", help="micro-benchmarks, each beside its floor",
                        description="Run the perf.bench_* modules and print each measurement "
                                    "beside its floor as a ratio. Writes micro.jsonl, micro.md.")

@@ -1,7 +1,7 @@
 """The comparison matrix: workloads x transports x settings x repeats, each run a fresh process.
 
-A run is `python -m kernel.cli run CONFIG --set ... --out DIR --quiet` in its own process, so its
-total wall time (process start to exit) and start-up are real and no run inherits another's
+A run is `python -m kernel.run.cli run CONFIG --set ... --out DIR --quiet` in its own process, so
+its total wall time (process start to exit) and start-up are real and no run inherits another's
 imports, caches or Ray cluster. Repeats are the outer loop (A B A B ...), so drift of the machine
 over the comparison falls on every cell alike. While a run goes, the summed RSS of its whole
 process tree is sampled; afterwards its result.json and metrics.jsonl are read into one row of
@@ -29,7 +29,7 @@ import psutil
 from perf import report
 from perf.procs import MB, Reaper, TreeSampler, machine_info
 
-RUNNER = (sys.executable, "-m", "kernel.cli", "run")
+RUNNER = (sys.executable, "-m", "kernel.run.cli", "run")
 ROUND_DURATION_KEYS = ("round_s", "round_wall_s", "dt_s")
 ROUND_CLOCK_KEYS = ("wall", "wall_s")
 

@@ -71,7 +71,7 @@ def flower_child(out: Path) -> None:
                 ) -> tuple[list[np.ndarray], int, dict[str, Any]]:
             lrn = learners.make(workload)
             rng = np.random.default_rng([seed, self.client + 1, int(config["server_round"])])
-            model = lrn.train(dict(zip(names, parameters)), self.client, rng)
+            model = lrn.train(dict(zip(names, parameters)), self.client, rng).model
             return [model[n] for n in names], lrn.samples(self.client), {}
 
     def client_fn(context: Context) -> Any:

@@ -192,7 +192,7 @@ def config_diff(path: Path) -> list[str]:
     except (OSError, tomllib.TOMLDecodeError) as exc:
         return [f"  (config.toml cannot be read: {exc})"]
     try:
-        from kernel.config import default_config
+        from kernel.run.config import default_config
 
         base = _flat(default_config())
     except Exception:  # no kernel or an unusable default: list the config as it is

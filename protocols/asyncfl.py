@@ -30,8 +30,8 @@ from typing import Any
 import numpy as np
 
 from kernel.api import Context, Deployment, Protocol
-from kernel.config import ConfigError, options
 from kernel.messages import Message
+from kernel.options import ConfigError, options
 from protocols import common, learners
 
 STALENESS = ("constant", "polynomial", "hinge")
@@ -67,7 +67,7 @@ class Client(Protocol):
         if msg.kind != "model":
             return
         model, client = msg.body["model"], self.id - 1
-        trained = self.learner.train(model, client, ctx.rng)
+        trained = self.learner.train(model, client, ctx.rng).model
         ctx.compute(self.learner.work(client))
         if self.send_delta:
             ctx.send(0, "update", v=msg.body["v"], delta=common.sub(trained, model))

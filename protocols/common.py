@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 
 from kernel.api import Context
-from kernel.config import ConfigError
+from kernel.options import ConfigError
 from kernel.registry import UnknownName, load
 
 Tensors = dict[str, np.ndarray]

@@ -8,7 +8,7 @@ residual. So the sum of what a node sent trails the sum of its true updates by e
 current residual, which a contractive stage (top-k, quantisation) keeps bounded.
 
 `ErrorFeedback` applies the same stages the codec will (the `[codec]` rules for one message kind
-and body field, through kernel.stages) and returns the decoded values; as every stage is a
+and body field, through kernel.wire.stages) and returns the decoded values; as every stage is a
 projection, the codec leaves those values unchanged on the wire, so what the node sends is
 exactly what its receiver decodes, on every transport.
 
@@ -35,12 +35,12 @@ from typing import Any
 
 import numpy as np
 
-from kernel import stages
 from kernel.api import Context, Deployment, Protocol
-from kernel.codec import Codec
-from kernel.config import ConfigError
 from kernel.messages import Message
-from kernel.stages import Rules
+from kernel.options import ConfigError
+from kernel.wire import stages
+from kernel.wire.codec import Codec
+from kernel.wire.stages import Rules
 from protocols import fedavg
 
 __all__ = ["ErrorFeedback", "Sent", "fedavg_ef"]

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from kernel.api import Context, Deployment, Protocol
-from kernel.config import ConfigError, options
 from kernel.messages import Message
+from kernel.options import ConfigError, options
 from protocols import learners
 from protocols.common import Aggregate, Gather, Tensors, aggregator, derive_rng, sample
 
@@ -180,7 +180,8 @@ class Client(Protocol):
         if work:
             ctx.compute(work=work, label="train")
         rng = derive_rng(self.seed, ctx.id, msg.round)
-        model = self.learner.train(msg.model, client, rng, mu=self.mu)
+        hooks = learners.Hooks(prox_mu=self.mu) if self.mu else None
+        model = self.learner.train(msg.model, client, rng, hooks).model
         ctx.send(msg.src, "update", round=msg.round, model=model,
                  n_samples=self.learner.samples(client))
 

@@ -51,8 +51,8 @@ from typing import Any
 import numpy as np
 
 from kernel.api import Context, Deployment, Protocol
-from kernel.config import ConfigError, options
 from kernel.messages import Message
+from kernel.options import ConfigError, options
 from protocols import common, learners, topology
 
 GOSSIP_DEFAULTS: dict[str, Any] = {
@@ -540,7 +540,7 @@ class Dsgd(SyncGossip):
         model = common.unflatten(self.x, self.like)
         # An rng of (seed, node, round): the same draws whatever order events run in.
         rng = common.derive_rng(self.seed, self.id, self.r + 1)
-        trained = self.learner.train(model, self.id, rng)
+        trained = self.learner.train(model, self.id, rng).model
         ctx.compute(self.learner.work(self.id))
         return common.flatten(trained)
 

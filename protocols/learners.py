@@ -6,10 +6,15 @@ models held as named float32 numpy arrays (`Tensors`), the only form a model tak
     learner.init() -> Tensors                             # the initial global model
     learner.samples(client) -> int                        # client's sample count (no data made)
     learner.work(client) -> float                         # samples x epochs, for ctx.compute
-    learner.train(model, client, rng, mu=0.0) -> Tensors  # local training, model left untouched
-    learner.evaluate(model) -> {"accuracy", "loss"} | None  # on the held-out test set
+    learner.train(model, client, rng, hooks=None) -> TrainResult  # model left untouched
+    learner.evaluate(model, client=None) -> {"accuracy", "loss", ...} | None
 
-Clients are numbered from 0 (FedAvg's node i+1 is client i). Models (WORKLOADS.md):
+`train` returns the new model with what algorithms need beside it (local steps taken, mean
+training loss, extra metrics). `Hooks` change a stock local loop without owning it: a per-step
+gradient correction (SCAFFOLD's c - c_i, FedDyn's linear term) and a proximal penalty
+(FedProx, FedDyn's quadratic term). Any learner that honours them works with every protocol.
+
+Clients are numbered from 0 (FedAvg's node i+1 is client i). Models (docs/workloads.md):
 `mlp` (torch, 784->256->10), `linear` (numpy softmax regression on the same data, for quick
 tests) and `flat` (one float32 vector; "training" adds `flat_step`; no test set). Data is the
 seeded Gaussian mixture, made per client on demand and kept in a small LRU cache, so idle
@@ -22,13 +27,34 @@ from __future__ import annotations
 import functools
 from collections import OrderedDict
 from collections.abc import Mapping
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 
-from kernel.config import ConfigError, options
+from kernel.options import ConfigError, options
 
 Tensors = dict[str, np.ndarray]
+
+
+@dataclass(frozen=True)
+class Hooks:
+    """Optional changes to local training that any stock loop can honour, applied each step:
+    gradient += correction + prox_mu * (w - anchor), anchor defaulting to the received model."""
+
+    correction: Mapping[str, np.ndarray] | None = None
+    prox_mu: float = 0.0
+    anchor: Mapping[str, np.ndarray] | None = None
+
+
+@dataclass
+class TrainResult:
+    """What one local training call produced: the model, local steps taken, mean loss, extras."""
+
+    model: Tensors
+    steps: int
+    loss: float
+    metrics: dict[str, float] = field(default_factory=dict)
 
 DEFAULTS: dict[str, Any] = {
     "model": "mlp",
@@ -87,7 +113,7 @@ def _make(key: tuple[tuple[str, Any], ...]) -> Learner:
 
 
 class Mixture:
-    """The seeded Gaussian-mixture data of WORKLOADS.md: per-client sets and one test set."""
+    """The seeded Gaussian-mixture data of docs/workloads.md: per-client sets and one test set."""
 
     def __init__(self, opts: Mapping[str, Any]) -> None:
         self.dim, self.classes = opts["input_dim"], opts["classes"]
@@ -108,7 +134,7 @@ class Mixture:
         """Client `client`'s sample count, without making its data."""
         if self.n_min == 0:
             return self.n
-        # A stream of its own, so the data stream stays exactly as WORKLOADS.md draws it.
+        # A stream of its own, so the data stream stays exactly as docs/workloads.md draws it.
         return int(np.random.default_rng([CLIENT_SEED_BASE + client, 1])
                    .integers(self.n_min, self.n + 1))
 
@@ -162,13 +188,15 @@ class Learner:
         return float(self.samples(client) * self.epochs)
 
     def train(self, model: Mapping[str, np.ndarray], client: int, rng: np.random.Generator,
-              *, mu: float = 0.0) -> Tensors:
+              hooks: Hooks | None = None) -> TrainResult:
         """`epochs` of minibatch SGD on client `client` from `model` (not modified), shuffling
-        with `rng`; `mu` > 0 adds FedProx's proximal term mu/2 |w - model|^2."""
+        with `rng`, each step's gradient changed as `hooks` say."""
         raise NotImplementedError
 
-    def evaluate(self, model: Mapping[str, np.ndarray]) -> dict[str, float] | None:
-        """{"accuracy", "loss"} of `model` on the test set, or None without one."""
+    def evaluate(self, model: Mapping[str, np.ndarray],
+                 client: int | None = None) -> dict[str, float] | None:
+        """{"accuracy", "loss"} of `model` on the test set (or `client`'s held-out split), or
+        None without one."""
         raise NotImplementedError
 
     def _check(self, model: Mapping[str, np.ndarray], like: Mapping[str, np.ndarray]) -> None:
@@ -234,7 +262,7 @@ class TorchMLP(Learner):
         return {n: v.copy() for n, v in self._initial.items()}
 
     def train(self, model: Mapping[str, np.ndarray], client: int, rng: np.random.Generator,
-              *, mu: float = 0.0) -> Tensors:
+              hooks: Hooks | None = None) -> TrainResult:
         import torch
         from torch.nn.functional import cross_entropy
 
@@ -242,9 +270,16 @@ class TorchMLP(Learner):
         x, y = self.data.client(client)
         xs, ys = torch.from_numpy(x), torch.from_numpy(y)
         params, lr, batch, n = self._params, self.lr, self.batch, len(y)
+        mu = hooks.prox_mu if hooks else 0.0
         anchor: list[Any] = [None] * len(params)
-        if mu:  # FedProx pulls towards the received model: keep a copy of it
-            anchor = [torch.from_numpy(np.array(model[k])) for k in self._names]
+        if mu:  # the proximal term pulls towards the anchor: keep a copy of it
+            ref = hooks.anchor if hooks and hooks.anchor is not None else model
+            anchor = [torch.from_numpy(np.array(ref[k], np.float32)) for k in self._names]
+        corr: list[Any] = [None] * len(params)
+        if hooks and hooks.correction is not None:
+            corr = [torch.from_numpy(np.array(hooks.correction[k], np.float32))
+                    for k in self._names]
+        steps, total = 0, torch.zeros((), dtype=torch.float64)
         for _ in range(self.epochs):
             order = torch.from_numpy(rng.permutation(n))
             for start in range(0, n, batch):
@@ -252,16 +287,25 @@ class TorchMLP(Learner):
                 loss = cross_entropy(self._net(xs[idx]), ys[idx])
                 grads = torch.autograd.grad(loss, params)
                 with torch.no_grad():
-                    for p, g, a in zip(params, grads, anchor):
+                    total += loss.detach()
+                    for p, g, a, c in zip(params, grads, anchor, corr):
                         if a is not None:
                             g = g.add(p - a, alpha=mu)
+                        if c is not None:
+                            g = g.add(c)
                         p.add_(g, alpha=-lr)
-        return {name: view.copy() for name, view in self._views.items()}
+                steps += 1
+        return TrainResult({name: view.copy() for name, view in self._views.items()}, steps,
+                           float(total) / max(steps, 1))
 
-    def evaluate(self, model: Mapping[str, np.ndarray]) -> dict[str, float] | None:
+    def evaluate(self, model: Mapping[str, np.ndarray],
+                 client: int | None = None) -> dict[str, float] | None:
         import torch
         from torch.nn.functional import cross_entropy
 
+        if client is not None:
+            raise ValueError(
+                f"the {self.opts['model']!r} workload has no per-client held-out split")
         if self.data.n_test == 0:
             return None
         self._load(model)
@@ -285,29 +329,44 @@ class NumpyLinear(Learner):
                 "weight": (rng.standard_normal((c, d)) * 0.01).astype(np.float32)}
 
     def train(self, model: Mapping[str, np.ndarray], client: int, rng: np.random.Generator,
-              *, mu: float = 0.0) -> Tensors:
+              hooks: Hooks | None = None) -> TrainResult:
         self._check(model, self.init())
-        w0, b0 = model["weight"], model["bias"]
-        w, b = np.array(w0, np.float32), np.array(b0, np.float32)
+        mu = hooks.prox_mu if hooks else 0.0
+        ref = hooks.anchor if hooks and hooks.anchor is not None else model
+        w0, b0 = ref["weight"], ref["bias"]
+        cw = cb = None
+        if hooks and hooks.correction is not None:
+            cw = np.asarray(hooks.correction["weight"], np.float32)
+            cb = np.asarray(hooks.correction["bias"], np.float32)
+        w, b = np.array(model["weight"], np.float32), np.array(model["bias"], np.float32)
         x, y = self.data.client(client)
         lr, prox = np.float32(self.lr), np.float32(mu)
+        steps, total = 0, 0.0
         for _ in range(self.epochs):
             order = rng.permutation(len(y))
             for start in range(0, len(y), self.batch):
                 idx = order[start:start + self.batch]
                 xb, yb = x[idx], y[idx]
                 p = _softmax(xb @ w.T + b)
+                total += float(-np.log(np.maximum(p[np.arange(len(yb)), yb], 1e-30)).mean())
                 p[np.arange(len(yb)), yb] -= 1
                 p /= np.float32(len(yb))
                 gw, gb = p.T @ xb, p.sum(0)
                 if mu:
                     gw += prox * (w - w0)
                     gb += prox * (b - b0)
+                if cw is not None and cb is not None:
+                    gw += cw
+                    gb += cb
                 w -= lr * gw
                 b -= lr * gb
-        return {"bias": b, "weight": w}
+                steps += 1
+        return TrainResult({"bias": b, "weight": w}, steps, total / max(steps, 1))
 
-    def evaluate(self, model: Mapping[str, np.ndarray]) -> dict[str, float] | None:
+    def evaluate(self, model: Mapping[str, np.ndarray],
+                 client: int | None = None) -> dict[str, float] | None:
+        if client is not None:
+            raise ValueError("the 'linear' workload has no per-client held-out split")
         if self.data.n_test == 0:
             return None
         x, y = self.data.test()
@@ -335,11 +394,12 @@ class Flat(Learner):
         return 0.0
 
     def train(self, model: Mapping[str, np.ndarray], client: int, rng: np.random.Generator,
-              *, mu: float = 0.0) -> Tensors:
+              hooks: Hooks | None = None) -> TrainResult:
         if model.keys() != {"x"}:
             raise ValueError(f"model has tensors {sorted(model)}; the 'flat' workload "
                              f"expects ['x']")
-        return {"x": model["x"] + np.float32(self.opts["flat_step"])}
+        return TrainResult({"x": model["x"] + np.float32(self.opts["flat_step"])}, 1, 0.0)
 
-    def evaluate(self, model: Mapping[str, np.ndarray]) -> dict[str, float] | None:
+    def evaluate(self, model: Mapping[str, np.ndarray],
+                 client: int | None = None) -> dict[str, float] | None:
         return None

@@ -20,7 +20,7 @@ from typing import Any
 
 import numpy as np
 
-from kernel.config import ConfigError, options
+from kernel.options import ConfigError, options
 
 KINDS = ("complete", "ring", "ring_lattice", "torus", "random_regular", "erdos_renyi",
          "random_out", "edges")

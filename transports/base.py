@@ -6,7 +6,7 @@ from abc import ABC, abstractmethod
 from collections.abc import Mapping, Sequence
 from typing import Any, ClassVar
 
-from kernel.job import Job, Outcome
+from kernel.run.job import Job, Outcome
 
 __all__ = ["Job", "Outcome", "Transport", "place"]
 

@@ -39,8 +39,8 @@ import msgpack
 import numpy as np
 
 from kernel.api import RunError
-from kernel.codec import Codec, CodecError
-from kernel.config import options
+from kernel.options import options
+from kernel.wire.codec import Codec, CodecError
 from transports.base import Job, Outcome, Transport, place
 
 log = logging.getLogger("fedloom.grpc")
@@ -95,7 +95,7 @@ def validate_options(given: Mapping[str, Any]) -> dict[str, Any]:
 
 
 def raise_config(text: str) -> None:
-    from kernel.config import ConfigError
+    from kernel.options import ConfigError
 
     raise ConfigError(text)
 

@@ -27,9 +27,9 @@ import msgpack
 
 from kernel import registry
 from kernel.api import RunError
-from kernel.codec import Codec, CodecError, body_nbytes
 from kernel.host import Host
 from kernel.messages import Message
+from kernel.wire.codec import Codec, CodecError, body_nbytes
 from transports.base import place
 from transports.grpc import (
     DELIVER,

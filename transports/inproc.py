@@ -12,10 +12,10 @@ from __future__ import annotations
 
 from typing import Any
 
-from kernel import checkpoint
-from kernel.codec import Codec, body_nbytes
-from kernel.config import options
 from kernel.host import Host
+from kernel.options import options
+from kernel.run import checkpoint
+from kernel.wire.codec import Codec, body_nbytes
 from transports.base import Job, Outcome, Transport
 from transports.netmodel import NetworkModel
 

@@ -60,7 +60,7 @@ Semantics:
   transfer starts then or when its pipe frees up (see queueing), takes nbytes / bandwidth, and
   it arrives one latency draw after the transfer ends. A lost message still used its pipe.
   Random latencies can reorder messages on a link. nbytes is what the host measured: the
-  encoded size in strict mode, else its sizer's estimate (inproc: kernel.codec.body_nbytes).
+  encoded size in strict mode, else its sizer's estimate (inproc: kernel.wire.codec.body_nbytes).
 - Nothing crosses a partition: a message between nodes of different groups is dropped when its
   time in flight, [depart, arrival], meets the partition's window [start, end) at all; that is,
   when depart < end and arrival >= start. Each copy of a duplicated message is judged alone.
@@ -81,7 +81,7 @@ from typing import Any
 
 import numpy as np
 
-from kernel.config import ConfigError, options
+from kernel.options import ConfigError, options
 
 # Separates this model's random streams from the nodes' (seeded [seed, node id]).
 TAG = 0x6E65746D  # "netm"

@@ -24,8 +24,8 @@ from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
 from kernel.api import RunError
-from kernel.codec import Codec, join
-from kernel.config import ConfigError, options
+from kernel.options import ConfigError, options
+from kernel.wire.codec import Codec, join
 from transports.base import Job, Outcome, Transport, place
 from transports.ray_shard import ENDED, ERROR, Shard
 

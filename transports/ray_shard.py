@@ -22,11 +22,11 @@ import numpy as np
 import ray
 
 from kernel.api import RunError
-from kernel.codec import Codec, body_nbytes, join
 from kernel.host import Host
 from kernel.loop import CALL
 from kernel.messages import Message
 from kernel.registry import load
+from kernel.wire.codec import Codec, body_nbytes, join
 from transports.base import place
 
 ALIGN = 64

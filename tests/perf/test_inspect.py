@@ -58,12 +58,12 @@ def test_run_folder_summary(run_dir: Path, capsys: pytest.CaptureFixture[str]) -
 
 def test_fedloom_inspect_command(run_dir: Path, tmp_path: Path) -> None:
     """Through the real `fedloom` dispatch: a run folder, then a folder that is not one."""
-    ok = subprocess.run([sys.executable, "-m", "kernel.cli", "inspect", str(run_dir)],
+    ok = subprocess.run([sys.executable, "-m", "kernel.run.cli", "inspect", str(run_dir)],
                         capture_output=True, text=True, timeout=TIMEOUT_S, cwd=REPO)
     assert ok.returncode == 0, ok.stderr
     assert "rounds (3):" in ok.stdout
     (tmp_path / "notes.txt").write_text("hello")
-    bad = subprocess.run([sys.executable, "-m", "kernel.cli", "inspect", str(tmp_path)],
+    bad = subprocess.run([sys.executable, "-m", "kernel.run.cli", "inspect", str(tmp_path)],
                          capture_output=True, text=True, timeout=TIMEOUT_S, cwd=REPO)
     assert bad.returncode == 1
     assert f"{tmp_path} is not a fedloom run folder" in bad.stderr

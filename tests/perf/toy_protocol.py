@@ -16,8 +16,8 @@ from typing import Any
 import numpy as np
 
 from kernel.api import Context, Deployment, Protocol
-from kernel.config import options
 from kernel.messages import Message
+from kernel.options import options
 
 NAME = "tests.perf.toy_protocol:build"
 DEFAULTS = {"clients": 2, "size": 1000}
@@ -42,15 +42,16 @@ def expected_accuracy(rounds: int) -> float:
 
 
 def runner() -> tuple[str, ...]:
-    """The command that runs one toy config: `python -m kernel.cli run` itself when the kernel's
+    """The command that runs one toy config: `python -m kernel.run.cli run` itself when the kernel's
     config check accepts "module:function" protocol names, else this module's launcher."""
-    from kernel.config import ConfigError, loads
+    from kernel.options import ConfigError
+    from kernel.run.config import loads
 
     try:
         loads(CONFIG_TOML)
     except ConfigError:
         return (sys.executable, "-m", "tests.perf.toy_protocol", "run")
-    return (sys.executable, "-m", "kernel.cli", "run")
+    return (sys.executable, "-m", "kernel.run.cli", "run")
 
 
 class Server(Protocol):
@@ -108,7 +109,7 @@ def build(config: Mapping[str, Any]) -> Deployment:
 
 if __name__ == "__main__":
     from kernel import registry
-    from kernel.cli import main
+    from kernel.run.cli import main
     from tests.perf import toy_protocol
 
     registry.register("protocols", NAME, toy_protocol.build)

@@ -11,7 +11,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernel.config import ConfigError
+from kernel.options import ConfigError
 from protocols import asyncfl, common, learners
 from transports.base import Job
 from transports.inproc import InprocTransport
@@ -78,7 +78,7 @@ def test_fedasync_with_fresh_updates_and_alpha_1_takes_the_client_model(kind: st
     learner = learners.make(LINEAR)
     model, rng = learner.init(), np.random.default_rng([seed, 1])  # client node 1's ctx.rng
     for _ in range(rounds):
-        model = learner.train(model, 0, rng)
+        model = learner.train(model, 0, rng).model
     assert common.digest(res["model"]) == common.digest(model)
     assert [r["staleness"] for r in rows] == [0] * rounds
     assert [r["mix"] for r in rows] == [1.0] * rounds

@@ -8,8 +8,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kernel.api import Deployment, Protocol
-from kernel.config import ConfigError
 from kernel.host import Host
+from kernel.options import ConfigError
 from protocols import aggregators, common
 
 

@@ -12,11 +12,11 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernel.codec import Codec, join
-from kernel.config import ConfigError
 from kernel.messages import Message
-from kernel.runner import execute
-from kernel.stages import Rules
+from kernel.options import ConfigError
+from kernel.run.runner import execute
+from kernel.wire.codec import Codec, join
+from kernel.wire.stages import Rules
 from protocols.compression import ErrorFeedback
 
 RULES: dict[str, dict[str, Any]] = {

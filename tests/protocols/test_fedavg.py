@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernel.config import ConfigError
+from kernel.options import ConfigError
 from protocols import aggregators, common, learners
 from protocols.fedavg import build
 from transports.base import Job
@@ -78,7 +78,7 @@ def test_aggregate_is_the_sample_weighted_mean(clients, seed, samples_min, per_r
     sampled = common.sample(np.random.default_rng([seed, 0]), range(1, clients + 1),
                             count=min(per_round, clients))
     assert rounds(rows)[0]["clients"] == len(sampled)
-    updates = [learner.train(start, node - 1, common.derive_rng(seed, node, 1))
+    updates = [learner.train(start, node - 1, common.derive_rng(seed, node, 1)).model
                for node in sampled]
     weights = [learner.samples(node - 1) for node in sampled]
     for name, value in result["model"].items():
@@ -132,7 +132,7 @@ def test_late_replies_are_counted_and_never_mixed_in():
     model = learner.init()
     for r in (1, 2):
         items = [(float(learner.samples(n - 1)),
-                  learner.train(model, n - 1, common.derive_rng(0, n, r))) for n in (1, 2, 3)]
+                  learner.train(model, n - 1, common.derive_rng(0, n, r)).model) for n in (1, 2, 3)]
         model = aggregators.weighted_mean(items)
     for name in model:
         np.testing.assert_array_equal(result["model"][name], model[name])

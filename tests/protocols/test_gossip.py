@@ -14,9 +14,9 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kernel.api import Deployment, Network
-from kernel.codec import Codec
-from kernel.config import ConfigError
 from kernel.host import Host
+from kernel.options import ConfigError
+from kernel.wire.codec import Codec
 from protocols import common, gossip, learners, topology
 from tests.protocols.scripted_network import Scripted
 from transports.base import Job
@@ -234,7 +234,7 @@ def test_dsgd_equals_train_then_mix_computed_by_hand() -> None:
     w = topology.mixing_matrix(topology.ring(4), "metropolis")
     models = [learner.init() for _ in range(4)]
     for r in range(1, rounds + 1):
-        trained = [common.flatten(learner.train(models[i], i, common.derive_rng(seed, i, r)))
+        trained = [common.flatten(learner.train(models[i], i, common.derive_rng(seed, i, r)).model)
                    for i in range(4)]
         models = [common.unflatten(sum(w[i, j] * trained[j].astype(np.float64)
                                        for j in range(4)), models[0]) for i in range(4)]

@@ -1,4 +1,4 @@
-"""Learners: the standard data and model exactly as WORKLOADS.md defines them, deterministic
+"""Learners: the standard data and model exactly as docs/workloads.md defines them, deterministic
 local training that equals plain SGD, FedProx, and config errors that name the key."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernel.config import ConfigError
+from kernel.options import ConfigError
 from protocols import learners
 
 SMALL = {"model": "mlp", "input_dim": 12, "hidden": 6, "classes": 3, "samples_per_client": 40,
@@ -65,9 +65,9 @@ def test_data_cache_is_bounded_and_counts_can_differ():
 def test_training_is_deterministic_and_leaves_its_input_alone(model):
     learner = learners.make(dict(SMALL, model=model))
     start = _readonly(learner.init())
-    a = learner.train(start, 1, np.random.default_rng(5))
-    b = learner.train(start, 1, np.random.default_rng(5))
-    c = learner.train(start, 1, np.random.default_rng(6))
+    a = learner.train(start, 1, np.random.default_rng(5)).model
+    b = learner.train(start, 1, np.random.default_rng(5)).model
+    c = learner.train(start, 1, np.random.default_rng(6)).model
     assert sorted(a) == sorted(start)
     assert all(np.array_equal(a[k], b[k]) for k in a)
     assert any(not np.array_equal(a[k], c[k]) for k in a)  # another shuffle, another result
@@ -81,7 +81,7 @@ def test_one_full_batch_step_of_mlp_equals_torch_sgd(seed, client, lr):
     # samples = batch: one step on the whole client set, whatever the shuffle.
     learner = learners.make(dict(SMALL, samples_per_client=8, lr=lr))
     start = learner.init()
-    got = learner.train(start, client, np.random.default_rng(seed))
+    got = learner.train(start, client, np.random.default_rng(seed)).model
     torch.manual_seed(0)
     net = torch.nn.Sequential(torch.nn.Linear(12, 6), torch.nn.ReLU(), torch.nn.Linear(6, 3))
     opt = torch.optim.SGD(net.parameters(), lr=lr)
@@ -97,7 +97,7 @@ def test_one_full_batch_step_of_mlp_equals_torch_sgd(seed, client, lr):
 def test_one_full_batch_step_of_linear_equals_the_softmax_gradient(seed, client):
     learner = learners.make(dict(SMALL, model="linear", samples_per_client=8, lr=0.3))
     start = learner.init()
-    got = learner.train(start, client, np.random.default_rng(seed))
+    got = learner.train(start, client, np.random.default_rng(seed)).model
     x, y = learner.data.client(client)
     w, b = start["weight"].astype(np.float64), start["bias"].astype(np.float64)
     z = x @ w.T + b
@@ -112,8 +112,8 @@ def test_one_full_batch_step_of_linear_equals_the_softmax_gradient(seed, client)
 def test_fedprox_pulls_towards_the_received_model(model):
     learner = learners.make(dict(SMALL, model=model, epochs=3, lr=0.2))
     start = learner.init()
-    plain = learner.train(start, 0, np.random.default_rng(1))
-    prox = learner.train(start, 0, np.random.default_rng(1), mu=5.0)
+    plain = learner.train(start, 0, np.random.default_rng(1)).model
+    prox = learner.train(start, 0, np.random.default_rng(1), learners.Hooks(prox_mu=5.0)).model
 
     def dist(m):
         return sum(float(np.sum((m[k] - start[k]) ** 2.0)) for k in start)
@@ -127,7 +127,7 @@ def test_evaluation_improves_with_training():
     model = learner.init()
     before = learner.evaluate(model)
     for c in range(4):
-        model = learner.train(model, c, np.random.default_rng(c))
+        model = learner.train(model, c, np.random.default_rng(c)).model
     after = learner.evaluate(model)
     assert before is not None and after is not None
     assert after["loss"] < before["loss"] and after["accuracy"] > before["accuracy"] + 0.2
@@ -138,7 +138,7 @@ def test_flat_adds_a_step_and_has_no_test_set():
     x = learner.init()["x"]
     assert x.dtype == np.float32
     assert np.array_equal(x, np.random.default_rng(0).standard_normal(1000).astype(np.float32))
-    out = learner.train(_readonly({"x": x}), 3, np.random.default_rng(0))
+    out = learner.train(_readonly({"x": x}), 3, np.random.default_rng(0)).model
     assert np.array_equal(out["x"], x + np.float32(0.5))
     assert learner.evaluate(out) is None and learner.work(3) == 0.0
 
@@ -168,3 +168,27 @@ def test_wrong_model_shapes_are_refused():
     model["2.bias"] = np.zeros(5, np.float32)
     with pytest.raises(ValueError, match=r"'2.bias' has shape \(5,\); expected \(3,\)"):
         learner.train(model, 0, np.random.default_rng(0))
+
+
+@pytest.mark.parametrize("model", ["mlp", "linear"])
+@settings(max_examples=5, deadline=None)
+@given(scale=st.floats(-0.5, 0.5, allow_nan=False), seed=st.integers(0, 2**16))
+def test_a_constant_correction_is_one_extra_gradient_term(model, scale, seed):
+    """With one full batch and one step, w' = w - lr * (g + c): the correction hook adds c."""
+    learner = learners.make(dict(SMALL, model=model, samples_per_client=8, batch_size=8, lr=0.1))
+    start = learner.init()
+    corr = {k: np.full_like(v, scale) for k, v in start.items()}
+    plain = learner.train(start, 0, np.random.default_rng(seed))
+    hooked = learner.train(start, 0, np.random.default_rng(seed), learners.Hooks(correction=corr))
+    assert plain.steps == hooked.steps == 1 and np.isfinite(plain.loss) and plain.loss > 0
+    for k in start:
+        np.testing.assert_allclose(hooked.model[k], plain.model[k] - np.float32(0.1 * scale),
+                                   rtol=1e-5, atol=1e-6)
+
+
+def test_train_reports_steps_and_mean_loss():
+    learner = learners.make(dict(SMALL, model="linear", epochs=3, samples_per_client=20,
+                                 batch_size=8))
+    out = learner.train(learner.init(), 0, np.random.default_rng(0))
+    assert out.steps == 3 * 3  # ceil(20 / 8) batches per epoch
+    assert np.isfinite(out.loss) and out.loss > 0 and out.metrics == {}

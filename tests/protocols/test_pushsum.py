@@ -11,11 +11,11 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from kernel.api import Deployment, Network
-from kernel.codec import Codec
-from kernel.config import ConfigError
 from kernel.host import Host
 from kernel.loop import DELIVER
 from kernel.messages import Message
+from kernel.options import ConfigError
+from kernel.wire.codec import Codec
 from protocols import gossip, topology
 from tests.protocols.scripted_network import Scripted
 from transports.base import Job

@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernel.config import ConfigError
+from kernel.options import ConfigError
 from protocols import topology
 
 UNDIRECTED = ("complete", "ring", "ring_lattice", "torus", "random_regular", "erdos_renyi")

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 
 from kernel.api import Context, Deployment, Protocol
-from kernel.config import options
 from kernel.messages import Message
+from kernel.options import options
 
 
 def _params(config: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:

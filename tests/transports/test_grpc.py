@@ -22,13 +22,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernel import config as kconfig
-from kernel import registry, runner
+from kernel import registry
 from kernel.api import RunError
-from kernel.codec import Codec, CodecError
-from kernel.config import ConfigError
 from kernel.messages import Message
-from kernel.outputs import model_sha256
+from kernel.options import ConfigError
+from kernel.run import config as kconfig
+from kernel.run import runner
+from kernel.run.outputs import model_sha256
+from kernel.wire.codec import Codec, CodecError
 from transports.base import Job, Outcome
 from transports.grpc import (
     CONTROL,

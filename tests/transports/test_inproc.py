@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 
 from kernel.api import Context, Deployment, Protocol, RunError
-from kernel.config import ConfigError
 from kernel.messages import Message
+from kernel.options import ConfigError
 from transports.base import Job
 from transports.inproc import InprocTransport
 

@@ -12,9 +12,9 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from kernel.api import Context, Deployment, Protocol
-from kernel.config import ConfigError
 from kernel.host import Host
 from kernel.messages import Message
+from kernel.options import ConfigError
 from transports.netmodel import NetworkModel, validate
 
 

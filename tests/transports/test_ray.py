@@ -14,10 +14,11 @@ import pytest
 
 ray = pytest.importorskip("ray")
 
-from kernel import runner  # noqa: E402
 from kernel.api import RunError  # noqa: E402
-from kernel.config import ConfigError, load  # noqa: E402
+from kernel.options import ConfigError  # noqa: E402
 from kernel.registry import load as registry_load  # noqa: E402
+from kernel.run import runner  # noqa: E402
+from kernel.run.config import load  # noqa: E402
 from tests.transports import ray_protocols as rp  # noqa: E402
 from transports.base import Job, Outcome  # noqa: E402
 from transports.inproc import InprocTransport  # noqa: E402

@@ -14,7 +14,7 @@ File `DIR/checkpoint.fl` (the latest one; each write replaces it):
 `header` holds the fedloom version, the format version, the round (the last "round" metric
 row's value), virtual time, events, the config's sha256 and `checkpoint_every`; `config` is
 the validated run config; `rows` are the metric rows so far (a resumed run's metrics.jsonl
-equals an uninterrupted one's, wall-clock fields aside); `state` is a `kernel.state` table of:
+equals an uninterrupted one's, wall-clock fields aside); `state` is a `kernel.run.state` table of:
 the scheduler (clock, insertion counter, queued events), every node's context (protocol
 object, busy time, mailbox, timers, rng, message counter), the host's counters and crash
 schedule, the network model's random stream and pipes, and context-keyed side tables
@@ -49,13 +49,13 @@ from typing import Any
 
 import numpy as np
 
-from kernel import state as objstate
 from kernel.api import Deployment, RunError
-from kernel.codec import Codec, CodecError
 from kernel.host import Host
 from kernel.loop import CALL, CRASH, DELIVER, RESTART, TIMER, WAKE
 from kernel.messages import Message
-from kernel.outputs import jsonable
+from kernel.run import state as objstate
+from kernel.run.outputs import jsonable
+from kernel.wire.codec import Codec, CodecError
 
 __all__ = [
     "FILENAME", "FORMAT_VERSION", "CheckpointError", "CheckpointPlan", "Loaded",

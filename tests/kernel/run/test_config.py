@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernel.config import (
+from kernel.run.config import (
     DEFAULT_CONFIG_TOML,
     SECTIONS,
     WALL_TIME_LIMIT_S,
@@ -26,7 +26,7 @@ from kernel.config import (
     validate,
 )
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 MINIMAL = '[protocol]\nname = "fedavg"\n'
 
 
@@ -77,8 +77,8 @@ def test_sections_owned_elsewhere_pass_through_untouched(tmp_path: Path) -> None
 
 
 def test_module_attribute_names_are_accepted() -> None:
-    cfg = validate({"protocol": {"name": "tests.kernel.test_runner:build_toy"}})
-    assert cfg["protocol"]["name"] == "tests.kernel.test_runner:build_toy"
+    cfg = validate({"protocol": {"name": "tests.kernel.run.test_runner:build_toy"}})
+    assert cfg["protocol"]["name"] == "tests.kernel.run.test_runner:build_toy"
 
 
 def test_validate_is_idempotent_and_does_not_touch_its_input() -> None:

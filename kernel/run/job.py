@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Any
 from kernel.api import Deployment
 
 if TYPE_CHECKING:
-    from kernel.checkpoint import CheckpointPlan
+    from kernel.run.checkpoint import CheckpointPlan
 
 
 @dataclass

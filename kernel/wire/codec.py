@@ -5,7 +5,7 @@ Frame: an 8-byte prefix `b"FL"`, version, kind (`M` message, `B` body) and the u
 the msgpack header; the header; zero padding to a multiple of 64; then the payload region, where
 each out-of-band tensor's bytes start at a multiple of 64. A message header is
 `[src, dst, kind, sent_at, seq, body]`, a body frame's header is the body dict. Tensors are ext
-records (see kernel.tensorwire); `encode` hands their payloads out as views of the arrays (no
+records (see kernel.wire.tensorwire); `encode` hands their payloads out as views of the arrays (no
 copy) and `decode` reads them in place (read-only numpy views of the given buffer).
 
 What round-trips: None, bool, int (-2**63 .. 2**64-1), float, str, bytes (bytearray and
@@ -16,7 +16,7 @@ dicts whose keys are any of these hashable values (str and int keys included). S
 back as their base type (a namedtuple as a tuple, an OrderedDict as a dict); a msgpack.Timestamp
 comes back as a float (seconds).
 
-Lossy stages (kernel.stages) apply to messages only, never to bodies (checkpoints and results
+Lossy stages (kernel.wire.stages) apply to messages only, never to bodies (checkpoints and results
 stay exact): `[codec]` rules pick them per message kind and tensor name, where a tensor's name
 is its path in the body with keys joined by "/" (`model/0.weight`, `updates/3`):
 
@@ -26,7 +26,7 @@ is its path in the body with keys joined by "/" (`model/0.weight`, `updates/3`):
     kind = "update"             # fnmatch patterns
     tensors = "model/*"
     stages = ["topk", "int8"]   # at most a sparsifier (topk, randk), then an encoder
-    fraction = 0.01             # (fp16, bf16, int8, int4); see kernel.stages.RULE_DEFAULTS
+    fraction = 0.01             # (fp16, bf16, int8, int4); see kernel.wire.stages.RULE_DEFAULTS
     block = 64                  # for the other keys: k, stochastic, min_elements, compression
 
 Every stage and its parameters travel in the tensor's record, so a receiver decodes without
@@ -49,10 +49,10 @@ import msgpack
 import numpy as np
 from msgpack import ExtType
 
-from kernel.config import ConfigError, options
 from kernel.messages import Message
-from kernel.stages import Rule, Rules
-from kernel.tensorwire import (
+from kernel.options import ConfigError, options
+from kernel.wire.stages import Rule, Rules
+from kernel.wire.tensorwire import (
     ALIGN,
     EXT_NDARRAY,
     EXT_SCALAR,

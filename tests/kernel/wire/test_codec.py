@@ -20,10 +20,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from kernel.codec import DEFAULTS, Codec, CodecError, body_nbytes, join
-from kernel.config import ConfigError
 from kernel.messages import Message
-from tests.kernel.mutation import edits, mutate
+from kernel.options import ConfigError
+from kernel.wire.codec import DEFAULTS, Codec, CodecError, body_nbytes, join
+from tests.kernel.wire.mutation import edits, mutate
 
 POLICIES = ("auto", "none", "lz4", "shuffle+lz4")
 NP_DTYPES = [np.dtype(d) for d in ("bool", "int8", "int16", "int32", "int64", "uint8", "uint16",
@@ -239,7 +239,7 @@ def test_encode_refuses_what_it_cannot_carry_naming_where() -> None:
 
 
 def test_import_does_not_import_torch() -> None:
-    code = ("import sys, numpy as np; from kernel.codec import Codec, join; "
+    code = ("import sys, numpy as np; from kernel.wire.codec import Codec, join; "
             "from kernel.messages import Message; c = Codec(); "
             "body = {'a': np.ones(3000), 'b': (1,)}; "
             "m = c.decode(join(c.encode(Message(0, 1, 'k', body, 0.0)))); "

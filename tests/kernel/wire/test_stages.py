@@ -16,12 +16,12 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
-from kernel import stages
-from kernel.codec import Codec, CodecError, join
-from kernel.config import ConfigError
 from kernel.messages import Message
-from kernel.stages import Pipeline
-from tests.kernel.mutation import edits, mutate
+from kernel.options import ConfigError
+from kernel.wire import stages
+from kernel.wire.codec import Codec, CodecError, join
+from kernel.wire.stages import Pipeline
+from tests.kernel.wire.mutation import edits, mutate
 
 # ------------------------------------------------------------------------------- strategies
 

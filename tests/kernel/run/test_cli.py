@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from kernel.cli import EXIT_ERROR, EXIT_OK, EXIT_UNFINISHED, EXIT_USAGE, main
-from kernel.outputs import read_metrics
+from kernel.run.cli import EXIT_ERROR, EXIT_OK, EXIT_UNFINISHED, EXIT_USAGE, main
+from kernel.run.outputs import read_metrics
 
-ROOT = Path(__file__).resolve().parents[2]
-TOY = "tests.kernel.test_runner:build_toy"  # the runner tests' toy protocol, by module path
+ROOT = Path(__file__).resolve().parents[3]
+TOY = "tests.kernel.run.test_runner:build_toy"  # the runner tests' toy protocol, by module path
 TOY_TOML = f"""\
 [run]
 seed = 2
@@ -34,7 +34,7 @@ def fedloom(*args: str, cwd: Path) -> subprocess.CompletedProcess[str]:
     path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(path)}
     return subprocess.run(
-        [sys.executable, "-m", "kernel.cli", *args],
+        [sys.executable, "-m", "kernel.run.cli", *args],
         cwd=cwd, env=env, capture_output=True, text=True, timeout=120,
     )
 

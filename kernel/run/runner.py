@@ -13,7 +13,7 @@ neither. Timing and memory fields of the result (all wall-clock, so they differ 
   background thread, and never less than this process's own peak (getrusage). Shared pages
   (Ray's object store) count once per process that maps them, so it overstates a little.
 
-Checkpoints (inproc only; see kernel.checkpoint): with an output directory, a run on a
+Checkpoints (inproc only; see kernel.run.checkpoint): with an output directory, a run on a
 transport that supports them saves `DIR/checkpoint.fl` every `checkpoint_every` rounds (the
 argument, else `[run] checkpoint_every`) and when interrupted by Ctrl-C (SIGINT), after which
 `run` raises `RunInterrupted` saying how to resume. `resume=DIR` continues from DIR's
@@ -38,13 +38,14 @@ from typing import Any
 import numpy as np
 import psutil
 
-from kernel import checkpoint as ckpt
 from kernel import registry
 from kernel.api import RunError
-from kernel.config import WALL_TIME_LIMIT_S, ConfigError, validate
-from kernel.job import Job
-from kernel.outputs import jsonable, model_sha256, named_arrays, write_outputs
-from kernel.progress import Progress
+from kernel.options import ConfigError
+from kernel.run import checkpoint as ckpt
+from kernel.run.config import WALL_TIME_LIMIT_S, validate
+from kernel.run.job import Job
+from kernel.run.outputs import jsonable, model_sha256, named_arrays, write_outputs
+from kernel.run.progress import Progress
 
 RSS_INTERVAL_S = 0.2
 # Result entries that result.json reports under their own names; the rest go under "extra".
@@ -73,7 +74,7 @@ def run(
     resume: str | Path | None = None,
 ) -> dict[str, Any]:
     """Run `config` and return result.json's content; with `out_dir`, also write the run's
-    files there (see `kernel.outputs.write_outputs`) and checkpoints (see the module doc).
+    files there (see `kernel.run.outputs.write_outputs`) and checkpoints (see the module doc).
     `resume=DIR` continues DIR's checkpoint (and writes into DIR unless `out_dir` is given);
     `config` may then be None, or must be the checkpoint's own."""
     if resume is not None and out_dir is None:

@@ -7,7 +7,7 @@ dimensions, then either the raw bytes (placement 0, inline) or `<QQ` (offset, le
 payload in the frame's payload region (placement 1). Torch is imported only when a torch tensor
 is encoded or a torch record decoded.
 
-A staged record (ext 5: a float tensor after lossy stages, see kernel.stages) is `<BBBB`
+A staged record (ext 5: a float tensor after lossy stages, see kernel.wire.stages) is `<BBBB`
 (original dtype code, target ext 1 numpy or 2 torch, ndim, stage count), ndim `<Q` dimensions,
 per stage `<BBQ` (stage id, flags, parameter), `<B` section count, then per section `<BBBQ`
 (dtype code, compression id, placement, element count) and its bytes inline or `<QQ` (offset,
@@ -26,7 +26,7 @@ import lz4.block
 import numpy as np
 from msgpack import ExtType
 
-from kernel import stages
+from kernel.wire import stages
 
 
 class CodecError(ValueError):
@@ -446,7 +446,7 @@ class TensorReader:
 
     def _staged(self, data: bytes) -> Any:
         """A staged record (see the module docstring) back to a dense tensor: the header is
-        checked against the stages (kernel.stages.check_layout) before any section is read."""
+        checked against the stages (kernel.wire.stages.check_layout) before any section is read."""
         size = len(data)
         if size < 4:
             raise CodecError(f"staged tensor record of {size} bytes is shorter than its 4-byte "

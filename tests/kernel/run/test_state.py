@@ -17,9 +17,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from kernel.codec import Codec
 from kernel.messages import Message
-from kernel.state import Fresh, StateError, dump, load
+from kernel.run.state import Fresh, StateError, dump, load
+from kernel.wire.codec import Codec
 
 CODEC = Codec(max_depth=64)
 ALLOWED = ("kernel.", "tests.")

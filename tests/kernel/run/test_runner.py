@@ -18,11 +18,11 @@ from hypothesis.extra import numpy as hnp
 
 from kernel import registry
 from kernel.api import Context, Deployment, Protocol, RunError
-from kernel.config import options
 from kernel.messages import Message
-from kernel.outputs import FILES, model_sha256, read_metrics
-from kernel.progress import Progress
-from kernel.runner import execute, run
+from kernel.options import options
+from kernel.run.outputs import FILES, model_sha256, read_metrics
+from kernel.run.progress import Progress
+from kernel.run.runner import execute, run
 
 # -- a toy protocol: node 0 averages the other nodes' vectors, round after round -------------
 

@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from kernel.config import ConfigError, options
+from kernel.options import ConfigError, options
 
 __all__ = ["STAGES", "Encoded", "Pipeline", "Rule", "Rules", "StageError", "apply", "decode",
            "encode", "check_layout"]

@@ -31,10 +31,11 @@ from pathlib import Path
 from typing import Any
 
 from kernel.api import RunError
-from kernel.checkpoint import RunInterrupted
-from kernel.config import DEFAULT_CONFIG_NAME, ConfigError, default_config, load
-from kernel.progress import human_bytes
+from kernel.options import ConfigError
 from kernel.registry import UnknownName
+from kernel.run.checkpoint import RunInterrupted
+from kernel.run.config import DEFAULT_CONFIG_NAME, default_config, load
+from kernel.run.progress import human_bytes
 
 EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNFINISHED, EXIT_INTERRUPTED = 0, 1, 2, 3, 130
 # Subcommands another package implements: `fedloom perf X ...` calls perf.cli.main(["X", ...]),
@@ -125,7 +126,7 @@ def _run(ns: argparse.Namespace) -> int:
             configured = config.get("output", {}).get("dir", "")
             out_dir = Path(configured) if configured else Path("runs") / stem
     # Imported here so `fedloom --help` and config errors stay fast.
-    from kernel.runner import run
+    from kernel.run.runner import run
 
     result = run(config, out_dir, quiet=ns.quiet, checkpoint_every=ns.checkpoint_every,
                  resume=ns.resume)

@@ -25,16 +25,16 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernel import checkpoint as ckpt
 from kernel.api import Context, Deployment, Protocol
-from kernel.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, main
-from kernel.config import ConfigError, options
 from kernel.messages import Message
-from kernel.outputs import WALL_FIELDS, read_metrics
-from kernel.progress import Progress
-from kernel.runner import RunRecord, execute, run
+from kernel.options import ConfigError, options
+from kernel.run import checkpoint as ckpt
+from kernel.run.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, main
+from kernel.run.outputs import WALL_FIELDS, read_metrics
+from kernel.run.progress import Progress
+from kernel.run.runner import RunRecord, execute, run
 
-ROOT = Path(__file__).resolve().parents[2]
+ROOT = Path(__file__).resolve().parents[3]
 LINEAR = {"model": "linear", "clients": 6, "input_dim": 10, "samples_per_client": 24,
           "batch_size": 8, "test_samples": 50, "lr": 0.1}
 # Uneven latencies and client speeds: replies come back late and out of order, so the
@@ -408,7 +408,7 @@ def fedloom(*args: str, cwd: Path, env: Mapping[str, str] | None = None
             ) -> subprocess.CompletedProcess[str]:
     path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
     full = {**os.environ, "PYTHONPATH": os.pathsep.join(path), **(env or {})}
-    return subprocess.run([sys.executable, "-m", "kernel.cli", *args], cwd=cwd, env=full,
+    return subprocess.run([sys.executable, "-m", "kernel.run.cli", *args], cwd=cwd, env=full,
                           capture_output=True, text=True, timeout=120)
 
 
@@ -436,7 +436,7 @@ def test_ctrl_c_stops_cleanly_leaves_a_checkpoint_and_resuming_finishes_the_same
 
 
 def ckpt_config(path: Path) -> dict[str, Any]:
-    from kernel.config import load
+    from kernel.run.config import load
 
     return load(path)
 

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from numpy.lib import format as npy_format
 
-from kernel.config import dumps as toml_dumps
+from kernel.run.config import dumps as toml_dumps
 
 FILES = ("metrics.jsonl", "result.json", "final_model.npz", "config.toml")
 # Arrays larger than this in a metric row or a result's extra fields are summarised (shape,
