@@ -7,11 +7,15 @@ Entries come from the `fedloom.<group>` entry points in pyproject.toml, plus `re
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from importlib import import_module
 from importlib.metadata import entry_points
-from typing import Any
+from typing import Any, TypeVar
 
-GROUPS = ("transports", "protocols", "aggregators", "codecs")
+GROUPS = ("transports", "protocols", "aggregators", "codecs", "models", "learners", "datasets",
+          "partitioners")
+DECLARED = "__fedloom_declares__"  # attribute a declared builder carries: the groups it serves
+T = TypeVar("T")
 _registered: dict[str, dict[str, Any]] = {g: {} for g in GROUPS}
 _entry_cache: dict[str, dict[str, str]] = {}
 
@@ -37,6 +41,20 @@ def register(group: str, name: str, obj: Any) -> Any:
     _check_group(group)
     _registered[group][name] = obj
     return obj
+
+
+def declare(group: str, name: str | None = None) -> Callable[[T], T]:
+    """Decorator marking a builder the user's code offers to configs for `group` (by
+    'module:attr', and also by `name` when given)."""
+    _check_group(group)
+
+    def mark(obj: T) -> T:
+        setattr(obj, DECLARED, (*getattr(obj, DECLARED, ()), group))
+        if name is not None:
+            register(group, name, obj)
+        return obj
+
+    return mark
 
 
 def names(group: str) -> list[str]:
