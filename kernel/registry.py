@@ -3,6 +3,11 @@ stage without the kernel importing any of them.
 
 Entries come from the `fedloom.<group>` entry points in pyproject.toml, plus `register()` calls
 (for protocols defined in a user's script or a test).
+
+A config may also name `"package.module:attr"` directly, but only an object that declares
+itself a builder of that group (`@declare(group)`, or a target of one of the group's entry
+points): `load` refuses anything else with `UnknownName` after importing the module and before
+calling anything, so a config naming `subprocess:getoutput` or `builtins:exec` never runs it.
 """
 
 from __future__ import annotations
@@ -21,7 +26,13 @@ _entry_cache: dict[str, dict[str, str]] = {}
 
 
 class UnknownName(LookupError):
-    """A config named something no entry point or `register()` call provides."""
+    """A config named something no entry point or `register()` call provides, or a
+    'module:attr' that is not declared for the group."""
+
+
+class NotDeclared(UnknownName):
+    """A 'module:attr' name resolved to an object that does not declare itself for the
+    group."""
 
 
 def _check_group(group: str) -> None:
@@ -49,7 +60,7 @@ def declare(group: str, name: str | None = None) -> Callable[[T], T]:
     _check_group(group)
 
     def mark(obj: T) -> T:
-        setattr(obj, DECLARED, (*getattr(obj, DECLARED, ()), group))
+        setattr(obj, DECLARED, (*_declared_groups(obj), group))
         if name is not None:
             register(group, name, obj)
         return obj
@@ -76,8 +87,34 @@ def load(group: str, name: str) -> Any:
             f"no {group[:-1]} named {name!r}; known: {', '.join(names(group)) or '(none)'} "
             f"(or give 'module:attribute')"
         )
+    declared = name in _entries(group) or target in _entries(group).values()
     module, _, attr = target.partition(":")
+    if not module or not attr or not all(p.isidentifier() for p in attr.split(".")):
+        raise UnknownName(f"{group[:-1]} {name!r} is not 'package.module:attribute'")
     obj: Any = import_module(module)
     for part in attr.split("."):
         obj = getattr(obj, part)
+    if not declared and not is_declared(group, obj):
+        raise NotDeclared(
+            f"{group[:-1]} {name!r} is not declared as one: only objects marked "
+            f"@kernel.registry.declare({group!r}) (or named by a fedloom.{group} entry point) "
+            f"may be named in a config")
     return obj
+
+
+def is_declared(group: str, obj: Any) -> bool:
+    """Whether `obj` was registered, named by an entry point, or declared for `group`."""
+    _check_group(group)
+    if any(v is obj for v in _registered[group].values()):
+        return True
+    return group in _declared_groups(obj)
+
+
+def _declared_groups(obj: Any) -> tuple[str, ...]:
+    # The object's own attribute only: a subclass of a declared class is not declared.
+    try:
+        own = vars(obj)
+    except TypeError:
+        return ()
+    groups = own.get(DECLARED, ())
+    return groups if isinstance(groups, tuple) else ()

@@ -33,6 +33,7 @@ from kernel import registry
 from kernel.api import Context, Deployment, Protocol
 from kernel.messages import Message
 from kernel.options import options
+from kernel.registry import declare
 from kernel.run import config as kconfig
 from kernel.run import runner
 from transports.base import Job
@@ -44,6 +45,7 @@ TENSOR = 10_000_000  # float32 values: W3's 40 MB model
 
 
 # -- protocols (named "perf.bench_grpc:build_*" so shard processes import them) ----------------
+@declare("protocols")
 def build_bulk(config: Mapping[str, Any]) -> Deployment:
     """Node 0 sends `count` messages holding one `size`-value float32 tensor to node 1."""
     p = options("protocol", config["protocol"], {"name": "", "count": 3, "size": TENSOR})
@@ -53,6 +55,7 @@ def build_bulk(config: Mapping[str, Any]) -> Deployment:
                       make_node=lambda i: BulkSender(x) if i == 0 else Sink(), params=p)
 
 
+@declare("protocols")
 def build_flood(config: Mapping[str, Any]) -> Deployment:
     """Node 0 sends `count` tiny messages to node 1."""
     p = options("protocol", config["protocol"], {"name": "", "count": 50_000})

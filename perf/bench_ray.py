@@ -31,6 +31,7 @@ import ray
 
 from kernel.api import Context, Deployment, Protocol
 from kernel.messages import Message
+from kernel.registry import declare
 from kernel.registry import load as registry_load
 from kernel.run import runner
 from kernel.run.config import load
@@ -79,6 +80,7 @@ class Flood(Protocol):
         pass
 
 
+@declare("protocols")
 def build_flood(config: Mapping[str, Any]) -> Deployment:
     """Two nodes: `total` messages, `window` in flight, acknowledged every `ack`."""
     p = config["protocol"]

@@ -18,6 +18,7 @@ import numpy as np
 from kernel.api import Context, Deployment, Protocol
 from kernel.messages import Message
 from kernel.options import options
+from kernel.registry import declare
 
 NAME = "tests.perf.toy_protocol:build"
 DEFAULTS = {"clients": 2, "size": 1000}
@@ -95,6 +96,7 @@ class Client(Protocol):
         ctx.send(0, "update", round=msg.round, x=msg.x + step)
 
 
+@declare("protocols")
 def build(config: Mapping[str, Any]) -> Deployment:
     """The toy deployment: node 0 serves `clients` clients for `[run] rounds` rounds."""
     given = {k: v for k, v in config["protocol"].items() if k != "name"}

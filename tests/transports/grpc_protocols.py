@@ -19,12 +19,14 @@ import numpy as np
 from kernel.api import Context, Deployment, Protocol
 from kernel.messages import Message
 from kernel.options import options
+from kernel.registry import declare
 
 
 def _params(config: Mapping[str, Any], defaults: Mapping[str, Any]) -> dict[str, Any]:
     return options("protocol", config["protocol"], {"name": "", **defaults})
 
 
+@declare("protocols")
 def build_sum(config: Mapping[str, Any]) -> Deployment:
     """Server node 0 and `clients` clients; `rounds` rounds over a `dim`-long float32 vector."""
     p = _params(config, {"clients": 4, "dim": 16})
@@ -77,6 +79,7 @@ class SumClient(Protocol):
         ctx.send(msg.src, "update", x=msg.x + delta, n=ctx.id, round=msg.round)
 
 
+@declare("protocols")
 def build_flood(config: Mapping[str, Any]) -> Deployment:
     """Node 0 sends `count` tiny messages to node 1 (run with 2 shards: they cross)."""
     p = _params(config, {"count": 1000})
@@ -102,6 +105,7 @@ class Sink(Protocol):
             ctx.finish({"count": self.seen, "in_order": self.in_order})
 
 
+@declare("protocols")
 def build_pingpong(config: Mapping[str, Any]) -> Deployment:
     """Two nodes bouncing a ball forever (the run ends at its time limit or by failure)."""
     p = _params(config, {"every": 50})
@@ -122,6 +126,7 @@ class Ping(Protocol):
         ctx.send(1 - ctx.id, "ball", n=msg.n + 1)
 
 
+@declare("protocols")
 def build_pushsum_audit(config: Mapping[str, Any]) -> Deployment:
     """`pushsum` (robust) whose nodes, in on_stop, emit a "mass" row with their state: enough
     for a test to add up s over nodes plus what is still in flight on every link."""

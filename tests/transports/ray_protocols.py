@@ -11,6 +11,7 @@ import numpy as np
 
 from kernel.api import Context, Deployment, Protocol
 from kernel.messages import Message
+from kernel.registry import declare
 
 SYNC = "tests.transports.ray_protocols:build_sync"
 MASS = "tests.transports.ray_protocols:build_mass"
@@ -69,6 +70,7 @@ class SyncClient(Protocol):
         ctx.send(0, "chatter", r=msg.r, text="hi")
 
 
+@declare("protocols")
 def build_sync(config: Mapping[str, Any]) -> Deployment:
     """A synchronous FedAvg-shaped protocol: `nodes` nodes, a `dim`-float model."""
     n, dim = int(_p(config, "nodes", 8)), int(_p(config, "dim", 1000))
@@ -128,6 +130,7 @@ class MassNode(Protocol):
         ctx.emit("mass", self.s, w=self.w)
 
 
+@declare("protocols")
 def build_mass(config: Mapping[str, Any]) -> Deployment:
     """Acknowledged push-sum: `nodes` nodes, `pushes` pushes each."""
     n, pushes = int(_p(config, "nodes", 12)), int(_p(config, "pushes", 20))
@@ -183,6 +186,7 @@ class Ticker(Protocol):
                     ctx.set_timer(self.gap, "next")
 
 
+@declare("protocols")
 def build_ticker(config: Mapping[str, Any]) -> Deployment:
     """Ping/pong rounds: `nodes`, `gap` s between rounds, `resend` s between retries."""
     n = int(_p(config, "nodes", 6))

@@ -28,6 +28,7 @@ from hypothesis import strategies as st
 from kernel.api import Context, Deployment, Protocol
 from kernel.messages import Message
 from kernel.options import ConfigError, options
+from kernel.registry import declare
 from kernel.run import checkpoint as ckpt
 from kernel.run.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, main
 from kernel.run.outputs import WALL_FIELDS, read_metrics
@@ -318,6 +319,7 @@ class Locking(Protocol):
             ctx.set_timer(1.0, "tick")
 
 
+@declare("protocols")
 def build_locking(config: Mapping[str, Any]) -> Deployment:
     rounds = config["run"]["rounds"]
     return Deployment([0, 1], lambda i: Locking(rounds))
@@ -384,6 +386,7 @@ class Relay(Protocol):
         ctx.send(0, "x", r=msg.r, x=msg.x + noise)
 
 
+@declare("protocols")
 def build_relay(config: Mapping[str, Any]) -> Deployment:
     p = options("protocol", {k: v for k, v in config["protocol"].items() if k != "name"},
                 RELAY_DEFAULTS)

@@ -20,6 +20,7 @@ from kernel import registry
 from kernel.api import Context, Deployment, Protocol, RunError
 from kernel.messages import Message
 from kernel.options import options
+from kernel.registry import declare
 from kernel.run.outputs import FILES, model_sha256, read_metrics
 from kernel.run.progress import Progress
 from kernel.run.runner import execute, run
@@ -85,6 +86,7 @@ class Toy(Protocol):
             self._next_round(ctx)
 
 
+@declare("protocols")
 def build_toy(config: Mapping[str, Any]) -> Deployment:
     """The toy's plugin entry: validates [protocol] like a real protocol does."""
     p = options("protocol", {k: v for k, v in config["protocol"].items() if k != "name"},
