@@ -1,5 +1,8 @@
-"""Checkpoints: a whole inproc run's state in one file, written atomically, read back only
-when every byte checks out, and restored into a fresh host before anything runs.
+"""Checkpoints: a whole inproc run's state in one file of plain data, written atomically, read
+back only when every byte checks out, and restored into a host freshly built from the config
+before anything runs. Resuming runs no code named in the file: the file names no class,
+function or module (see kernel.run.state for the rule that turns protocol objects into data),
+and its config is resolved through the registry, which accepts only declared builders.
 
 File `DIR/checkpoint.fl` (the latest one; each write replaces it):
 
@@ -14,17 +17,24 @@ File `DIR/checkpoint.fl` (the latest one; each write replaces it):
 `header` holds the fedloom version, the format version, the round (the last "round" metric
 row's value), virtual time, events, the config's sha256 and `checkpoint_every`; `config` is
 the validated run config; `rows` are the metric rows so far (a resumed run's metrics.jsonl
-equals an uninterrupted one's, wall-clock fields aside); `state` is a `kernel.run.state` table of:
-the scheduler (clock, insertion counter, queued events), every node's context (protocol
-object, busy time, mailbox, timers, rng, message counter), the host's counters and crash
-schedule, the network model's random stream and pipes, and context-keyed side tables
-(module-level `weakref.WeakKeyDictionary`s keyed by node contexts, in protocol modules).
+equals an uninterrupted one's, wall-clock fields aside); `state` is what `capture` returns:
+node ids, each node's protocol object as a kernel.run.state tree, and one more tree with the
+scheduler (clock, insertion counter, queued events), every node's context (busy time,
+mailbox, timers, rng, message counter), the host's counters and crash schedule, the network
+model's random stream and pipes, context-keyed side tables (module-level
+`weakref.WeakKeyDictionary`s in the protocol's modules, matched by name against the tables
+those modules define) and the codec's byte counters.
 
-Reading checks magic, version, length and sha256 before decoding anything; any mismatch is a
+Reading checks that the path is a regular file below `MAX_BYTES` (and below the memory
+available), then magic, version, length and sha256 before decoding anything; any mismatch is a
 `CheckpointError` that says which ("... is truncated at byte N", "... is damaged: sha256
 mismatch", "... was written by checkpoint format version 7", "... is not a fedloom
 checkpoint"). Restoring builds a complete new host (and network model state) first and
 changes nothing a run uses until all of it succeeded.
+
+Checkpoints are not signed: a file another user wrote can at worst make a run continue from
+state of its choosing (which the file's owner could have produced anyway), not run code; the
+sha256 detects damage, not authorship.
 
 Taken between events only, on inproc: the transport asks the host to pause
 (`Host.request_pause`), saves, and goes on. Events that call Python functions directly (a
@@ -35,46 +45,44 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import struct
 import sys
 import time
 import weakref
 from collections import deque
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from importlib import import_module
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+import psutil
 
 from kernel.api import Deployment, RunError
 from kernel.host import Host
 from kernel.loop import CALL, CRASH, DELIVER, RESTART, TIMER, WAKE
 from kernel.messages import Message
 from kernel.run import state as objstate
+from kernel.run.files import InputError, read_regular, write_atomic
 from kernel.run.outputs import jsonable
 from kernel.wire.codec import Codec, CodecError
 
 __all__ = [
-    "FILENAME", "FORMAT_VERSION", "CheckpointError", "CheckpointPlan", "Loaded",
-    "RunInterrupted", "allowed_modules", "capture", "read", "restore", "write",
+    "FILENAME", "FORMAT_VERSION", "MAX_BYTES", "CheckpointError", "CheckpointPlan", "Loaded",
+    "RunInterrupted", "capture", "read", "restore", "write",
 ]
 
 FILENAME = "checkpoint.fl"
 MAGIC = b"\x89FLCKPT\n"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 1 named classes and functions; 2 is plain data only
 _HEAD = struct.Struct("<8sIIQ32s8s")  # magic, version, reserved, length, sha256, padding
 HEADER_BYTES = _HEAD.size  # 64: the payload starts aligned
-# Packages whose classes and functions a checkpoint may name; the protocol's own module joins
-# them (see allowed_modules).
-ALLOWED_PREFIXES = ("kernel.", "protocols.", "transports.")
+MAX_BYTES = 1 << 36  # 64 GiB: a checkpoint larger than this is refused unread
 # Checkpoints hold whole models and every queued message: the codec's message limits do not
-# apply (the sha256 has already vouched for every byte when decoding starts).
-_CODEC = Codec(max_message_bytes=1 << 62, max_tensor_bytes=1 << 62, max_depth=64,
+# apply (the sha256 has already vouched for every byte when decoding starts), but decoding
+# still allocates at most a bounded multiple of the file's size (see kernel.wire.codec).
+_CODEC = Codec(max_message_bytes=1 << 62, max_tensor_bytes=1 << 62, max_depth=256,
                max_items=1 << 40)
-_EVENT_TYPES = frozenset({DELIVER, TIMER, CRASH, RESTART, WAKE})
 
 
 class CheckpointError(RunError):
@@ -118,20 +126,6 @@ def config_sha256(config: Mapping[str, Any]) -> str:
     return hashlib.sha256(json.dumps(plain, sort_keys=True).encode()).hexdigest()
 
 
-def allowed_modules(config: Mapping[str, Any], build: Any = None) -> tuple[str, ...]:
-    """Module prefixes a checkpoint of this run may import from: the kernel, protocols and
-    transports, plus the module of the configured protocol ("module:attr" names) and of its
-    `build` function (a protocol registered from a user's module)."""
-    out = list(ALLOWED_PREFIXES)
-    name = config.get("protocol", {}).get("name", "")
-    if isinstance(name, str) and ":" in name:
-        out.append(name.partition(":")[0])
-    module = getattr(build, "__module__", None)
-    if isinstance(module, str) and module not in out:
-        out.append(module)
-    return tuple(out)
-
-
 # -- the file --------------------------------------------------------------------------------
 
 def write(path: str | Path, body: Mapping[str, Any]) -> int:
@@ -148,34 +142,8 @@ def write(path: str | Path, body: Mapping[str, Any]) -> int:
         h.update(part)
         length += memoryview(part).nbytes
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    try:
-        with open(tmp, "wb") as f:
-            f.write(_HEAD.pack(MAGIC, FORMAT_VERSION, 0, length, h.digest(), bytes(8)))
-            for part in parts:
-                f.write(part)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    _fsync_dir(p.parent)
-    return HEADER_BYTES + length
-
-
-def _fsync_dir(d: Path) -> None:
-    # Makes the rename durable; not every platform lets a directory be opened.
-    try:
-        fd = os.open(d, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+    head = _HEAD.pack(MAGIC, FORMAT_VERSION, 0, length, h.digest(), bytes(8))
+    return write_atomic(p, [head, *parts], sync=True)
 
 
 @dataclass
@@ -201,14 +169,16 @@ def read(path: str | Path) -> Loaded:
     p = Path(path)
     if p.is_dir():
         p = p / FILENAME
-    try:
-        data = p.read_bytes()
-    except FileNotFoundError:
+    if not p.exists() and not p.is_symlink():
         raise CheckpointError(f"no checkpoint to resume from: {p} does not exist (a run "
                               f"writes one every --checkpoint-every N rounds, and when "
-                              f"interrupted)") from None
-    except OSError as exc:
-        raise CheckpointError(f"cannot read checkpoint {p}: {exc}") from None
+                              f"interrupted)")
+    # Decoding needs about the file's size again (arrays are copied out on restore).
+    cap = min(MAX_BYTES, max(psutil.virtual_memory().available // 2, 1 << 20))
+    try:
+        data = read_regular(p, cap, "checkpoint")
+    except InputError as exc:
+        raise CheckpointError(str(exc)) from None
     n = len(data)
     head = data[:len(MAGIC)]
     if head != MAGIC:
@@ -268,162 +238,143 @@ def _check_body(p: Path, body: dict[Any, Any]) -> Loaded:
 
 # -- capturing and restoring a host ----------------------------------------------------------
 
-def capture(host: Host, network: Any, allowed: Sequence[str],
-            fresh: Deployment) -> dict[str, Any]:
-    """The state table of a paused inproc host (and its network model, which must have
-    `state()` when not None). `fresh` is a deployment built anew from the same config: what
-    its nodes share with the host's is configuration the loading process has too (a learner
-    cached per config), everything else is saved. Raises CheckpointError naming what cannot
-    be saved."""
+_EVENT_TYPES = frozenset({DELIVER, TIMER, CRASH, RESTART, WAKE})
+_COUNTERS = ("timer_token", "extra_messages", "bytes", "events", "dropped", "lost")
+_KEYS = ("now", "seq", "heap", "fifo", "busy", "hold", "mseq", "pending", "timers", "rng",
+         "host", "crash_at", "down", "network", "tables", "codec")
+
+
+def _side_tables(protos: Iterable[Any]) -> dict[str, weakref.WeakKeyDictionary[Any, Any]]:
+    """The module-level WeakKeyDictionaries of the modules defining these protocol objects'
+    classes (state a protocol keeps per node context, outside its instance, e.g. across
+    restarts), by "module:name". The names are found from the deployment, never read from a
+    file: a checkpoint's table names are only matched against these."""
+    out: dict[str, weakref.WeakKeyDictionary[Any, Any]] = {}
+    for kind in {type(p) for p in protos if p is not None}:
+        for cls in kind.__mro__:
+            mod = sys.modules.get(cls.__module__)
+            if mod is None or cls.__module__ == "builtins":
+                continue
+            for name, table in vars(mod).items():
+                if isinstance(table, weakref.WeakKeyDictionary):
+                    out[f"{cls.__module__}:{name}"] = table
+    return out
+
+
+def capture(host: Host, network: Any, fresh: Callable[[int], Any]) -> dict[str, Any]:
+    """The plain-data state of a paused inproc host (and its network model, which must have
+    `state()` when not None). `fresh(node)` is a node freshly made from the same config: what
+    is the same there is configuration (see kernel.run.state). Raises CheckpointError naming
+    what cannot be saved."""
     sched = host.sched
     try:
-        sched_state = sched.state()
+        st = sched.state()
     except RuntimeError as exc:
         raise CheckpointError(f"cannot checkpoint now: {exc}") from None
-    events = [e[2:] for e in sched_state["heap"]] + sched_state["fifo"]
-    if any(e[0] == CALL for e in events):
+    if any(e[0] == CALL for e in [e[2:] for e in st["heap"]] + st["fifo"]):
         raise CheckpointError("cannot checkpoint: a transport callback (CALL event) is queued; "
                               "checkpoints are taken on inproc only")
-    up = sorted(host.nodes)
-    counterparts = objstate.Fresh(fresh.make_node, up)
-    anchors: dict[int, int] = {}
-    for node in up:
-        anchors.setdefault(id(host.nodes[node]), node)
     ids = sorted(host.ctxs)
-    ctxs = [host.ctxs[node] for node in ids]
-    # Per-node scalars as arrays and the rest sparse: 10,000 idle clients cost little.
-    nodes = {
-        "ids": np.array(ids, np.int64),
+    ctxs = [host.ctxs[n] for n in ids]
+    tables = _side_tables([c.proto for c in ctxs])
+    root = {
+        "now": st["now"], "seq": st["seq"], "heap": st["heap"], "fifo": st["fifo"],
+        # Per-node scalars as arrays and the rest sparse: 10,000 idle clients cost little.
         "busy": np.array([c.busy_until for c in ctxs], np.float64),
         "hold": np.array([c.hold for c in ctxs], np.float64),
-        "seq": np.array([c._seq for c in ctxs], np.int64),
-        "proto": [c.proto for c in ctxs],
+        "mseq": np.array([c._seq for c in ctxs], np.int64),
         "pending": {c.id: list(c.pending) for c in ctxs if c.pending},
         "timers": {c.id: c.timers for c in ctxs if c.timers},
         "rng": {c.id: c._rng for c in ctxs if c._rng is not None},
-    }
-    root = {
-        "now": sched_state["now"], "seq": sched_state["seq"],
-        "heap": sched_state["heap"], "fifo": sched_state["fifo"],
-        "nodes": nodes,
-        "host": {
-            "timer_token": host._timer_token, "extra_messages": host._extra_messages,
-            "bytes": host._bytes, "events": host._events, "dropped": host._dropped,
-            "lost": host._lost, "crash_at": host._crash_at, "down": sorted(host.down),
-        },
+        "host": {k: getattr(host, f"_{k}") for k in _COUNTERS},
+        "crash_at": host._crash_at, "down": sorted(host.down),
         "network": network.state() if network is not None else None,
-        "tables": _side_tables(host, allowed),
+        "tables": {name: {n: t[c] for n, c in zip(ids, ctxs) if c in t}
+                   for name, t in sorted(tables.items())},
         # Lossy-stage byte counters, so a resumed run's "wire" rows count on from here.
         "codec": getattr(host.strict, "stats", None),
     }
+    d = objstate.Dumper()
     try:
-        return objstate.dump(root, fresh=counterparts, anchors=anchors, allowed=allowed)
+        protos = [d.dump(c.proto, fresh(c.id), f"node {c.id}") if c.proto is not None else None
+                  for c in ctxs]
+        return {"ids": np.array(ids, np.int64), "protos": protos, "run": d.dump(root)}
     except objstate.StateError as exc:
         raise CheckpointError(f"cannot checkpoint: {exc}") from None
 
 
-def _side_tables(host: Host, allowed: Sequence[str]) -> list[list[Any]]:
-    """Entries for this host's contexts in module-level WeakKeyDictionaries of the protocol's
-    modules (state a protocol keeps per node outside its instance, e.g. across restarts)."""
-    modules = set()
-    for kind in {type(proto) for proto in host.nodes.values()}:
-        for cls in kind.__mro__:
-            if objstate.module_allowed(cls.__module__, allowed):
-                modules.add(cls.__module__)
-    out: list[list[Any]] = []
-    for m in sorted(modules):
-        mod = sys.modules.get(m)
-        if mod is None:
-            continue
-        for name, table in sorted(vars(mod).items()):
-            if isinstance(table, weakref.WeakKeyDictionary):
-                entries = [[node, table[ctx]] for node, ctx in sorted(host.ctxs.items())
-                           if ctx in table]
-                if entries:
-                    out.append([m, name, entries])
-    return out
-
-
-def restore(host: Host, network: Any, table: Mapping[str, Any], allowed: Sequence[str]) -> None:
-    """Load a state table into `host`, freshly made for a deployment built from the same config
-    and not started (and into `network`, made from the same config). Protocol objects are
-    restored into nodes the deployment makes, so what it shares between them stays shared.
-    The table is decoded and checked in full first: on a CheckpointError neither `host` nor
-    `network` has changed."""
-    dep = host.deployment
-    fresh = objstate.Fresh(dep.make_node, dep.node_ids)
+def restore(host: Host, network: Any, state: Mapping[str, Any]) -> None:
+    """Load `state` (from `capture`) into `host`, freshly made for a deployment built from the
+    same config and not started (and into `network`, made from the same config). Protocol
+    objects are restored into nodes the deployment makes now, so what it shares between them
+    stays shared. Everything is decoded and checked first: on a CheckpointError neither `host`
+    nor `network` has changed."""
     try:
-        root = objstate.load(table, fresh=fresh, allowed=allowed)
-        plan = _plan_restore(host, network, root, allowed)
+        apply = _plan_restore(host, network, state)
     except objstate.StateError as exc:
         raise CheckpointError(f"cannot restore the checkpoint: {exc}") from None
-    plan()
+    except Exception as exc:
+        # A shape the checks above did not foresee (or a protocol's load_state refusing):
+        # still the checkpoint's fault, still nothing changed.
+        raise CheckpointError(f"cannot restore the checkpoint: malformed state "
+                              f"({type(exc).__name__}: {exc})") from None
+    apply()
 
 
-def _plan_restore(host: Host, network: Any, root: Any,
-                  allowed: Sequence[str]) -> Callable[[], None]:
-    """Check a decoded state against `host` and return the function that applies it."""
-    def bad(why: str) -> objstate.StateError:
-        return objstate.StateError(why)
-
-    keys = ("now", "seq", "heap", "fifo", "nodes", "host", "network", "tables", "codec")
-    if type(root) is not dict or sorted(root) != sorted(keys):
-        raise bad(f"the state must be a dict of {', '.join(keys)}")
-    now, seq = root["now"], root["seq"]
-    if type(now) is not float or type(seq) is not int:
-        raise bad("scheduler clock or counter has the wrong type")
+def _plan_restore(host: Host, network: Any, state: Mapping[str, Any]) -> Callable[[], None]:
+    bad = objstate.StateError
     ctxs = host.ctxs
+    n = len(ctxs)
+    ids, trees = state.get("ids"), state.get("protos")
+    if (type(ids) is not np.ndarray or ids.dtype.kind != "i" or ids.tolist() != sorted(ctxs)
+            or type(trees) is not list or len(trees) != n):
+        raise bad(f"the checkpoint's nodes are not this run's {n} nodes")
+    loader = objstate.Loader()
+    dep = host.deployment
+    protos = [loader.load(t, dep.make_node(node)) if t is not None else None
+              for node, t in zip(ids.tolist(), trees)]
+    for node, proto in zip(ids.tolist(), protos):
+        if proto is not None and not callable(getattr(proto, "on_message", None)):
+            raise bad(f"node {node}'s protocol object has no on_message")
+    root = loader.load(state.get("run"))
+    if type(root) is not dict or set(root) != set(_KEYS):
+        raise bad(f"the state must be a dict of {', '.join(_KEYS)}")
+    now, seq, heap, fifo = root["now"], root["seq"], root["heap"], root["fifo"]
+    if type(now) is not float or type(seq) is not int or type(heap) is not list or type(
+            fifo) is not list:
+        raise bad("scheduler clock, counter or queues have the wrong types")
 
-    def check_event(etype: Any, node: Any, payload: Any, where: str) -> None:
-        if etype not in _EVENT_TYPES or type(etype) is not int:
-            raise bad(f"{where}: event type {etype!r} cannot be restored")
-        if node not in ctxs:
-            raise bad(f"{where}: event for node {node!r}, which this run does not have")
+    def check_event(e: Any, where: str) -> None:
+        etype, node, payload = e if type(e) is tuple and len(e) == 3 else (None, None, None)
+        if type(etype) is not int or etype not in _EVENT_TYPES or node not in ctxs:
+            raise bad(f"{where}: event {e!r:.80} cannot be restored into this run")
         if etype == DELIVER and type(payload) is not Message:
             raise bad(f"{where}: a delivery must carry a Message")
         if etype == TIMER and (type(payload) is not tuple or len(payload) != 2
                                or type(payload[1]) is not int):
             raise bad(f"{where}: a timer event must carry (key, token)")
 
-    heap = root["heap"]
-    fifo = root["fifo"]
-    if type(heap) is not list or type(fifo) is not list:
-        raise bad("scheduler queues must be lists")
     for i, e in enumerate(heap):
-        if type(e) is not tuple or len(e) != 5 or type(e[0]) is not float or type(e[1]) is not int:
+        if type(e) is not tuple or len(e) != 5 or type(e[0]) is not float or type(
+                e[1]) is not int or e[0] != e[0]:
             raise bad(f"heap entry {i} must be (time, seq, etype, node, payload)")
-        check_event(*e[2:], where=f"heap entry {i}")
+        check_event(e[2:], f"heap entry {i}")
+    if len({e[:2] for e in heap}) != len(heap):
+        raise bad("two heap entries share a (time, seq) key")
     for i, e in enumerate(fifo):
-        if type(e) is not tuple or len(e) != 3:
-            raise bad(f"fifo entry {i} must be (etype, node, payload)")
-        check_event(*e, where=f"fifo entry {i}")
-
-    nodes = root["nodes"]
-    fields = ("ids", "busy", "hold", "seq", "proto", "pending", "timers", "rng")
-    if type(nodes) is not dict or sorted(nodes) != sorted(fields):
-        raise bad(f"node state must be a dict of {', '.join(fields)}")
-    ids = nodes["ids"]
-    n = len(ctxs)
-    arrays = {"ids": "i", "busy": "f", "hold": "f", "seq": "i"}
-    for key, kind in arrays.items():
-        a = nodes[key]
+        check_event(e, f"fifo entry {i}")
+    for key, kind in (("busy", "f"), ("hold", "f"), ("mseq", "i")):
+        a = root[key]
         if type(a) is not np.ndarray or a.shape != (n,) or a.dtype.kind != kind:
             raise bad(f"node field {key!r} must be a length-{n} array of kind {kind!r}")
-    if ids.tolist() != sorted(ctxs):
-        raise bad(f"the checkpoint's nodes are not this run's {n} nodes")
-    protos, pending, timers, rngs = (nodes[k] for k in ("proto", "pending", "timers", "rng"))
-    if type(protos) is not list or len(protos) != n:
-        raise bad(f"node protocol objects must be a list of {n}")
-    for node, proto in zip(ids.tolist(), protos):
-        if proto is not None and not callable(getattr(proto, "on_message", None)):
-            raise bad(f"node {node}'s protocol object has no on_message")
+    pending, timers, rngs = root["pending"], root["timers"], root["rng"]
     if not all(type(d) is dict and set(d) <= set(ctxs) for d in (pending, timers, rngs)):
         raise bad("node mailboxes, timers and rngs must be dicts keyed by this run's nodes")
     for node, t in timers.items():
         if type(t) is not dict or not all(type(tok) is int for tok in t.values()):
             raise bad(f"node {node}'s timers must map keys to tokens")
     for node, rng in rngs.items():
-        if not isinstance(rng, np.random.Generator):
+        if type(rng) is not np.random.Generator:
             raise bad(f"node {node}'s rng is not a numpy Generator")
     for node, box in pending.items():
         if type(box) is not list:
@@ -431,22 +382,27 @@ def _plan_restore(host: Host, network: Any, root: Any,
         for j, item in enumerate(box):
             if type(item) is not tuple or len(item) != 2:
                 raise bad(f"node {node}'s mailbox entry {j} must be (etype, payload)")
-            check_event(item[0], node, item[1], f"node {node}'s mailbox entry {j}")
-
-    h = root["host"]
-    counters = ("timer_token", "extra_messages", "bytes", "events", "dropped", "lost")
-    if type(h) is not dict or not all(type(h.get(k)) is int for k in counters):
+            check_event((item[0], node, item[1]), f"node {node}'s mailbox entry {j}")
+    h, crash_at, down = root["host"], root["crash_at"], root["down"]
+    if type(h) is not dict or not all(type(h.get(k)) is int for k in _COUNTERS):
         raise bad("host counters missing or not integers")
-    crash_at, down = h.get("crash_at"), h.get("down")
-    if type(crash_at) is not dict or type(down) is not list or not set(down) <= set(ctxs):
+    if (type(crash_at) is not dict or type(down) is not list or not set(down) <= set(ctxs)
+            or not all(type(k) is int and type(v) is list and all(type(x) is float for x in v)
+                       for k, v in crash_at.items())):
         raise bad("host crash schedule or down set malformed")
-
     net = root["network"]
     if (net is None) != (network is None):
         raise bad("the checkpoint's network model does not match this run's "
                   f"({'none' if net is None else 'one'} saved, "
                   f"{'none' if network is None else 'one'} configured)")
-    tables = _resolve_tables(root["tables"], allowed)
+    known = _side_tables(protos)
+    tables = root["tables"]
+    if type(tables) is not dict or not all(
+            type(v) is dict and set(v) <= set(ctxs) for v in tables.values()):
+        raise bad("side tables malformed")
+    unknown = sorted(set(tables) - set(known), key=str)
+    if unknown:
+        raise bad(f"side table {unknown[0]!r} is not one this run's protocol modules define")
     codec_stats = root["codec"]
     if codec_stats is not None and type(codec_stats) is not dict:
         raise bad("codec byte counters malformed")
@@ -460,8 +416,8 @@ def _plan_restore(host: Host, network: Any, root: Any,
                 raise CheckpointError(f"cannot restore the checkpoint: {exc}") from None
         host.sched.set_state(now, seq, list(heap), list(fifo))
         for node, proto, busy, hold, mseq in zip(
-                ids.tolist(), protos, nodes["busy"].tolist(), nodes["hold"].tolist(),
-                nodes["seq"].tolist()):
+                ids.tolist(), protos, root["busy"].tolist(), root["hold"].tolist(),
+                root["mseq"].tolist()):
             ctx = ctxs[node]
             ctx.proto = proto
             ctx.on_message = proto.on_message if proto is not None else None
@@ -473,45 +429,18 @@ def _plan_restore(host: Host, network: Any, root: Any,
             ctx.timers.clear()
             ctx.timers.update(timers.get(node, {}))
             ctx._rng = rngs.get(node)
-        host._timer_token = h["timer_token"]
-        host._extra_messages = h["extra_messages"]
-        host._bytes, host._events = h["bytes"], h["events"]
-        host._dropped, host._lost = h["dropped"], h["lost"]
+        for k in _COUNTERS:
+            setattr(host, f"_{k}", h[k])
         carry_on = getattr(host.strict, "continue_stats", None)
         if codec_stats is not None and carry_on is not None:
             carry_on(codec_stats)
-        host._crash_at = {int(k): [float(t) for t in v] for k, v in crash_at.items()}
+        host._crash_at = crash_at
         host.down = set(down)
-        for table, entries in tables:
-            for node, value in entries:
-                table[ctxs[node]] = value
+        for name, entries in tables.items():
+            for node, value in entries.items():
+                known[name][ctxs[node]] = value
 
     return apply
-
-
-def _resolve_tables(tables: Any, allowed: Sequence[str]) -> list[tuple[Any, list[Any]]]:
-    if type(tables) is not list:
-        raise objstate.StateError("side tables must be a list")
-    out = []
-    for t in tables:
-        if type(t) is not list or len(t) != 3 or type(t[0]) is not str or type(t[1]) is not str:
-            raise objstate.StateError("a side table entry must be [module, name, entries]")
-        module, name, entries = t
-        if not objstate.module_allowed(module, allowed):
-            raise objstate.StateError(f"refuses side table {module}:{name}: module {module!r} "
-                                      f"is not under the allowed ones ({', '.join(allowed)})")
-        try:
-            table = getattr(import_module(module), name)
-        except (ImportError, AttributeError) as exc:
-            raise objstate.StateError(f"side table {module}:{name} cannot be found: {exc}"
-                                      ) from None
-        if not isinstance(table, weakref.WeakKeyDictionary):
-            raise objstate.StateError(f"{module}:{name} is not a WeakKeyDictionary")
-        if type(entries) is not list or not all(type(e) is list and len(e) == 2
-                                                for e in entries):
-            raise objstate.StateError(f"side table {module}:{name} entries malformed")
-        out.append((table, entries))
-    return out
 
 
 # -- what the runner hands the transport -----------------------------------------------------
@@ -526,7 +455,6 @@ class CheckpointPlan:
     every: int | None
     config: dict[str, Any]
     rows: list[dict[str, Any]]  # the runner's metric rows (the same list, growing)
-    allowed: tuple[str, ...]
     resume: Loaded | None = None
     # Builds the deployment anew from the config (the protocol's `build`): its nodes tell
     # configuration from state (see `capture`). Built once, at the first checkpoint.
@@ -537,6 +465,7 @@ class CheckpointPlan:
     write_s: float = 0.0  # capturing and writing them, in all
     _pause: Callable[[], None] | None = field(default=None, repr=False)
     _fresh: Deployment | None = field(default=None, repr=False)
+    _fresh_nodes: dict[int, Any] = field(default_factory=dict, repr=False)
 
     @property
     def path(self) -> Path:
@@ -580,10 +509,19 @@ class CheckpointPlan:
                 raise CheckpointError("cannot checkpoint: the plan has no way to rebuild the "
                                       "deployment from its config")
             self._fresh = self.rebuild()
-        table = capture(host, network, self.allowed, self._fresh)
+        table = capture(host, network, self._fresh_node)
         path = self.save(table, host.sched.now, host._events)
         self.write_s += time.perf_counter() - t
         return path
+
+    def _fresh_node(self, node: int) -> Any:
+        # Made once per node and never run, so every checkpoint compares with the same.
+        try:
+            return self._fresh_nodes[node]
+        except KeyError:
+            assert self._fresh is not None
+            made = self._fresh_nodes[node] = self._fresh.make_node(node)
+            return made
 
     def save(self, table: Mapping[str, Any], virtual_s: float, events: int) -> Path:
         """Write the checkpoint: `table` (from `capture`) with the config and rows so far."""

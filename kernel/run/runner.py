@@ -111,7 +111,7 @@ def execute(
     # A checkpoint is read and verified before anything else happens.
     loaded = ckpt.read(resume) if resume is not None else None
     if loaded is not None:
-        cfg = validate(loaded.config)
+        cfg = _checked_config(loaded)
         if config is not None and ckpt.config_sha256(validate(config)) != ckpt.config_sha256(cfg):
             raise ckpt.CheckpointError(
                 f"{loaded.path} was written by a different config than the one given; resume "
@@ -257,8 +257,7 @@ def _plan(cfg: dict[str, Any], kind: str, transport_cls: Any, build: Any,
             raise ConfigError("checkpoint_every needs an output directory to write "
                               "checkpoint.fl into (--out DIR)")
         return None
-    return ckpt.CheckpointPlan(Path(directory), every, cfg, rows,
-                               ckpt.allowed_modules(cfg, build), resume=loaded,
+    return ckpt.CheckpointPlan(Path(directory), every, cfg, rows, resume=loaded,
                                rebuild=lambda: build(cfg))
 
 
@@ -278,6 +277,23 @@ def _sigint_to(plan: ckpt.CheckpointPlan | None) -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGINT, previous)
+
+
+def _checked_config(loaded: ckpt.Loaded) -> dict[str, Any]:
+    """The checkpoint's config, validated, its protocol, transport and aggregator names
+    resolved to declared builders (importing their modules, calling nothing) before anything
+    else reads it."""
+    try:
+        cfg = validate(loaded.config)
+        registry.load("protocols", cfg["protocol"]["name"])
+        registry.load("transports", cfg["transport"]["kind"])
+        agg = cfg["protocol"].get("aggregator")
+        if isinstance(agg, str):
+            registry.load("aggregators", agg)
+    except (ConfigError, registry.UnknownName, ImportError, AttributeError) as exc:
+        raise ckpt.CheckpointError(f"{loaded.path} holds a config this fedloom refuses: "
+                                   f"{exc}") from None
+    return cfg
 
 
 def _load(group: str, name: str, what: str) -> Any:
