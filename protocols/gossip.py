@@ -52,7 +52,7 @@ import numpy as np
 
 from kernel.api import Context, Deployment, Protocol
 from kernel.messages import Message
-from kernel.options import ConfigError, options
+from kernel.options import NODE_BYTES, ConfigError, options, require_memory
 from protocols import common, learners, topology
 
 GOSSIP_DEFAULTS: dict[str, Any] = {
@@ -280,6 +280,8 @@ def build(config: Mapping[str, Any]) -> Deployment:
     o = options("protocol", config.get("protocol", {}), GOSSIP_DEFAULTS,
                 choices={"mode": ("sync", "async")})
     _positive("protocol", o, "nodes", "dim", "period", "drain")
+    require_memory(f"[protocol] nodes = {o['nodes']}, dim = {o['dim']}",
+                   o["nodes"] * (NODE_BYTES + 12 * o["dim"]))
     g, rule = _graph(o, o["nodes"], seed, directed_ok=False)
     dim = o["dim"]
 
@@ -505,6 +507,8 @@ def build_pushsum(config: Mapping[str, Any]) -> Deployment:
     o = options("protocol", config.get("protocol", {}), PUSHSUM_DEFAULTS,
                 choices={"variant": ("robust", "plain")})
     _positive("protocol", o, "nodes", "dim", "period", "drain")
+    require_memory(f"[protocol] nodes = {o['nodes']}, dim = {o['dim']}",
+                   o["nodes"] * (NODE_BYTES + 12 * o["dim"]))
     g, _ = _graph(o, o["nodes"], seed, directed_ok=True)
     dim, robust = o["dim"], o["variant"] == "robust"
     period, drain = o["period"], o["drain"]

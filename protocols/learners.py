@@ -32,7 +32,7 @@ from typing import Any
 
 import numpy as np
 
-from kernel.options import ConfigError, options
+from kernel.options import NODE_BYTES, ConfigError, options, require_memory
 
 Tensors = dict[str, np.ndarray]
 
@@ -95,7 +95,20 @@ def validate(workload: Mapping[str, Any]) -> dict[str, Any]:
                           f"samples_per_client = {opts['samples_per_client']}")
     if not opts["lr"] >= 0:
         raise ConfigError(f"[workload] lr = {opts['lr']!r}; expected a number >= 0")
+    _require_memory(opts)
     return opts
+
+
+def _require_memory(o: Mapping[str, Any]) -> None:
+    """Sizes that cannot fit are refused before anything is allocated: per client a node's
+    bookkeeping, a few float32 copies of the model, and the cached and test data."""
+    params = {"mlp": o["input_dim"] * o["hidden"] + o["hidden"] * o["classes"],
+              "linear": o["input_dim"] * o["classes"], "flat": o["flat_size"]}[o["model"]]
+    data = (min(o["data_cache"], o["clients"]) * o["samples_per_client"] + o["test_samples"]
+            ) * o["input_dim"] * 4
+    need = o["clients"] * NODE_BYTES + 4 * params * 4 + data
+    require_memory(f"[workload] clients = {o['clients']}, model {o['model']!r} "
+                   f"({params} parameters)", need)
 
 
 def make(workload: Mapping[str, Any]) -> Learner:

@@ -17,6 +17,10 @@ A run config is a TOML file with these top-level sections (each a table):
 - `[workload]`, `[network]`, `[codec]`, `[perf]`: validated by their owners (the protocol,
   the network model, the codec, the perf harness).
 
+Config files are read only when they are regular files of at most `MAX_CONFIG_BYTES`; any
+failure of the TOML parser (syntax, a 100,000-digit integer, 5,000-deep nesting) is one
+ConfigError line, and tables and arrays may nest at most `MAX_NESTING` deep.
+
 A validated config is always representable in TOML: optional keys that are unset are absent,
 never None, so `config.toml` written from it loads back to the same dict.
 """
@@ -32,7 +36,10 @@ from typing import Any
 
 from kernel import registry
 from kernel.options import ConfigError, _type_name, options
+from kernel.run.files import InputError, read_regular
 
+MAX_CONFIG_BYTES = 1 << 22  # 4 MiB: configs are written by people
+MAX_NESTING = 32  # tables and arrays inside each other
 SECTIONS = ("run", "transport", "protocol", "workload", "network", "codec", "output", "perf")
 
 # Defaults for [run]; None marks a key that is unset unless given (and then absent from the
@@ -84,22 +91,43 @@ def load(path: str | Path, overrides: Iterable[str] = ()) -> dict[str, Any]:
     """Read the TOML file at `path`, apply `key=value` overrides, and validate."""
     p = Path(path)
     try:
-        text = p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(f"config file {str(p)!r} does not exist") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(f"config file {str(p)!r} cannot be read: {exc}") from None
+        text = read_regular(p, MAX_CONFIG_BYTES, "config file").decode("utf-8")
+    except InputError as exc:
+        raise ConfigError(str(exc)) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError(f"config file {str(p)!r} is not UTF-8 text: {exc}") from None
     return loads(text, overrides, source=str(p))
 
 
-def loads(text: str, overrides: Iterable[str] = (), *, source: str = "<config>") -> dict[str, Any]:
-    """Parse TOML `text` (named `source` in errors), apply overrides, and validate."""
+def parse_toml(text: str, source: str) -> dict[str, Any]:
+    """TOML `text` as a dict; any parser failure (syntax, an integer too long to convert,
+    nesting too deep for the parser) is one ConfigError line naming `source`."""
     try:
         raw = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
         # tomllib's message already says "(at line L, column C)".
         raise ConfigError(f"{source}: invalid TOML: {exc}") from None
-    return validate(apply_overrides(raw, overrides))
+    except RecursionError:
+        raise ConfigError(f"{source}: invalid TOML: tables or arrays nest too deeply "
+                          f"(at most {MAX_NESTING} levels)") from None
+    except (ValueError, MemoryError, TypeError) as exc:
+        raise ConfigError(f"{source}: invalid TOML: {str(exc).splitlines()[0][:200]}") from None
+    _check_nesting(raw, source, 0)
+    return raw
+
+
+def _check_nesting(x: Any, source: str, depth: int) -> None:
+    if depth > MAX_NESTING:
+        raise ConfigError(f"{source}: tables or arrays nest more than {MAX_NESTING} levels "
+                          f"deep")
+    items = x.values() if isinstance(x, dict) else x if isinstance(x, list) else ()
+    for v in items:
+        _check_nesting(v, source, depth + 1)
+
+
+def loads(text: str, overrides: Iterable[str] = (), *, source: str = "<config>") -> dict[str, Any]:
+    """Parse TOML `text` (named `source` in errors), apply overrides, and validate."""
+    return validate(apply_overrides(parse_toml(text, source), overrides))
 
 
 def default_config(overrides: Iterable[str] = ()) -> dict[str, Any]:
@@ -111,9 +139,14 @@ def parse_value(text: str) -> Any:
     """A `--set` value: a TOML value when it parses as one (1, 0.1, true, [1, 2], "x",
     {a = 1}), otherwise the text itself as a string."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        raw = tomllib.loads(f"v = {text}")
     except tomllib.TOMLDecodeError:
         return text
+    except (RecursionError, ValueError, MemoryError, TypeError) as exc:
+        raise ConfigError(f"--set value {text[:60]!r}: invalid TOML: "
+                          f"{str(exc).splitlines()[0][:200] or 'nests too deeply'}") from None
+    _check_nesting(raw, f"--set value {text[:60]!r}", 0)
+    return raw["v"]
 
 
 def apply_overrides(config: Mapping[str, Any], overrides: Iterable[str]) -> dict[str, Any]:

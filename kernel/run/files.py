@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import stat
+import tempfile
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -65,12 +66,12 @@ def write_atomic(path: str | Path, parts: Iterable[bytes | memoryview | str],
     through a symlink) and rename it over `path`; returns the bytes written. With `sync`, the
     file and the directory are fsynced (a checkpoint must survive a power cut)."""
     p = Path(path)
-    tmp = p.with_name(f".{p.name}.{os.getpid()}.tmp")
-    flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0)
-    tmp.unlink(missing_ok=True)  # a leftover of this very process id; never followed
     n = 0
+    # mkstemp: a fresh name, created exclusively (never through a symlink), per writer.
+    fd, name = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    tmp = Path(name)
     try:
-        fd = os.open(tmp, flags, 0o644)
+        os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as f:
             for part in parts:
                 data = part.encode("utf-8") if isinstance(part, str) else part

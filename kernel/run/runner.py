@@ -40,7 +40,7 @@ import psutil
 
 from kernel import registry
 from kernel.api import RunError
-from kernel.options import ConfigError
+from kernel.options import NODE_BYTES, ConfigError, require_memory
 from kernel.run import checkpoint as ckpt
 from kernel.run.config import WALL_TIME_LIMIT_S, validate
 from kernel.run.job import Job
@@ -139,6 +139,8 @@ def execute(
     build = _load("protocols", name, "protocol")
     deployment = build(cfg)
     build_s = time.perf_counter() - t
+    n_nodes = len(deployment.node_ids)
+    require_memory(f"a deployment of {n_nodes} nodes", n_nodes * NODE_BYTES)
 
     transport_cls = _load("transports", kind, "transport")
     virtual = bool(getattr(transport_cls, "virtual_clock", False))
