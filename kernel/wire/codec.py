@@ -16,6 +16,13 @@ dicts whose keys are any of these hashable values (str and int keys included). S
 back as their base type (a namedtuple as a tuple, an OrderedDict as a dict); a msgpack.Timestamp
 comes back as a float (seconds).
 
+Decoding is bounded by the frame's size: a frame of B bytes decodes to at most
+`DECODE_RATIO * B + DECODE_FLOOR` bytes of tensors (1024 B + 1 MiB; lz4 alone stops at 255x,
+and a top-k / random-k record expands to its dense tensor within the same budget: fractions
+down to about 0.002 fit), refused with a CodecError before anything is allocated; the decoder
+allocates at most a small multiple (a few times) of that while it works. Anything but a
+contiguous buffer is refused with a CodecError, not a BufferError.
+
 Lossy stages (kernel.wire.stages) apply to messages only, never to bodies (checkpoints and results
 stay exact): `[codec]` rules pick them per message kind and tensor name, where a tensor's name
 is its path in the body with keys joined by "/" (`model/0.weight`, `updates/3`):
@@ -54,6 +61,8 @@ from kernel.options import ConfigError, options
 from kernel.wire.stages import Rule, Rules
 from kernel.wire.tensorwire import (
     ALIGN,
+    DECODE_FLOOR,
+    DECODE_RATIO,
     EXT_NDARRAY,
     EXT_SCALAR,
     EXT_STAGED,
@@ -286,11 +295,14 @@ class Codec:
         except TypeError:
             raise CodecError(f"cannot decode {type(data).__name__}: need bytes, bytearray or "
                              "memoryview") from None
+        if not mv.c_contiguous:
+            raise CodecError("cannot decode a non-contiguous buffer (a strided view); pass "
+                             "bytes(view) instead")
         if mv.ndim != 1 or mv.itemsize != 1:
             try:
                 mv = mv.cast("B")
-            except TypeError:
-                raise CodecError("cannot decode a non-contiguous buffer") from None
+            except (TypeError, BufferError, ValueError):
+                raise CodecError("cannot decode a buffer that does not cast to bytes") from None
         n = len(mv)
         if n > self.max_message_bytes:
             raise CodecError(f"frame of {n} bytes exceeds max_message_bytes "
@@ -311,7 +323,10 @@ class Codec:
         if hend > n:
             raise CodecError(f"truncated at byte offset {n}: the header declares {hl} bytes "
                              "from byte offset 8")
-        r = _Reader(mv, -(-hend // ALIGN) * ALIGN, self.max_tensor_bytes, self.max_message_bytes)
+        # Tensors may decode to more than the frame (lz4, sparse records), but never to more
+        # than a fixed multiple of it: a small frame cannot make the receiver allocate much.
+        budget = min(self.max_message_bytes, DECODE_RATIO * n + DECODE_FLOOR)
+        r = _Reader(mv, -(-hend // ALIGN) * ALIGN, self.max_tensor_bytes, budget)
         lim = min(hl, self.max_items)
         try:
             # msgpack bounds every declared length by the header's real size (so a few bytes

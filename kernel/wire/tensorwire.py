@@ -64,6 +64,10 @@ _SECTION = struct.Struct("<BBBQ")
 _FLOAT_CODES = {9: "float16", 10: "float32", 11: "float64", 14: "bfloat16"}
 _U64 = (1 << 64) - 1
 _LZ4_MAX_INPUT = 0x7E000000
+# A frame of B bytes decodes to at most DECODE_RATIO * B + DECODE_FLOOR bytes of tensors,
+# whatever its records declare (sparse records included); see kernel.wire.codec.
+DECODE_RATIO = 1024
+DECODE_FLOOR = 1 << 20
 # lz4 block output is at most ~255 bytes per input byte: a larger declared size is a lie, and
 # refusing it before lz4 allocates keeps a small input from allocating a lot.
 _LZ4_MAX_RATIO = 255
@@ -424,8 +428,10 @@ class TensorReader:
             raise CodecError(f"tensor of shape {shape} declares {raw} bytes; max_tensor_bytes "
                              f"is {self.max_tensor}")
         if raw > self.budget:
-            raise CodecError(f"tensors of this frame declare more than max_message_bytes in all "
-                             f"(the one of shape {shape} needs {raw} bytes, {self.budget} left)")
+            raise CodecError(f"tensors of this frame declare more than its decode budget "
+                             f"(max_message_bytes, and {DECODE_RATIO} x the frame's size + "
+                             f"{DECODE_FLOOR}) in all (the one of shape {shape} needs {raw} "
+                             f"bytes, {self.budget} left)")
         self.budget -= raw
 
     def _span(self, data: bytes, pos: int) -> tuple[int, int]:
