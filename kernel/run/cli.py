@@ -1,14 +1,20 @@
 """The `fedloom` command.
 
-    fedloom run [CONFIG] [--set key=value ...] [--out DIR] [--checkpoint-every N] [--quiet]
-                [--debug]
+    fedloom run [CONFIG] [--set key=value ...] [--out DIR] [--checkpoint-every N] [--force]
+                [--quiet] [--debug]
     fedloom run --resume DIR [--checkpoint-every N] [--out DIR2]
     fedloom perf compare|micro ...     (implemented by perf.cli)
     fedloom inspect DIR                (implemented by perf.cli)
 
 `fedloom run` without CONFIG runs the built-in default (workload W1: FedAvg, 10 clients,
 5 rounds, mlp, inproc). Outputs go to `--out`, else `[output] dir`, else `runs/<config stem>`
-(`runs/default` for the built-in config); files of an earlier run there are replaced.
+(`runs/default` for the built-in config); files of an earlier run there are replaced (each
+written to a temporary name and renamed), but a folder holding the checkpoint of a run that
+has not finished is refused unless `--force`, and an `--out` that is a file is refused before
+the run starts. Secrets (a `transport.token` given with --set) are not written to config.toml.
+A run that fails, or is interrupted on a transport without checkpoints, leaves metrics.jsonl
+(written as rows arrive there) and a result.json whose `reason` says "interrupted" or
+"failed: ..." with the `error`.
 
 Checkpoints (inproc): `--checkpoint-every N` saves DIR/checkpoint.fl every N rounds, and Ctrl-C
 saves one and stops (exit 130, saying how to resume). `--resume DIR` continues the run saved in
@@ -93,6 +99,9 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--resume", type=Path, metavar="DIR",
                    help="continue the run whose checkpoint is in DIR, writing into DIR "
                         "(or --out)")
+    p.add_argument("--force", action="store_true",
+                   help="start a new run even in a folder holding the checkpoint of an "
+                        "unfinished run (it is replaced)")
     p.add_argument("--quiet", action="store_true",
                    help="print nothing but errors (no progress, no summary)")
     p.add_argument("--debug", action="store_true", help="show tracebacks of errors")
@@ -129,7 +138,7 @@ def _run(ns: argparse.Namespace) -> int:
     from kernel.run.runner import run
 
     result = run(config, out_dir, quiet=ns.quiet, checkpoint_every=ns.checkpoint_every,
-                 resume=ns.resume)
+                 resume=ns.resume, force=ns.force)
     finished = result.get("reason") == "finished"
     if not ns.quiet:
         print(summary(result, out_dir))

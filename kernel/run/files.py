@@ -5,13 +5,15 @@ the new one, and a symlink planted at the target is replaced, never written thro
 
 from __future__ import annotations
 
+import contextlib
 import os
 import stat
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
+from typing import BinaryIO
 
-__all__ = ["InputError", "read_regular", "write_atomic"]
+__all__ = ["InputError", "open_atomic", "read_regular", "write_atomic"]
 
 
 class InputError(OSError):
@@ -60,23 +62,19 @@ def read_regular(path: str | Path, cap: int, what: str) -> bytes:
         os.close(fd)
 
 
-def write_atomic(path: str | Path, parts: Iterable[bytes | memoryview | str],
-                 *, sync: bool = False) -> int:
-    """Write `parts` to a new temporary file next to `path` (created exclusively, so never
-    through a symlink) and rename it over `path`; returns the bytes written. With `sync`, the
-    file and the directory are fsynced (a checkpoint must survive a power cut)."""
+@contextlib.contextmanager
+def open_atomic(path: str | Path, *, sync: bool = False) -> Iterator[BinaryIO]:
+    """A binary file that becomes `path` when the block ends without an error: a new
+    temporary file next to `path` (created exclusively, so never through a symlink) renamed
+    over it. With `sync`, the file and the directory are fsynced (a checkpoint must survive a
+    power cut). On an error the temporary file goes and `path` is untouched."""
     p = Path(path)
-    n = 0
-    # mkstemp: a fresh name, created exclusively (never through a symlink), per writer.
     fd, name = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
     tmp = Path(name)
     try:
         os.fchmod(fd, 0o644)
         with os.fdopen(fd, "wb") as f:
-            for part in parts:
-                data = part.encode("utf-8") if isinstance(part, str) else part
-                f.write(data)
-                n += memoryview(data).nbytes
+            yield f
             if sync:
                 f.flush()
                 os.fsync(f.fileno())
@@ -86,6 +84,17 @@ def write_atomic(path: str | Path, parts: Iterable[bytes | memoryview | str],
         raise
     if sync:
         _fsync_dir(p.parent)
+
+
+def write_atomic(path: str | Path, parts: Iterable[bytes | memoryview | str],
+                 *, sync: bool = False) -> int:
+    """Write `parts` (text as UTF-8) through `open_atomic`; returns the bytes written."""
+    n = 0
+    with open_atomic(path, sync=sync) as f:
+        for part in parts:
+            data = part.encode("utf-8") if isinstance(part, str) else part
+            f.write(data)
+            n += memoryview(data).nbytes
     return n
 
 

@@ -14,6 +14,7 @@ import numpy as np
 from numpy.lib import format as npy_format
 
 from kernel.run.config import dumps as toml_dumps
+from kernel.run.files import open_atomic, write_atomic
 
 FILES = ("metrics.jsonl", "result.json", "final_model.npz", "config.toml")
 # Arrays larger than this in a metric row or a result's extra fields are summarised (shape,
@@ -114,12 +115,25 @@ def dump_json(obj: Any, **kwargs: Any) -> str:
 
 def write_npz(path: str | Path, arrays: Mapping[str, np.ndarray]) -> None:
     """An .npz that `np.load` reads, written byte-for-byte the same for the same arrays: members
-    in sorted name order, uncompressed, with a fixed timestamp (np.savez stamps the time)."""
-    with zipfile.ZipFile(path, "w", compression=zipfile.ZIP_STORED, allowZip64=True) as zf:
+    in sorted name order, uncompressed, with a fixed timestamp (np.savez stamps the time).
+    Written to a temporary file and renamed over `path`."""
+    with open_atomic(path) as raw, zipfile.ZipFile(raw, "w", compression=zipfile.ZIP_STORED,
+                                                    allowZip64=True) as zf:
         for name in sorted(arrays):
             info = zipfile.ZipInfo(name + ".npy", date_time=(1980, 1, 1, 0, 0, 0))
             with zf.open(info, "w", force_zip64=True) as f:
                 npy_format.write_array(f, np.asarray(arrays[name]), allow_pickle=False)
+
+
+# Keys never written to config.toml, in any section: a token given on the command line must
+# not land on disk (and one from a config file is in that file already).
+SECRET_KEYS = frozenset({"token", "password", "secret"})
+
+
+def without_secrets(config: Mapping[str, Any]) -> dict[str, Any]:
+    """`config` without SECRET_KEYS at any depth."""
+    return {k: without_secrets(v) if isinstance(v, Mapping) else v
+            for k, v in config.items() if k not in SECRET_KEYS}
 
 
 def write_outputs(
@@ -132,19 +146,19 @@ def write_outputs(
     save_model: bool = True,
 ) -> list[Path]:
     """Write the run's files into `out_dir` (made if missing; files of an earlier run there are
-    replaced) and return their paths. No model (a run nobody finished) writes no npz, and a
-    stale one from an earlier run is removed so the directory never mixes two runs."""
+    replaced) and return their paths. Each file is written to a temporary name and renamed, so
+    a symlink planted at its name is replaced, never written through, and a reader never sees
+    half a file. No model (a run nobody finished) writes no npz, and a stale one from an
+    earlier run is removed so the directory never mixes two runs. config.toml leaves out
+    secrets (SECRET_KEYS)."""
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     written = []
     path = out / "metrics.jsonl"
-    with open(path, "w", encoding="utf-8") as f:
-        for row in metrics_rows:
-            f.write(dump_json(row))
-            f.write("\n")
+    write_atomic(path, (dump_json(row) + "\n" for row in metrics_rows))
     written.append(path)
     path = out / "result.json"
-    path.write_text(dump_json(result, indent=2) + "\n", encoding="utf-8")
+    write_atomic(path, [dump_json(result, indent=2), "\n"])
     written.append(path)
     path = out / "final_model.npz"
     if model is not None and save_model:
@@ -153,7 +167,6 @@ def write_outputs(
     else:
         path.unlink(missing_ok=True)
     path = out / "config.toml"
-    path.write_text(toml_dumps(config), encoding="utf-8")
+    write_atomic(path, [toml_dumps(without_secrets(config))])
     written.append(path)
     return written
-

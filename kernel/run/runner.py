@@ -43,8 +43,9 @@ from kernel.api import RunError
 from kernel.options import NODE_BYTES, ConfigError, require_memory
 from kernel.run import checkpoint as ckpt
 from kernel.run.config import WALL_TIME_LIMIT_S, validate
+from kernel.run.files import write_atomic
 from kernel.run.job import Job
-from kernel.run.outputs import jsonable, model_sha256, named_arrays, write_outputs
+from kernel.run.outputs import dump_json, jsonable, model_sha256, named_arrays, write_outputs
 from kernel.run.progress import Progress
 
 RSS_INTERVAL_S = 0.2
@@ -72,20 +73,117 @@ def run(
     started_at: float | None = None,
     checkpoint_every: int | None = None,
     resume: str | Path | None = None,
+    force: bool = False,
 ) -> dict[str, Any]:
     """Run `config` and return result.json's content; with `out_dir`, also write the run's
     files there (see `kernel.run.outputs.write_outputs`) and checkpoints (see the module doc).
     `resume=DIR` continues DIR's checkpoint (and writes into DIR unless `out_dir` is given);
-    `config` may then be None, or must be the checkpoint's own."""
+    `config` may then be None, or must be the checkpoint's own.
+
+    Before anything runs, `out_dir` must be a directory (or not exist yet) and, unless
+    `force`, must not hold the checkpoint of a run that has not finished. On a transport
+    without checkpoints, metrics.jsonl is written as rows arrive; a run that fails or is
+    interrupted there (or fails anywhere) still writes result.json, whose `reason` is
+    "interrupted" or "failed: ..." and whose `error` holds the message."""
     if resume is not None and out_dir is None:
         out_dir = resume
-    record = execute(config, quiet=quiet, progress=progress, started_at=started_at,
-                     checkpoint_dir=out_dir, checkpoint_every=checkpoint_every, resume=resume)
+    if out_dir is not None:
+        check_out_dir(Path(out_dir), resuming=resume is not None, force=force)
+    stream = MetricsStream(Path(out_dir)) if out_dir is not None else None
+    try:
+        record = execute(config, quiet=quiet, progress=progress, started_at=started_at,
+                         checkpoint_dir=out_dir, checkpoint_every=checkpoint_every,
+                         resume=resume, stream=stream)
+    except ckpt.RunInterrupted:
+        raise  # the checkpoint holds everything; the folder holds only it
+    except BaseException as exc:
+        if stream is not None and stream.started:
+            stream.fail(config, exc)
+        raise
+    finally:
+        if stream is not None:
+            stream.close()
     if out_dir is not None:
         save_model = record.config.get("output", {}).get("save_model", True)
         write_outputs(out_dir, record.config, record.result, record.rows, record.model,
                       save_model=save_model)
     return record.result
+
+
+def check_out_dir(out: Path, *, resuming: bool, force: bool) -> None:
+    """Refuse, before anything runs, an output path that is not a directory, and (unless
+    `force` or `resuming`) one holding the checkpoint of a run that has not finished (a
+    checkpoint newer than its result.json, or without one)."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"output directory {str(out)!r} is a file; give a directory (--out "
+                          f"DIR)")
+    if resuming or force:
+        return
+    cp, res = out / ckpt.FILENAME, out / "result.json"
+    if cp.exists() and (not res.exists() or res.stat().st_mtime < cp.stat().st_mtime):
+        raise ConfigError(f"{out} holds the checkpoint of a run that has not finished; resume "
+                          f"it with `fedloom run --resume {out}`, or pass --force to start a "
+                          f"new run there (its checkpoint will be replaced)")
+
+
+class MetricsStream:
+    """metrics.jsonl written as rows arrive (for transports without checkpoints), so a run
+    that dies keeps what it had; and the result.json of a run that failed or was interrupted."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.started = False
+        self.rows: list[dict[str, Any]] = []
+        self._file: Any = None
+        self._streaming = False
+
+    def begin(self, streaming: bool) -> None:
+        """The run starts: from now on a failure is recorded; with `streaming`, rows go to
+        metrics.jsonl as they come (a new file: a symlink there is replaced, not followed)."""
+        self.started = True
+        self._streaming = streaming
+        if streaming:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.out / "metrics.jsonl", [])
+            fd = os.open(self.out / "metrics.jsonl",
+                         os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0))
+            self._file = os.fdopen(fd, "w", encoding="utf-8")
+
+    def row(self, row: dict[str, Any]) -> None:
+        """One metric row (already plain)."""
+        self.rows.append(row)
+        if self._file is not None:
+            self._file.write(dump_json(row) + "\n")
+            self._file.flush()
+
+    def fail(self, config: Mapping[str, Any] | None, exc: BaseException) -> None:
+        """Write result.json (and, unless streamed, metrics.jsonl) for a run that ended by
+        `exc`. Never raises: the original error is what the user must see."""
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        message = str(exc) or type(exc).__name__
+        cfg = config or {}
+        done = [r.get("value") for r in self.rows if r.get("name") == "round"]
+        result = {
+            "protocol": cfg.get("protocol", {}).get("name"),
+            "transport": cfg.get("transport", {}).get("kind", "inproc"),
+            "seed": cfg.get("run", {}).get("seed"),
+            "rounds": done[-1] if done else 0,
+            "reason": "interrupted" if interrupted else f"failed: {message.splitlines()[0]}",
+            "error": None if interrupted else f"{type(exc).__name__}: {message}",
+            "final_model_sha256": None,
+        }
+        with contextlib.suppress(Exception):
+            self.close()
+            if not self._streaming:
+                write_atomic(self.out / "metrics.jsonl",
+                             [dump_json(r) + "\n" for r in self.rows])
+            write_atomic(self.out / "result.json", [dump_json(result, indent=2), "\n"])
+
+    def close(self) -> None:
+        """Close metrics.jsonl (write_outputs then rewrites it whole)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None
 
 
 def execute(
@@ -97,12 +195,14 @@ def execute(
     checkpoint_dir: str | Path | None = None,
     checkpoint_every: int | None = None,
     resume: str | Path | None = None,
+    stream: MetricsStream | None = None,
 ) -> RunRecord:
     """Run `config` and keep everything in memory (what `run` writes to disk), but for
     checkpoints, which go to `checkpoint_dir` (see the module doc).
 
     Progress: `progress` if given; otherwise a `Progress` on stderr unless `quiet` or
-    `[run] progress = false`. Errors of the run (`RunError`, `CheckpointError`) and of the
+    `[run] progress = false`. `stream` (from `run`) receives every metric row as it comes.
+    Errors of the run (`RunError`, `CheckpointError`) and of the
     config (`ConfigError`) propagate with their messages; Ctrl-C during a checkpointed run
     raises `RunInterrupted` once the checkpoint is written.
     """
@@ -165,6 +265,8 @@ def execute(
             # The one wall-clock field in metrics.jsonl (determinism checks drop WALL_FIELDS).
             plain["wall_s"] = round(time.perf_counter() - t_run, 4)
         rows.append(plain)
+        if stream is not None:
+            stream.row(plain)
         if show is not None:
             show(plain)
 
@@ -177,6 +279,11 @@ def execute(
         on_metric=on_metric,
         checkpoint=plan,
     )
+    if stream is not None:
+        # With checkpoints, the rows live in the checkpoint; elsewhere they go to disk now.
+        stream.begin(streaming=plan is None)
+        for row in rows:
+            stream.row(row)
     rss = PeakRss(RSS_INTERVAL_S)
     rss.start()
     try:
