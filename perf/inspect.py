@@ -30,13 +30,18 @@ def inspect(path: str | Path) -> str:
                            f"or a compare folder (with results.jsonl)")
     if (p / "result.json").is_file():
         return run_summary(p)
+    if (p / "checkpoint.fl").is_file():
+        return checkpoint_summary(p)
+    if (p / "metrics.jsonl").is_file():
+        return run_summary(p)  # a run that died before writing result.json
     if (p / "results.jsonl").is_file() or (p / "report.md").is_file():
         return compare_summary(p)
     if (p / "micro.md").is_file():
         return headline(p / "micro.md", tables=True)
     present = sorted(x.name for x in p.iterdir())[:12]
     raise InspectError(
-        f"{p} is not a fedloom run folder: it has no result.json (a run folder, from "
+        f"{p} is not a fedloom run folder: it has no result.json, metrics.jsonl or "
+        f"checkpoint.fl (a run folder, from "
         f"`fedloom run --out DIR`), no results.jsonl or report.md (a compare folder) and no "
         f"micro.md; it holds: {', '.join(present) or 'nothing'}"
     )
@@ -94,7 +99,9 @@ def human_bytes(n: float | None) -> str:
 def run_summary(p: Path) -> str:
     """Headline of result.json, the rounds table from metrics.jsonl, the files, the config's
     differences from the built-in default."""
-    r = _read_json(p / "result.json")
+    has_result = (p / "result.json").is_file()
+    r: Any = _read_json(p / "result.json") if has_result else {
+        "reason": "unknown: no result.json (the run was killed, or is still running)"}
     if not isinstance(r, Mapping):
         raise InspectError(f"{p / 'result.json'} holds {type(r).__name__}, not a JSON object")
     out = [f"run folder {p}", ""]
@@ -121,6 +128,8 @@ def run_summary(p: Path) -> str:
         ("model sha256", r.get("final_model_sha256")),
     ]
     out += [f"  {k:<14} {v}" for k, v in fields if v not in (None, "-")]
+    if r.get("error"):
+        out.append(f"  error          {str(r['error']).splitlines()[0][:300]}")
     extra = r.get("extra")
     if isinstance(extra, Mapping) and extra:
         out.append("  extra          " + ", ".join(
@@ -132,7 +141,39 @@ def run_summary(p: Path) -> str:
 
     rounds = [m for m in metric_rows(p / "metrics.jsonl") if m.get("name") == "round"]
     out += ["", *rounds_table(rounds)]
-    out += ["", "files:"]
+    out += _files(p)
+    diff = config_diff(p / "config.toml")
+    if diff:
+        out += ["", "config, where it differs from the built-in default (W1):", *diff]
+    return "\n".join(out) + "\n"
+
+
+def checkpoint_summary(p: Path) -> str:
+    """What the checkpoint of an unfinished run holds: its run, how far it got, its rounds
+    so far, and how to resume it. The file is verified (sha256) before anything is shown."""
+    from kernel.run.checkpoint import CheckpointError, read
+
+    try:
+        loaded = read(p)
+    except CheckpointError as exc:
+        raise InspectError(str(exc)) from None
+    cfg, h = loaded.config, loaded.header
+    run = cfg.get("run", {})
+    out = [f"run folder {p} (a checkpoint: the run has not finished)", "",
+           f"{cfg.get('protocol', {}).get('name', '?')} on "
+           f"{cfg.get('transport', {}).get('kind', '?')}, seed {run.get('seed', '?')}: "
+           f"stopped at round {_fmt(loaded.round)} of {_fmt(run.get('rounds'))}",
+           f"  virtual s      {_secs(h.get('virtual_s'))}",
+           f"  events         {_fmt(h.get('events'))}",
+           f"  written by     fedloom {h.get('fedloom')}",
+           f"  resume with    fedloom run --resume {p}"]
+    rounds = [m for m in loaded.rows if m.get("name") == "round"]
+    out += ["", *rounds_table(rounds), *_files(p)]
+    return "\n".join(out) + "\n"
+
+
+def _files(p: Path) -> list[str]:
+    out = ["", "files:"]
     for f in sorted(p.iterdir()):
         if f.is_file():
             out.append(f"  {f.name:<20} {human_bytes(f.stat().st_size):>10}")
@@ -141,10 +182,7 @@ def run_summary(p: Path) -> str:
     missing = [f for f in RUN_FILES if not (p / f).exists()]
     if missing:
         out.append(f"  missing: {', '.join(missing)}")
-    diff = config_diff(p / "config.toml")
-    if diff:
-        out += ["", "config, where it differs from the built-in default (W1):", *diff]
-    return "\n".join(out) + "\n"
+    return out
 
 
 def rounds_table(rounds: Sequence[Mapping[str, Any]]) -> list[str]:
