@@ -21,6 +21,7 @@ import contextlib
 import hmac
 import json
 import logging
+import math
 import os
 import queue
 import secrets
@@ -315,6 +316,47 @@ class Reassembler:
 
 
 # -- authentication ----------------------------------------------------------------------------
+REFUSED_LOG_INTERVAL_S = 10.0  # unauthenticated calls are logged as one line per interval
+
+
+class RefusalLog:
+    """Counts refused (unauthenticated) calls and logs them as one line per `interval`: the
+    first at once, then how many came since, so a flood of strangers costs no log storm.
+    `flush` reports what the last interval counted (a shard calls it when it exits)."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self.total = 0
+        self._count = 0
+        self._last_log = -math.inf
+        self._latest = ""
+        self._lock = threading.Lock()
+
+    def note(self, peer: str, why: str) -> None:
+        """One refused call from `peer` ("wrong" or "no" token)."""
+        with self._lock:
+            self.total += 1
+            self._count += 1
+            self._latest = f"{peer}: {why} token"
+            now = time.monotonic()
+            if now - self._last_log >= self.interval:
+                self._emit(now)
+
+    def flush(self) -> None:
+        """Log what was counted since the last line, if anything."""
+        with self._lock:
+            if self._count:
+                self._emit(time.monotonic())
+
+    def _emit(self, now: float) -> None:
+        log.warning("refused %d unauthenticated call(s) since the last report (%d in all); "
+                    "latest from %s", self._count, self.total, self._latest)
+        self._count, self._last_log = 0, now
+
+
+refusals = RefusalLog(REFUSED_LOG_INTERVAL_S)
+
+
 def call_metadata(token: str, peer: str) -> tuple[tuple[str, str], ...]:
     """Metadata every call carries: the run's token and who is calling (for logs)."""
     return ((TOKEN_KEY, token), (PEER_KEY, peer))
@@ -327,7 +369,7 @@ def authenticate(context: grpc.ServicerContext, token: str) -> str:
     given = md.get(TOKEN_KEY, "")
     peer = f"{md.get(PEER_KEY, '?')} at {context.peer()}"
     if not given or not hmac.compare_digest(given.encode(), token.encode()):
-        log.warning("refused a call from %s: %s token", peer, "wrong" if given else "no")
+        refusals.note(peer, "wrong" if given else "no")
         context.abort(grpc.StatusCode.UNAUTHENTICATED,
                       f"{'wrong' if given else 'missing'} {TOKEN_KEY} metadata")
     return peer

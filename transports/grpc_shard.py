@@ -42,6 +42,7 @@ from transports.grpc import (
     channel_options,
     nbytes_of,
     pack,
+    refusals,
     stream_deadline,
 )
 
@@ -347,7 +348,7 @@ class Shard:
             yield from pack(frames, chunk)
 
     def _control(self, request: bytes, context: grpc.ServicerContext) -> bytes:
-        self._auth(context)
+        peer = self._auth(context)
         try:
             req = msgpack.unpackb(request, raw=False)
             op = req.get("op") if isinstance(req, dict) else None
@@ -363,7 +364,9 @@ class Shard:
                 reply = {"error": f"unknown control request {req!r:.100}; expected op peers, "
                                   f"start, stop or ping"}
         except Exception as exc:
-            log.exception("control request failed")
+            # Malformed (e.g. peers that are not a table): one line, the caller gets the error.
+            log.warning("control request from %s failed: %s: %.300s", peer, type(exc).__name__,
+                        exc)
             reply = {"error": f"{type(exc).__name__}: {exc}"}
         return msgpack.packb(reply)
 
@@ -519,6 +522,7 @@ def main() -> int:
     else:
         # The driver died or gave up on the run: nobody is listening, so go at once.
         log.warning("the driver went away before stopping this shard; exiting")
+    refusals.flush()
     sys.stdout.flush()
     sys.stderr.flush()
     # Skip interpreter teardown: gRPC's threads must not keep a finished shard alive.
