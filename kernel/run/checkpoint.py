@@ -22,8 +22,9 @@ node ids, each node's protocol object as a kernel.run.state tree, and one more t
 scheduler (clock, insertion counter, queued events), every node's context (busy time,
 mailbox, timers, rng, message counter), the host's counters and crash schedule, the network
 model's random stream and pipes, context-keyed side tables (module-level
-`weakref.WeakKeyDictionary`s in the protocol's modules, matched by name against the tables
-those modules define) and the codec's byte counters.
+`weakref.WeakKeyDictionary`s in the protocol's modules, by variable name, matched against the
+tables those modules define) and the codec's byte counters. No string in the file names a
+module, class or function.
 
 Reading checks that the path is a regular file below `MAX_BYTES` (and below the memory
 available), then magic, version, length and sha256 before decoding anything; any mismatch is a
@@ -247,17 +248,21 @@ _KEYS = ("now", "seq", "heap", "fifo", "busy", "hold", "mseq", "pending", "timer
 def _side_tables(protos: Iterable[Any]) -> dict[str, weakref.WeakKeyDictionary[Any, Any]]:
     """The module-level WeakKeyDictionaries of the modules defining these protocol objects'
     classes (state a protocol keeps per node context, outside its instance, e.g. across
-    restarts), by "module:name". The names are found from the deployment, never read from a
-    file: a checkpoint's table names are only matched against these."""
+    restarts), by variable name. The tables are found from the deployment, never from a file:
+    a checkpoint's table names are only matched against these."""
     out: dict[str, weakref.WeakKeyDictionary[Any, Any]] = {}
-    for kind in {type(p) for p in protos if p is not None}:
+    for kind in sorted({type(p) for p in protos if p is not None}, key=lambda t: t.__qualname__):
         for cls in kind.__mro__:
             mod = sys.modules.get(cls.__module__)
             if mod is None or cls.__module__ == "builtins":
                 continue
             for name, table in vars(mod).items():
                 if isinstance(table, weakref.WeakKeyDictionary):
-                    out[f"{cls.__module__}:{name}"] = table
+                    if out.get(name, table) is not table:
+                        raise objstate.StateError(
+                            f"two modules of this protocol hold a context table named "
+                            f"{name!r}; rename one so checkpoints can tell them apart")
+                    out[name] = table
     return out
 
 
@@ -276,7 +281,10 @@ def capture(host: Host, network: Any, fresh: Callable[[int], Any]) -> dict[str, 
                               "checkpoints are taken on inproc only")
     ids = sorted(host.ctxs)
     ctxs = [host.ctxs[n] for n in ids]
-    tables = _side_tables([c.proto for c in ctxs])
+    try:
+        tables = _side_tables([c.proto for c in ctxs])
+    except objstate.StateError as exc:
+        raise CheckpointError(f"cannot checkpoint: {exc}") from None
     root = {
         "now": st["now"], "seq": st["seq"], "heap": st["heap"], "fifo": st["fifo"],
         # Per-node scalars as arrays and the rest sparse: 10,000 idle clients cost little.

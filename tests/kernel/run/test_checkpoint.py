@@ -10,6 +10,7 @@ import functools
 import io
 import json
 import os
+import re
 import signal
 import struct
 import subprocess
@@ -51,6 +52,11 @@ CONFIGS: dict[str, dict[str, Any]] = {
                             "aggregator_args": {"trim": 0.2}},
                "transport": {"kind": "inproc", "strict": True},
                "workload": LINEAR, "network": STRAGGLERS},
+    # FedAvgM with FedProx clients and a robust aggregator: momentum buffers are state.
+    "fedavg-avgm": {"run": {"seed": 1, "rounds": 5},
+                    "protocol": {"name": "fedavg", "clients_per_round": 4, "server_opt": "avgm",
+                                 "mu": 0.01, "aggregator": "median"},
+                    "workload": LINEAR, "network": STRAGGLERS},
     "fedbuff": {"run": {"seed": 1, "rounds": 6},
                 "protocol": {"name": "fedbuff", "buffer": 3, "concurrency": 4},
                 "workload": LINEAR, "network": STRAGGLERS},
@@ -161,6 +167,29 @@ def test_checkpointing_every_k_rounds_changes_nothing_and_the_last_one_resumes(
 @pytest.mark.parametrize("name", sorted(set(CONFIGS) - {"fedavg", "fedbuff", "pushsum"}))
 def test_every_other_protocol_resumes_bit_for_bit(name: str, tmp_path: Path) -> None:
     assert_same_run(interrupt_and_resume(name, 2, tmp_path), reference(name))
+
+
+def strings(x: Any) -> Iterator[str]:
+    if isinstance(x, str):
+        yield x
+    elif isinstance(x, dict):
+        for k, v in x.items():
+            yield from strings(k)
+            yield from strings(v)
+    elif isinstance(x, list | tuple):
+        for v in x:
+            yield from strings(v)
+
+
+@pytest.mark.parametrize("name", sorted(CONFIGS))
+def test_a_checkpoint_names_no_module_class_or_function(name: str, tmp_path: Path) -> None:
+    execute(CONFIGS[name], quiet=True, checkpoint_dir=tmp_path, checkpoint_every=1)
+    state = ckpt.read(tmp_path).state
+    found = sorted(s for s in set(strings(state))
+                   if s in sys.modules or re.fullmatch(r"[\w.]+:[\w.]+", s)
+                   or s.split(".")[0] in ("protocols", "kernel", "transports", "tests",
+                                          "builtins", "numpy", "os", "subprocess"))
+    assert found == []
 
 
 def test_a_resumed_run_checkpoints_on_and_resumes_again(tmp_path: Path) -> None:
