@@ -432,8 +432,9 @@ class Loader:
         names = set()
         for i in range(0, len(items), 2):
             name = items[i]
-            if type(name) is not str or not name.isidentifier():
-                raise self._bad(f"field name {name!r} is not an identifier")
+            if (type(name) is not str or not name.isidentifier()
+                    or (name.startswith("__") and name.endswith("__"))):
+                raise self._bad(f"field name {name!r} is not an attribute name a state may set")
             names.add(name)
             value = self._val(items[i + 1], old.get(name, NONE), d)
             try:

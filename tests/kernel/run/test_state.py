@@ -250,3 +250,11 @@ def test_loading_any_tree_raises_only_state_errors_and_runs_nothing(
     finally:
         seen, AUDIT = AUDIT, None
     assert seen == []
+
+
+@pytest.mark.parametrize("name", ["__class__", "__dict__", "__init__", "not an identifier", 7])
+def test_a_tree_cannot_set_dunder_or_odd_attributes(name: Any) -> None:
+    fresh = build(None)(0)
+    with pytest.raises(StateError, match="is not an attribute name a state may set"):
+        Loader().load(["o", name, 1], fresh)
+    assert type(fresh) is Node
