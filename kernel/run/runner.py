@@ -98,7 +98,7 @@ def run(
         raise  # the checkpoint holds everything; the folder holds only it
     except BaseException as exc:
         if stream is not None and stream.started:
-            stream.fail(config, exc)
+            stream.fail(exc)
         raise
     finally:
         if stream is not None:
@@ -136,11 +136,14 @@ class MetricsStream:
         self.rows: list[dict[str, Any]] = []
         self._file: Any = None
         self._streaming = False
+        self.config: Mapping[str, Any] = {}
 
-    def begin(self, streaming: bool) -> None:
-        """The run starts: from now on a failure is recorded; with `streaming`, rows go to
-        metrics.jsonl as they come (a new file: a symlink there is replaced, not followed)."""
+    def begin(self, config: Mapping[str, Any], streaming: bool) -> None:
+        """The run of (validated) `config` starts: from now on a failure is recorded; with
+        `streaming`, rows go to metrics.jsonl as they come (a new file: a symlink there is
+        replaced, not followed)."""
         self.started = True
+        self.config = config
         self._streaming = streaming
         if streaming:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -156,12 +159,12 @@ class MetricsStream:
             self._file.write(dump_json(row) + "\n")
             self._file.flush()
 
-    def fail(self, config: Mapping[str, Any] | None, exc: BaseException) -> None:
+    def fail(self, exc: BaseException) -> None:
         """Write result.json (and, unless streamed, metrics.jsonl) for a run that ended by
         `exc`. Never raises: the original error is what the user must see."""
         interrupted = isinstance(exc, KeyboardInterrupt)
         message = str(exc) or type(exc).__name__
-        cfg = config or {}
+        cfg = self.config
         done = [r.get("value") for r in self.rows if r.get("name") == "round"]
         result = {
             "protocol": cfg.get("protocol", {}).get("name"),
@@ -281,7 +284,7 @@ def execute(
     )
     if stream is not None:
         # With checkpoints, the rows live in the checkpoint; elsewhere they go to disk now.
-        stream.begin(streaming=plan is None)
+        stream.begin(cfg, streaming=plan is None)
         for row in rows:
             stream.row(row)
     rss = PeakRss(RSS_INTERVAL_S)
