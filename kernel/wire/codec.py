@@ -20,7 +20,8 @@ Decoding is bounded by the frame's size: a frame of B bytes decodes to at most
 `DECODE_RATIO * B + DECODE_FLOOR` bytes of tensors (1024 B + 1 MiB; lz4 alone stops at 255x,
 and a top-k / random-k record expands to its dense tensor within the same budget: fractions
 down to about 0.002 fit), refused with a CodecError before anything is allocated; the decoder
-allocates at most a small multiple (a few times) of that while it works. Anything but a
+allocates at most a small multiple (a few times) of that while it works. A sender whose
+sparsified tensors would exceed that gets the CodecError instead (keep more entries). Anything but a
 contiguous buffer is refused with a CodecError, not a BufferError.
 
 Lossy stages (kernel.wire.stages) apply to messages only, never to bodies (checkpoints and results
@@ -216,6 +217,7 @@ class Codec:
                 self._counters.append(w.stage_stats)
         w.parts = []
         w.end = 0
+        w.expanded = 0
         w.current = None
         try:
             header = packer.pack(obj)
@@ -228,6 +230,15 @@ class Codec:
             raise CodecError(f"cannot encode the body: {_explain(e)}") from None
         hl = len(header)
         parts = w.parts
+        # A receiver refuses more (see DECODE_RATIO): better said here, by the sender.
+        if w.expanded > DECODE_RATIO * (8 + hl + w.end) + DECODE_FLOOR:
+            w.parts = []
+            what = f"message {obj[2]!r}" if kind == KIND_MESSAGE else "the body"
+            raise CodecError(f"cannot encode {what}: its sparsified tensors would decode to "
+                             f"{w.expanded} bytes from a frame of about {8 + hl + w.end} "
+                             f"bytes; receivers accept at most "
+                             f"{DECODE_RATIO} x the frame + {DECODE_FLOOR} bytes (keep more "
+                             f"entries: a larger fraction or k in the codec rule)")
         if not parts:
             if 8 + hl > self.max_message_bytes:
                 raise CodecError(f"frame of {8 + hl} bytes exceeds max_message_bytes "

@@ -218,7 +218,8 @@ class TensorWriter:
     """Turns arrays, tensors and numpy scalars into ext records for one frame, collecting the
     out-of-band payloads (with alignment padding) in `parts`."""
 
-    __slots__ = ("policy", "min_compress", "inline", "max_tensor", "parts", "end", "stage_stats")
+    __slots__ = ("policy", "min_compress", "inline", "max_tensor", "parts", "end", "stage_stats",
+                 "expanded")
 
     def __init__(self, policy: str, min_compress: int, inline: int, max_tensor: int) -> None:
         self.policy = policy
@@ -228,6 +229,7 @@ class TensorWriter:
         self.parts: list[Any] = []
         self.end = 0  # bytes in the payload region so far
         self.stage_stats = StageStats()
+        self.expanded = 0  # dense bytes the frame's staged records decode to (see DECODE_RATIO)
 
     def staged(self, st: Staged) -> ExtType:
         """A tensor under a rule: a staged record when its pipeline is lossy and the tensor is
@@ -269,6 +271,7 @@ class TensorWriter:
             head.append(_SECTION.pack(scode, comp, where, sec.size))
             head.append(tail)
             wire += len(tail) if where == 0 else _SPAN.unpack(tail)[1]
+        self.expanded += raw
         ss = self.stage_stats
         ss.tensors += 1
         ss.raw_bytes += raw
