@@ -63,6 +63,9 @@ _BIT_GENERATORS: dict[str, Any] = {
 _CALLABLES = (types.FunctionType, types.BuiltinFunctionType, types.MethodType, type,
               functools.partial, staticmethod, classmethod)
 _CODE = (*_CALLABLES, types.ModuleType, types.CodeType, types.FrameType, types.GeneratorType)
+# Subclasses of these hold content that attributes do not show: refused unless state().
+_BUILTIN_BASES = (dict, list, tuple, set, frozenset, deque, np.ndarray, bytes, bytearray, str,
+                  int, float, complex)
 # Tags of objects that get a number (for "@" references), in the order they are met.
 _NUMBERED = frozenset({"a", "l", "s", "q", "d", "od", "dd", "o", "S", "g", "bg"})
 
@@ -237,6 +240,11 @@ class Dumper:
             return ["g", type(bg).__name__, val(bg.state, NONE, where, d)]
         if type(v).__name__ in _BIT_GENERATORS and isinstance(v, np.random.BitGenerator):
             return ["bg", type(v).__name__, val(v.state, NONE, where, d)]
+        if isinstance(v, _BUILTIN_BASES) and not _custom_state(v):
+            base = next(b for b in _BUILTIN_BASES if isinstance(v, b)).__name__
+            raise StateError(f"cannot save {where}: {_what(v)} is a subclass of {base}, whose "
+                             f"content its attributes do not hold (use a plain {base}, or give "
+                             f"the class state() and load_state())")
         if type(f) is not t:
             raise self._no_counterpart(v, where)
         if _custom_state(v):

@@ -258,3 +258,12 @@ def test_a_tree_cannot_set_dunder_or_odd_attributes(name: Any) -> None:
     with pytest.raises(StateError, match="is not an attribute name a state may set"):
         Loader().load(["o", name, 1], fresh)
     assert type(fresh) is Node
+
+
+class Bag(dict):  # type: ignore[type-arg]
+    """A dict subclass: its items are not in its attributes."""
+
+
+def test_subclasses_of_containers_are_refused_rather_than_saved_without_their_content() -> None:
+    with pytest.raises(StateError, match=r"state\['x'\]: .*Bag is a subclass of dict"):
+        Dumper().dump({"x": Bag(a=1)}, {"x": Bag()})
