@@ -175,10 +175,16 @@ def read(path: str | Path) -> Loaded:
                               f"writes one every --checkpoint-every N rounds, and when "
                               f"interrupted)")
     # Decoding needs about the file's size again (arrays are copied out on restore).
-    cap = min(MAX_BYTES, max(psutil.virtual_memory().available // 2, 1 << 20))
+    available = psutil.virtual_memory().available
+    cap = min(MAX_BYTES, max(available // 2, 1 << 20))
     try:
         data = read_regular(p, cap, "checkpoint")
     except InputError as exc:
+        size = p.stat().st_size if p.is_file() else 0
+        if size > cap and cap < MAX_BYTES:
+            raise CheckpointError(f"checkpoint {str(p)!r} is {size} bytes; loading it needs "
+                                  f"about twice that and this machine has {available} bytes "
+                                  f"of memory available") from None
         raise CheckpointError(str(exc)) from None
     n = len(data)
     head = data[:len(MAGIC)]
