@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import struct
 import sys
 import time
@@ -355,7 +356,7 @@ def _plan_restore(host: Host, network: Any, state: Mapping[str, Any]) -> Callabl
         raise bad(f"the state must be a dict of {', '.join(_KEYS)}")
     now, seq, heap, fifo = root["now"], root["seq"], root["heap"], root["fifo"]
     if type(now) is not float or type(seq) is not int or type(heap) is not list or type(
-            fifo) is not list:
+            fifo) is not list or not math.isfinite(now):
         raise bad("scheduler clock, counter or queues have the wrong types")
 
     def check_event(e: Any, where: str) -> None:
@@ -370,7 +371,7 @@ def _plan_restore(host: Host, network: Any, state: Mapping[str, Any]) -> Callabl
 
     for i, e in enumerate(heap):
         if type(e) is not tuple or len(e) != 5 or type(e[0]) is not float or type(
-                e[1]) is not int or e[0] != e[0]:
+                e[1]) is not int or not math.isfinite(e[0]):
             raise bad(f"heap entry {i} must be (time, seq, etype, node, payload)")
         check_event(e[2:], f"heap entry {i}")
     if len({e[:2] for e in heap}) != len(heap):
@@ -379,8 +380,10 @@ def _plan_restore(host: Host, network: Any, state: Mapping[str, Any]) -> Callabl
         check_event(e, f"fifo entry {i}")
     for key, kind in (("busy", "f"), ("hold", "f"), ("mseq", "i")):
         a = root[key]
-        if type(a) is not np.ndarray or a.shape != (n,) or a.dtype.kind != kind:
-            raise bad(f"node field {key!r} must be a length-{n} array of kind {kind!r}")
+        if type(a) is not np.ndarray or a.shape != (n,) or a.dtype.kind != kind or (
+                kind == "f" and (np.isnan(a).any() or np.isneginf(a).any())):
+            raise bad(f"node field {key!r} must be a length-{n} array of kind {kind!r} "
+                      f"(no NaN)")
     pending, timers, rngs = root["pending"], root["timers"], root["rng"]
     if not all(type(d) is dict and set(d) <= set(ctxs) for d in (pending, timers, rngs)):
         raise bad("node mailboxes, timers and rngs must be dicts keyed by this run's nodes")
@@ -418,7 +421,10 @@ def _plan_restore(host: Host, network: Any, state: Mapping[str, Any]) -> Callabl
     if unknown:
         raise bad(f"side table {unknown[0]!r} is not one this run's protocol modules define")
     codec_stats = root["codec"]
-    if codec_stats is not None and type(codec_stats) is not dict:
+    if codec_stats is not None and (type(codec_stats) is not dict or not all(
+            type(v) is int or (k == "stage_bytes" and type(v) is dict
+                               and all(type(x) is int for x in v.values()))
+            for k, v in codec_stats.items())):
         raise bad("codec byte counters malformed")
 
     def apply() -> None:
