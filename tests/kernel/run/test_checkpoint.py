@@ -462,6 +462,32 @@ def test_unsaveable_state_fails_naming_it_and_keeps_the_last_good_checkpoint(
     assert os.listdir(tmp_path) == ["checkpoint.fl"]
 
 
+class LockingWithState(Locking):
+    """`Locking`, offering its state as plain data: the documented way out for objects the
+    rule cannot save (the lock is made anew, the tick count restored)."""
+
+    def state(self) -> dict[str, Any]:
+        return {"ticks": self.ticks, "locked": self.lock is not None}
+
+    def load_state(self, data: dict[str, Any]) -> None:
+        self.ticks = data["ticks"]
+        self.lock = threading.Lock() if data["locked"] else None
+
+
+@declare("protocols")
+def build_locking_with_state(config: Mapping[str, Any]) -> Deployment:
+    rounds = config["run"]["rounds"]
+    return Deployment([0, 1], lambda i: LockingWithState(rounds))
+
+
+def test_an_object_offering_state_and_load_state_is_saved_through_them(tmp_path: Path) -> None:
+    cfg = {"run": {"rounds": 5}, "protocol": {"name": f"{__name__}:build_locking_with_state"}}
+    want = execute(cfg, quiet=True)
+    with pytest.raises(ckpt.RunInterrupted):
+        execute(cfg, progress=InterruptAt(3), checkpoint_dir=tmp_path)
+    assert_same_run(execute(None, quiet=True, resume=tmp_path), want)
+
+
 # -- the command line ------------------------------------------------------------------------
 
 RELAY_DEFAULTS = {"nodes": 5, "dim": 3}
