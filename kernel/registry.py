@@ -7,11 +7,13 @@ Entries come from the `fedloom.<group>` entry points in pyproject.toml, plus `re
 A config may also name `"package.module:attr"` directly, but only an object that declares
 itself a builder of that group (`@declare(group)`, or a target of one of the group's entry
 points): `load` refuses anything else with `UnknownName` after importing the module and before
-calling anything, so a config naming `subprocess:getoutput` or `builtins:exec` never runs it.
+calling anything, so a config naming `subprocess:getoutput` or `builtins:exec` never runs it
+(a standard-library module is refused without being imported).
 """
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from importlib import import_module
 from importlib.metadata import entry_points
@@ -91,6 +93,11 @@ def load(group: str, name: str) -> Any:
     module, _, attr = target.partition(":")
     if not module or not attr or not all(p.isidentifier() for p in attr.split(".")):
         raise UnknownName(f"{group[:-1]} {name!r} is not 'package.module:attribute'")
+    if not declared and module.partition(".")[0] in sys.stdlib_module_names:
+        # Not even imported: importing some runs code (antigravity opens a browser).
+        raise NotDeclared(
+            f"{group[:-1]} {name!r} is not declared as one: {module!r} is a standard-library "
+            f"module, which declares no fedloom builders")
     obj: Any = import_module(module)
     for part in attr.split("."):
         obj = getattr(obj, part)

@@ -53,7 +53,7 @@ def audit() -> Iterator[list[str]]:
     def hook(event: str, args: Any) -> None:
         if armed[0] and event in ("exec", "os.system", "subprocess.Popen", "os.exec",
                                   "os.posix_spawn", "os.spawn"):
-            seen.append(event)
+            seen.append(f"{event} {args!r:.80}")
 
     sys.addaudithook(hook)
     yield seen
@@ -70,10 +70,25 @@ def test_an_undeclared_module_attr_is_refused_before_it_is_called(name: str,
 
 
 def test_loading_dangerous_names_runs_no_command(audit: list[str]) -> None:
+    import numpy.random  # noqa: F401  (fedloom modules and what they import: allowed code)
+
+    import protocols.fedavg  # noqa: F401
+
+    audit.clear()
     for name in DANGEROUS:
         with pytest.raises(UnknownName):
             registry.load("protocols", name)
     assert audit == []
+
+
+@pytest.mark.parametrize("name", ["antigravity:x", "this:x", "subprocess:getoutput",
+                                  "os.path:join", "idlelib.idle:main"])
+def test_standard_library_names_are_refused_without_importing_them(name: str) -> None:
+    module = name.partition(":")[0]
+    before = module in sys.modules
+    with pytest.raises(NotDeclared, match="is a standard-library module"):
+        registry.load("protocols", name)
+    assert (module in sys.modules) == before
 
 
 def test_declared_objects_load_only_for_their_group() -> None:
