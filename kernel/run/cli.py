@@ -122,7 +122,9 @@ def _run(ns: argparse.Namespace) -> int:
             raise ConfigError("--set cannot change a resumed run: it continues with the "
                               "config saved in its checkpoint")
         config = load(ns.config) if ns.config is not None else None
-        out_dir = ns.out if ns.out is not None else ns.resume
+        from kernel.run.runner import resume_dir
+
+        out_dir = ns.out if ns.out is not None else resume_dir(ns.resume)
     else:
         if ns.config is None:
             config = default_config(ns.overrides)

@@ -86,7 +86,7 @@ def run(
     interrupted there (or fails anywhere) still writes result.json, whose `reason` is
     "interrupted" or "failed: ..." and whose `error` holds the message."""
     if resume is not None and out_dir is None:
-        out_dir = resume
+        out_dir = resume_dir(resume)
     if out_dir is not None:
         check_out_dir(Path(out_dir), resuming=resume is not None, force=force)
     stream = MetricsStream(Path(out_dir)) if out_dir is not None else None
@@ -108,6 +108,13 @@ def run(
         write_outputs(out_dir, record.config, record.result, record.rows, record.model,
                       save_model=save_model)
     return record.result
+
+
+def resume_dir(resume: str | Path) -> Path:
+    """The folder a resumed run writes into: `resume` itself, or the folder of a checkpoint
+    file given directly."""
+    p = Path(resume)
+    return p if p.is_dir() or not p.exists() and p.name != ckpt.FILENAME else p.parent
 
 
 def check_out_dir(out: Path, *, resuming: bool, force: bool) -> None:

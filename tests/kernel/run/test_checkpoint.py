@@ -213,6 +213,13 @@ def test_run_writes_outputs_of_a_resumed_run_into_the_checkpoint_directory(
     assert json.loads((tmp_path / "result.json").read_text()) == result
 
 
+def test_resuming_from_the_checkpoint_file_itself_writes_into_its_folder(tmp_path: Path) -> None:
+    (tmp_path / "checkpoint.fl").write_bytes(good_checkpoint())
+    result = run(None, quiet=True, resume=tmp_path / "checkpoint.fl")
+    assert result["final_model_sha256"] == reference("fedavg").result["final_model_sha256"]
+    assert json.loads((tmp_path / "result.json").read_text()) == result
+
+
 # -- refusing what does not fit --------------------------------------------------------------
 
 @functools.cache
