@@ -26,7 +26,7 @@ from typing import Protocol as _TypingProtocol
 import numpy as np
 
 from kernel.api import Context, Deployment, Network, Protocol, RunError
-from kernel.loop import CALL, CRASH, DELIVER, RESTART, TIMER, WAKE, Scheduler
+from kernel.loop import CALL, CRASH, DELIVER, FANOUT, RESTART, TIMER, WAKE, Scheduler
 from kernel.messages import Message
 
 _INF = float("inf")
@@ -246,14 +246,17 @@ class Host:
         ctx.proto = proto
         ctx.on_message = proto.on_message
         ctx.busy_until = ctx.hold = self.sched.now
-        self._call(proto.on_start, node, ctx)
+        if type(proto).on_start is not Protocol.on_start:
+            self._call(proto.on_start, node, ctx)
 
     def stop(self) -> None:
         """Call `on_stop` on every node that is up, in id order; raise RunError if one raised
         (an error from before, which `run` raised already, is not raised again)."""
         before = self.error
         for node in sorted(self.nodes):
-            self._call(self.nodes[node].on_stop, node, self.ctxs[node])
+            proto = self.nodes[node]
+            if type(proto).on_stop is not Protocol.on_stop:
+                self._call(proto.on_stop, node, self.ctxs[node])
         if self.error is not None and self.error is not before:
             raise self.error
 
@@ -318,7 +321,26 @@ class Host:
             except Exception as exc:
                 self._fail(node, "on_message", exc, payload)
             return self._stop
+        if etype == FANOUT:
+            return self._fanout(payload)
         return self._dispatch_other(etype, node, payload)
+
+    def _fanout(self, payload: tuple[Message, tuple[int, ...], int]) -> bool:
+        """Deliver a FANOUT's next message; the rest go back to the front of the FIFO, where
+        the DELIVER events they stand for would be."""
+        msg, dsts, i = payload
+        dst = dsts[i]
+        if i + 1 < len(dsts):
+            self.sched._fifo.appendleft((FANOUT, -1, (msg, dsts, i + 1)))
+        m = _new_message(Message, (msg[0], dst, msg[2], msg[3], msg[4], msg[5]))
+        ctx = self.ctxs[dst]
+        if ctx.hold > self.sched.now:
+            return self._hold(ctx, DELIVER, m)
+        try:
+            ctx.on_message(ctx, m)  # type: ignore[misc]
+        except Exception as exc:
+            self._fail(dst, "on_message", exc, m)
+        return self._stop
 
     def _hold(self, ctx: NodeContext, etype: int, payload: Any) -> bool:
         """An event for a node that is down (dropped) or busy (kept in its mailbox)."""
@@ -443,15 +465,34 @@ class Host:
         local = self.local
         remote: list[int] = []
         network = self.network
-        for dst in dsts:
-            if dst not in local:
-                remote.append(dst)
-                continue
-            m = msg if n == 1 and msg.dst == dst else msg._replace(dst=dst)
-            if network is None:
-                sched.push(t, DELIVER, dst, m)
+        src, kind, body, seq = msg[0], msg[2], msg[3], msg[5]
+        if network is None:
+            # The fast path: no arrival times to draw, so all local destinations get the
+            # message at once: one FANOUT entry stands for their deliveries.
+            if n == 1:
+                if dsts[0] in local:
+                    sched.push(t, DELIVER, dsts[0], msg)
+                else:
+                    remote.append(dsts[0])
             else:
-                arrivals = network.arrivals(ctx.id, dst, t, nbytes)
+                here = dsts
+                for dst in dsts:
+                    if dst not in local:
+                        remote.append(dst)
+                if remote:
+                    here = tuple(d for d in dsts if d in local)
+                if len(here) == 1:
+                    sched.push(t, DELIVER, here[0], _new_message(
+                        Message, (src, here[0], kind, body, t, seq)))
+                elif here:
+                    sched.push(t, FANOUT, -1, (msg, here, 0))
+        else:
+            for dst in dsts:
+                if dst not in local:
+                    remote.append(dst)
+                    continue
+                m = msg if n == 1 else _new_message(Message, (src, dst, kind, body, t, seq))
+                arrivals = network.arrivals(src, dst, t, nbytes)
                 if not arrivals:
                     self._lost += 1
                 for arrival in arrivals:
@@ -521,7 +562,8 @@ class Host:
             if dst not in self.local:
                 raise RunError(f"message {msg.kind!r} from node {msg.src} for node {dst}, "
                                f"which this host does not run")
-            m = msg if msg.dst == dst else msg._replace(dst=dst)
+            m = msg if msg[1] == dst else _new_message(
+                Message, (msg[0], dst, msg[2], msg[3], msg[4], msg[5]))
             if threadsafe:
                 self.sched.push_threadsafe(DELIVER, dst, m)
             else:
