@@ -261,7 +261,7 @@ class SyncGossip(Protocol):
         need = len(self.neigh)
         if nxt > self.plan.rounds or (need and self.got < need):
             return False
-        vals = self.cur if self.cur is not None else [None]
+        vals: list[np.ndarray | None] = self.cur if self.cur is not None else [None]
         vals[self.pos] = self.sent
         self.cur, self.got = None, 0
         if self.ahead:
