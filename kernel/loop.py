@@ -29,9 +29,10 @@ from typing import Any
 
 # Event types; small ints so the tuples compare and dispatch cheaply. WAKE tells a host that a
 # busy node's computation has ended and its waiting events can run. FANOUT is one message for
-# several nodes as one queue entry, payload (msg, dsts, i): the host delivers to dsts[i] and
-# puts (msg, dsts, i + 1) back at the front of the FIFO, so it runs exactly like len(dsts) - i
-# DELIVER events queued one after another, at a quarter of the memory for degree 4.
+# several nodes as one queue entry (FANOUT, i, msg) whose msg.dst is the tuple of nodes: the
+# host delivers to dst[i] and puts (FANOUT, i + 1, msg) back at the front of the FIFO, so it
+# runs exactly like the DELIVER events it stands for queued one after another, in a third of
+# the memory at degree 4.
 DELIVER, TIMER, CRASH, RESTART, CALL, WAKE, FANOUT = 0, 1, 2, 3, 4, 5, 6
 
 Event = tuple[int, int, Any]  # (etype, node, payload)
@@ -48,9 +49,9 @@ def expand(etype: int, node: int, payload: Any) -> list[Event]:
     """An event as plain events: a FANOUT as the DELIVER events it stands for, others as is."""
     if etype != FANOUT:
         return [(etype, node, payload)]
-    msg, dsts, i = payload
     new = tuple.__new__
-    return [(DELIVER, d, new(type(msg), (msg[0], d, *msg[2:]))) for d in dsts[i:]]
+    return [(DELIVER, d, new(type(payload), (payload[0], d, *payload[2:])))
+            for d in payload[1][node:]]
 
 
 class Scheduler:

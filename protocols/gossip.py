@@ -83,6 +83,8 @@ DSGD_DEFAULTS: dict[str, Any] = {
 
 
 _EMPTY = np.empty(0, np.float32)
+# The largest shared buffer block sync gossip reserves (bigger runs use per-node buffers).
+_BLOCK_MAX = 1 << 30
 
 
 def initial_vector(node: int, dim: int) -> np.ndarray:
@@ -162,6 +164,27 @@ class _Plan:
         self.dmax = max((len(o) for o in g.out), default=0)
         # One float object per distinct weight, however many nodes use it.
         self._weights: dict[float, float] = {}
+        # Every node's two buffers as rows of one (n, 2, dim) block, made on first use: no
+        # array objects per node (a million nodes' would be ~350 MB). Rows of nodes another
+        # process runs are never written, so their pages are never touched. A node's first
+        # incarnation uses its rows; after a restart it gets private buffers, since messages
+        # from before the crash may still point into its rows.
+        self._block: np.ndarray | None = None
+        self._claimed: np.ndarray | None = None
+
+    def buffers(self, node: int, like: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """None when `node`'s rows of the shared block are its buffers (now claimed); else two
+        private arrays like `like`."""
+        blk = self._block
+        if blk is None and like.ndim == 1 and like.dtype == np.float32 \
+                and self.n * 2 * like.size * 4 <= _BLOCK_MAX:
+            blk = self._block = np.empty((self.n, 2, like.size), np.float32)
+            self._claimed = np.zeros(self.n, bool)
+        if blk is None or blk.shape[2] != like.size or like.dtype != np.float32 \
+                or self._claimed is None or self._claimed[node]:
+            return np.empty_like(like), np.empty_like(like)
+        self._claimed[node] = True
+        return None
 
     def row(self, i: int) -> tuple[int, float | None, tuple[float, ...] | None]:
         """(position of i among its sorted neighbours and itself, the weight shared by all of
@@ -199,6 +222,7 @@ class SyncGossip(Protocol):
         self.cur: list[np.ndarray | None] | None = None
         self.got = 0
         self.ahead: dict[int, list[np.ndarray | None]] | None = None
+        # Private buffers, or None for the node's rows of the plan's block.
         self.bufs: tuple[np.ndarray, np.ndarray] | None = None
         self.tmp: np.ndarray | None = None
         self.reports: _Reports | None = _Reports(plan.n) if node == 0 else None
@@ -206,9 +230,18 @@ class SyncGossip(Protocol):
     def on_start(self, ctx: Context) -> None:
         self.r = 0
         self.cur, self.got, self.ahead = None, 0, None
-        self.x = self.init(self.id)
-        self.bufs = (np.empty_like(self.x), np.empty_like(self.x))
+        x0 = self.init(self.id)
+        self.bufs = self.plan.buffers(self.id, x0)
+        # x^0 goes into buffer 0 (x^r lives in buffer r % 2), so no array is kept per node.
+        self.x = self._buffer(0)
+        np.copyto(self.x, x0)
         self._send_round(ctx)
+
+    def _buffer(self, k: int) -> np.ndarray:
+        if self.bufs is not None:
+            return self.bufs[k]
+        assert self.plan._block is not None
+        return self.plan._block[self.id, k]
 
     def local_update(self, ctx: Context) -> np.ndarray:
         """The value this node contributes to round r + 1 (plain gossip: its current x)."""
@@ -269,8 +302,7 @@ class SyncGossip(Protocol):
             if later is not None:
                 self.cur = later
                 self.got = sum(1 for v in later if v is not None)
-        assert self.bufs is not None
-        out = self.bufs[nxt & 1]
+        out = self._buffer(nxt & 1)
         self._mix(out, vals)  # type: ignore[arg-type]
         self.x, self.r = out, nxt
         if self.id == 0:
