@@ -342,7 +342,7 @@ class Host:
     def _fanout(self, i: int, msg: Message) -> bool:
         """Deliver a FANOUT's next message; the rest go back to the front of the FIFO, where
         the DELIVER events they stand for would be."""
-        dsts = msg[1]
+        dsts: tuple[int, ...] = msg[1]  # type: ignore[assignment]
         dst = dsts[i]
         if i + 1 < len(dsts):
             self.sched._fifo.appendleft((FANOUT, i + 1, msg))

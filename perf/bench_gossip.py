@@ -23,7 +23,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -67,7 +66,7 @@ def scale_one(nodes: int, rounds: int = 10) -> dict[str, Any]:
     cpu = time.process_time() - c0
     return {"nodes": nodes, "rounds": rounds, "rounds_s": float(res["rounds_s"]),
             "build_s": float(res["build_s"]), "messages": int(res["messages"]),
-            "cpu_s": cpu, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "cpu_s": cpu, "peak_rss_mb": runner.own_peak_rss_bytes() / 2**20,
             "sha": res["final_model_sha256"]}
 
 
