@@ -63,6 +63,10 @@ class Context:
 class Protocol:
     """The behaviour of one node: the kernel calls these four methods, one at a time."""
 
+    # Subclasses may declare __slots__ and so hold no per-instance dict (at a million nodes,
+    # ~200 bytes each); those that do not get their __dict__ as usual.
+    __slots__ = ()
+
     def on_start(self, ctx: Context) -> None:
         """Called once when the node starts (again after a simulated crash and restart)."""
 

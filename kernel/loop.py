@@ -6,12 +6,20 @@ Events due now go to a FIFO (about 3x cheaper than the heap); the heap holds the
 time only advances when the FIFO is empty, and then moves every heap event due at the new time
 to the FIFO in (time, insertion) order, so the FIFO order is the total order.
 
+The garbage collector stays out of a virtual-time loop: a node's state lives as long as the run,
+so every full collection walks all of it (at 100,000 nodes, 36 full collections took 22 of 54 s).
+`run` freezes what exists when it starts (those objects are never scanned) and disables automatic
+collection; it collects what the run itself made only when the clock advances and that many new
+container objects are alive (`GC_EVERY`), and restores the collector's state when it returns.
+Reference counting still frees everything acyclic at once, so only cyclic garbage waits.
+
 In wall mode the clock is `time.monotonic()` since the scheduler was made; other threads hand
 events in with `push_threadsafe` and the loop sleeps on a `threading.Event` between events.
 """
 
 from __future__ import annotations
 
+import gc
 import heapq
 import threading
 import time
@@ -20,14 +28,30 @@ from collections.abc import Callable
 from typing import Any
 
 # Event types; small ints so the tuples compare and dispatch cheaply. WAKE tells a host that a
-# busy node's computation has ended and its waiting events can run.
-DELIVER, TIMER, CRASH, RESTART, CALL, WAKE = 0, 1, 2, 3, 4, 5
+# busy node's computation has ended and its waiting events can run. FANOUT is one message for
+# several nodes as one queue entry (FANOUT, i, msg) whose msg.dst is the tuple of nodes: the
+# host delivers to dst[i] and puts (FANOUT, i + 1, msg) back at the front of the FIFO, so it
+# runs exactly like the DELIVER events it stands for queued one after another, in a third of
+# the memory at degree 4.
+DELIVER, TIMER, CRASH, RESTART, CALL, WAKE, FANOUT = 0, 1, 2, 3, 4, 5, 6
 
 Event = tuple[int, int, Any]  # (etype, node, payload)
 
 # The longest a wall-clock loop sleeps before looking at its clock again (and calling
 # `idle_wait`, which transports use to notice dead peers).
 IDLE_POLL_S = 0.05
+# New tracked objects alive (gc's young count) after which a virtual-time loop collects the
+# objects the run made, at its next clock advance, then freezes the survivors.
+GC_EVERY = 1_000_000
+
+
+def expand(etype: int, node: int, payload: Any) -> list[Event]:
+    """An event as plain events: a FANOUT as the DELIVER events it stands for, others as is."""
+    if etype != FANOUT:
+        return [(etype, node, payload)]
+    new = tuple.__new__
+    return [(DELIVER, d, new(type(payload), (payload[0], d, *payload[2:])))
+            for d in payload[1][node:]]
 
 
 class Scheduler:
@@ -88,8 +112,18 @@ class Scheduler:
         entries) and `fifo` ((etype, node, payload) events due now, in order)."""
         if self._inbox:
             raise RuntimeError("events handed in from other threads are still in the inbox")
-        return {"now": self.now, "seq": self._seq, "heap": list(self._heap),
-                "fifo": list(self._fifo)}
+        fifo: list[Event] = []
+        for e in self._fifo:
+            fifo.extend(expand(*e))
+        if not any(e[2] == FANOUT for e in self._heap):
+            return {"now": self.now, "seq": self._seq, "heap": list(self._heap), "fifo": fifo}
+        # Each FANOUT becomes its deliveries; the heap is renumbered in (time, seq) order, so
+        # the restored queue runs in exactly the same order.
+        heap: list[tuple[float, int, int, int, Any]] = []
+        for t, _, etype, node, payload in sorted(self._heap, key=lambda e: (e[0], e[1])):
+            for ev in expand(etype, node, payload):
+                heap.append((t, len(heap) + 1, *ev))
+        return {"now": self.now, "seq": len(heap), "heap": heap, "fifo": fifo}
 
     def set_state(self, now: float, seq: int, heap: list[tuple[float, int, int, int, Any]],
                   fifo: list[Event]) -> None:
@@ -125,8 +159,28 @@ class Scheduler:
             return "max_events", 0
         if self.wall:
             return self._run_wall(dispatch, until, max_events, idle_wait)
+        enabled = gc.isenabled()
+        # Objects someone else froze stay frozen: only thaw what this loop froze.
+        thaw = gc.get_freeze_count() == 0
+        gc.disable()
+        gc.freeze()
+        try:
+            return self._run_virtual(dispatch, until, max_events)
+        finally:
+            if thaw:
+                gc.unfreeze()
+            if enabled:
+                gc.enable()
+
+    def _run_virtual(
+        self,
+        dispatch: Callable[[int, int, Any], bool],
+        until: float | None,
+        max_events: int | None,
+    ) -> tuple[str, int]:
         heap, fifo = self._heap, self._fifo
         pop, popleft = heapq.heappop, fifo.popleft
+        gc_count = gc.get_count
         # A limit the count never reaches keeps the hot loop to one comparison.
         limit = max_events if max_events is not None else -1
         n = 0
@@ -145,6 +199,9 @@ class Scheduler:
                     self.now = until
                 return "until", n
             self.now = t
+            if gc_count()[0] > GC_EVERY:
+                gc.collect()
+                gc.freeze()
             # Move everything due at t to the FIFO so (time, insertion) order holds exactly.
             while heap and heap[0][0] == t:
                 e = pop(heap)

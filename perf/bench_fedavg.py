@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import resource
 import statistics
 import subprocess
 import sys
@@ -148,7 +147,7 @@ def w5_child(clients: int) -> dict[str, Any]:
     cpu = time.process_time()
     res = runner.execute(cfg, quiet=True).result
     cpu = time.process_time() - cpu
-    peak_kb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    peak_kb = runner.own_peak_rss_bytes() / 1024  # this process's own, not its parent's
     return {"clients": clients, "s_per_round": res["rounds_s"] / res["rounds"],
             "cpu_s_per_round": cpu / res["rounds"],
             "peak_rss_mb": peak_kb / 1024, "accuracy": res["test_accuracy"]}

@@ -216,30 +216,70 @@ def raw_tcp(count: int, reps: int) -> list[float]:
 
 def workload(path: str, kind: str, reps: int,
              overrides: tuple[str, ...] = ()) -> list[dict[str, Any]]:
-    """result.json of `reps` runs of a workload config on transport `kind`."""
+    """result.json of `reps` runs of a workload config on transport `kind`, each in a fresh
+    process of its own, so each peak RSS is that run's alone."""
     out = []
     for _ in range(reps):
-        cfg = kconfig.load(ROOT / path, [f"transport.kind={kind}", "run.progress=false",
-                                         *overrides])
-        out.append(runner.run(cfg, quiet=True, started_at=time.time()))
+        proc = subprocess.run(
+            [sys.executable, "-m", "perf.bench_grpc", "--run-one", str(ROOT / path), kind,
+             *overrides], capture_output=True, text=True, check=False, timeout=900)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{path} on {kind} failed: {proc.stderr[-2000:]}")
+        out.append(json.loads(proc.stdout.strip().splitlines()[-1]))
     return out
+
+
+def run_one(path: str, kind: str, overrides: list[str]) -> dict[str, Any]:
+    """One workload run in this process (the child `workload` starts)."""
+    cfg = kconfig.load(Path(path), [f"transport.kind={kind}", "run.progress=false",
+                                    *overrides])
+    return runner.run(cfg, quiet=True, started_at=time.time())
 
 
 def _med(xs: list[float]) -> float:
     return statistics.median(xs)
 
 
-def run(quick: bool = False) -> dict[str, Any]:
+def run(quick: bool = False) -> list[dict[str, Any]]:
+    """Run every comparison; the rows for perf.micro (`figures` has them as one dict)."""
+    return rows(figures(quick))
+
+
+def rows(f: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The figures of `figures` as perf.micro rows: ours beside the floor it is measured on."""
+    out: list[dict[str, Any]] = [
+        {"name": f"bulk {f['bulk_MB']:.0f} MB through the grpc transport",
+         "value": f["bulk_grpc_transport_MBps"], "unit": "MB/s",
+         "floor": f["bulk_bare_grpcio_MBps"], "floor_name": "bare grpcio stream"},
+        {"name": f"bulk {f['bulk_MB']:.0f} MB through the grpc transport (vs TCP)",
+         "value": f["bulk_grpc_transport_MBps"], "unit": "MB/s",
+         "floor": f["bulk_raw_tcp_MBps"], "floor_name": "raw TCP socket"},
+        {"name": "tiny messages between grpc shards", "value": f["tiny_msgs_per_s"],
+         "unit": "msg/s", "floor": None, "floor_name": None},
+    ]
+    for name in ("w1", "w3"):
+        for what, unit in (("s_per_round", "s"), ("wall_s", "s"), ("peak_rss_mb", "MB")):
+            out.append({"name": f"{name} grpc {what.replace('_', ' ')}",
+                        "value": f[f"{name}_grpc_{what}"], "unit": unit,
+                        "floor": f[f"{name}_inproc_{what}"], "floor_name": "inproc",
+                        "same_sha256": f[f"{name}_same_sha256_on_both"]})
+    out.append({"name": "w3 grpc effective rate", "value": f["w3_grpc_effective_MBps"],
+                "unit": "MB/s", "floor": f["bulk_bare_grpcio_MBps"],
+                "floor_name": "bare grpcio stream"})
+    return out
+
+
+def figures(quick: bool = False) -> dict[str, Any]:
     """Run every comparison; return the figures (and print them as they come)."""
     reps = 3
     # Full: 40 tensors of 40 MB, the 1.6 GB that W3's effective rate counts per round.
     count = 8 if quick else 40
     chunk = int(DEFAULTS["chunk_bytes"])
     nbytes = count * TENSOR * 4
-    figures: dict[str, Any] = {"quick": quick, "chunk_bytes": chunk, "cpus": os.cpu_count()}
+    figs: dict[str, Any] = {"quick": quick, "chunk_bytes": chunk, "cpus": os.cpu_count()}
 
     def show(name: str, value: Any) -> None:
-        figures[name] = value
+        figs[name] = value
         print(f"{name:40s} {value}", flush=True)
 
     # Interleaved, so a neighbour's load on this shared machine hits all three alike.
@@ -278,10 +318,10 @@ def run(quick: bool = False) -> dict[str, Any]:
         show(f"{name}_same_sha256_on_both", len(shas) == 1)
     # W3's effective rate against the rate at which the bare stacks move the same bytes.
     show("w3_grpc_effective_vs_bare_grpcio",
-         round(figures["w3_grpc_effective_MBps"] / figures["bulk_bare_grpcio_MBps"], 3))
+         round(figs["w3_grpc_effective_MBps"] / figs["bulk_bare_grpcio_MBps"], 3))
     show("w3_grpc_effective_vs_raw_tcp",
-         round(figures["w3_grpc_effective_MBps"] / figures["bulk_raw_tcp_MBps"], 3))
-    return figures
+         round(figs["w3_grpc_effective_MBps"] / figs["bulk_raw_tcp_MBps"], 3))
+    return figs
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -290,13 +330,18 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--quick", action="store_true", help="fewer and smaller repetitions")
     parser.add_argument("--serve", choices=("grpc", "tcp"), help=argparse.SUPPRESS)
     parser.add_argument("--json", help="also write the figures to this file")
+    parser.add_argument("--run-one", nargs="+", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.serve:
         _serve(args.serve)
         return 0
-    figures = run(quick=args.quick)
+    if args.run_one:
+        print(json.dumps(run_one(args.run_one[0], args.run_one[1], args.run_one[2:]),
+                         default=str))
+        return 0
+    figs = figures(quick=args.quick)
     if args.json:
-        Path(args.json).write_text(json.dumps(figures, indent=2) + "\n")
+        Path(args.json).write_text(json.dumps(figs, indent=2) + "\n")
     return 0
 
 

@@ -9,12 +9,18 @@ inferred: a unit with "/s" is a rate). Any other keys are kept in micro.jsonl as
 Rows of other shapes are read as far as they go: `mode` names a row, `rate_per_s` or `median_s`
 is its value, `ratio` (ours/floor in the value's terms) gives the floor where none is named, and
 a row with `skipped` is a note.
+
+`run_micro` runs each bench in a fresh child process (`python -m perf.micro --child NAME`), so
+whatever a bench reads about its own process (peak RSS above all) is that bench's alone.
 """
 
 from __future__ import annotations
 
+import argparse
+import dataclasses
 import importlib
 import json
+import subprocess
 import sys
 import time
 import traceback
@@ -91,10 +97,18 @@ def normalise(row: Mapping[str, Any]) -> dict[str, Any]:
     return out
 
 
-def run_bench(bench: str, quick: bool) -> BenchOutcome:
-    """Import `perf.bench_<bench>` only now and run it; a missing module or dependency is a skip
-    with a note, an exception inside it is recorded as that bench's error."""
-    module = f"perf.bench_{bench}"
+# The longest one bench may run in its child process.
+CHILD_TIMEOUT_S = 3600.0
+
+
+def run_bench(bench: str, quick: bool, isolate: bool = False,
+              module: str | None = None) -> BenchOutcome:
+    """Import `perf.bench_<bench>` (or `module`) only now and run it, in this process or (with
+    `isolate`) in a fresh child; a missing module or dependency is a skip with a note, an
+    exception inside it is recorded as that bench's error."""
+    module = module or f"perf.bench_{bench}"
+    if isolate:
+        return _run_child(bench, quick, module)
     outcome = BenchOutcome(bench, module)
     t0 = time.perf_counter()
     try:
@@ -119,6 +133,28 @@ def run_bench(bench: str, quick: bool) -> BenchOutcome:
                 outcome.skipped = "some cases skipped: " + "; ".join(notes)
     outcome.seconds = time.perf_counter() - t0
     return outcome
+
+
+def _run_child(bench: str, quick: bool, module: str) -> BenchOutcome:
+    t0 = time.perf_counter()
+    cmd = [sys.executable, "-m", "perf.micro", "--child", bench, "--module", module]
+    try:
+        proc = subprocess.run(cmd + (["--quick"] if quick else []), capture_output=True,
+                              text=True, check=False, timeout=CHILD_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        return BenchOutcome(bench, module, error=f"no result within {CHILD_TIMEOUT_S:.0f} s",
+                            seconds=time.perf_counter() - t0)
+    lines = proc.stdout.strip().splitlines()
+    try:
+        got = json.loads(lines[-1]) if lines else None
+    except json.JSONDecodeError:
+        got = None
+    if proc.returncode != 0 or not isinstance(got, dict):
+        tail = (proc.stderr or proc.stdout).strip().splitlines()[-6:]
+        return BenchOutcome(bench, module, seconds=time.perf_counter() - t0,
+                            error=f"its process exited with {proc.returncode} and no result\n"
+                                  + "\n".join(tail))
+    return BenchOutcome(**got)
 
 
 def select(only: Sequence[str] | None) -> list[str]:
@@ -204,8 +240,9 @@ def render_md(outcomes: Sequence[BenchOutcome], machine: Mapping[str, Any], quic
 
 
 def run_micro(only: Sequence[str] | None, quick: bool, out: Path,
-              stream: IO[str] | None = None) -> list[BenchOutcome]:
-    """Run the selected benches one after another, print the table, write micro.jsonl/.md."""
+              stream: IO[str] | None = None, isolate: bool = True) -> list[BenchOutcome]:
+    """Run the selected benches one after another (each in a process of its own unless
+    `isolate` is False), print the table, write micro.jsonl/.md."""
     stream = stream or sys.stdout
     benches = select(only)
     out.mkdir(parents=True, exist_ok=True)
@@ -214,7 +251,7 @@ def run_micro(only: Sequence[str] | None, quick: bool, out: Path,
     for b in benches:
         stream.write(f"running {b} ...\n")
         stream.flush()
-        o = run_bench(b, quick)
+        o = run_bench(b, quick, isolate=isolate)
         outcomes.append(o)
         if o.error:
             state = "FAILED"
@@ -237,3 +274,17 @@ def run_micro(only: Sequence[str] | None, quick: bool, out: Path,
     stream.write("\n" + render_text(outcomes))
     stream.write(f"\nwrote {out / 'micro.jsonl'} and {out / 'micro.md'}\n")
     return outcomes
+
+
+def _child(argv: Sequence[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description="run one bench and print its outcome as JSON")
+    ap.add_argument("--child", required=True)
+    ap.add_argument("--module")
+    ap.add_argument("--quick", action="store_true")
+    ns = ap.parse_args(argv)
+    o = run_bench(ns.child, ns.quick, module=ns.module)
+    sys.stdout.write("\n" + json.dumps(dataclasses.asdict(o), default=str) + "\n")
+
+
+if __name__ == "__main__":
+    _child()

@@ -82,6 +82,11 @@ DSGD_DEFAULTS: dict[str, Any] = {
 }
 
 
+_EMPTY = np.empty(0, np.float32)
+# The largest shared buffer block sync gossip reserves (bigger runs use per-node buffers).
+_BLOCK_MAX = 1 << 30
+
+
 def initial_vector(node: int, dim: int) -> np.ndarray:
     """Node `node`'s starting vector in `gossip` and `pushsum`: default_rng(node) normals."""
     return np.random.default_rng(node).standard_normal(dim).astype(np.float32)
@@ -143,45 +148,100 @@ class _Reports:
 # -- synchronous rounds ----------------------------------------------------------------------
 
 class _Plan:
-    """What every node of a synchronous mixing run shares: weights, rounds, initial values."""
+    """What every node of a synchronous mixing run shares: the graph, the weighting rule,
+    rounds, initial values. Each node computes its own row of weights when it is made, so
+    nothing per node is held here (a million nodes' rows as tuples would be ~0.5 GB)."""
 
     def __init__(self, g: topology.Graph, rule: str, rounds: int, track: bool) -> None:
+        if g.directed:
+            raise ValueError("mixing weights need an undirected graph; push-sum handles "
+                             "directed ones")
         self.rounds = rounds
         self.track = track
         self.n = g.n
         self.neighbours = g.out
-        self.rows = topology.mixing_weights(g, rule)
-        # A row whose weights are all equal sums first and scales once: one pass fewer per value.
-        self.uniform = tuple(len({w for _, w in row}) == 1 for row in self.rows)
+        self.rule = rule
+        self.dmax = max((len(o) for o in g.out), default=0)
+        # One float object per distinct weight, however many nodes use it.
+        self._weights: dict[float, float] = {}
+        # Every node's two buffers as rows of one (n, 2, dim) block, made on first use: no
+        # array objects per node (a million nodes' would be ~350 MB). Rows of nodes another
+        # process runs are never written, so their pages are never touched. A node's first
+        # incarnation uses its rows; after a restart it gets private buffers, since messages
+        # from before the crash may still point into its rows.
+        self._block: np.ndarray | None = None
+        self._claimed: np.ndarray | None = None
+
+    def buffers(self, node: int, like: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+        """None when `node`'s rows of the shared block are its buffers (now claimed); else two
+        private arrays like `like`."""
+        blk = self._block
+        if blk is None and like.ndim == 1 and like.dtype == np.float32 \
+                and self.n * 2 * like.size * 4 <= _BLOCK_MAX:
+            blk = self._block = np.empty((self.n, 2, like.size), np.float32)
+            self._claimed = np.zeros(self.n, bool)
+        if blk is None or blk.shape[2] != like.size or like.dtype != np.float32 \
+                or self._claimed is None or self._claimed[node]:
+            return np.empty_like(like), np.empty_like(like)
+        self._claimed[node] = True
+        return None
+
+    def row(self, i: int) -> tuple[int, float | None, tuple[float, ...] | None]:
+        """(position of i among its sorted neighbours and itself, the weight shared by all of
+        them or None, else every weight in that order)."""
+        neigh = self.neighbours[i]
+        ids_w = topology.mixing_row(self.neighbours, i, self.rule, self.dmax)
+        pos = sum(1 for j in neigh if j < i)
+        ws = tuple(self._weights.setdefault(w, w) for _, w in ids_w)
+        if len(set(ws)) == 1:
+            return pos, ws[0], None
+        return pos, None, ws
 
 
 class SyncGossip(Protocol):
     """A node of synchronous gossip: round r mixes the round-r values of itself and its
     neighbours into preallocated buffers (x^r lives in buffer r % 2: by the time a node
-    computes x^(r+2) every neighbour has already consumed x^r)."""
+    computes x^(r+2) every neighbour has already consumed x^r).
+
+    Values for round r + 1 are kept by position in the sorted (neighbours + self) order, the
+    mixing order, in `cur`; values that arrive earlier for later rounds (after a neighbour's
+    restart, say) wait in `ahead`, keyed by round."""
+
+    __slots__ = ("id", "plan", "init", "neigh", "pos", "w", "ws", "r", "x", "sent", "cur",
+                 "got", "ahead", "bufs", "tmp", "reports")
 
     def __init__(self, node: int, plan: _Plan, init: Callable[[int], np.ndarray]) -> None:
         self.id = node
         self.plan = plan
         self.init = init
-        self.row = plan.rows[node]
-        self.uniform = plan.uniform[node]
         self.neigh = plan.neighbours[node]
-        self.need = len(self.neigh)
+        self.pos, self.w, self.ws = plan.row(node)
         self.r = 0
-        self.x: np.ndarray = np.empty(0, np.float32)
+        self.x: np.ndarray = _EMPTY
         self.sent: np.ndarray = self.x  # the value this node contributes to the next round
-        self.pending: dict[int, dict[int, np.ndarray]] = {}
-        self.bufs: list[np.ndarray] = []
+        self.cur: list[np.ndarray | None] | None = None
+        self.got = 0
+        self.ahead: dict[int, list[np.ndarray | None]] | None = None
+        # Private buffers, or None for the node's rows of the plan's block.
+        self.bufs: tuple[np.ndarray, np.ndarray] | None = None
         self.tmp: np.ndarray | None = None
         self.reports: _Reports | None = _Reports(plan.n) if node == 0 else None
 
     def on_start(self, ctx: Context) -> None:
         self.r = 0
-        self.pending = {}
-        self.x = self.init(self.id)
-        self.bufs = [np.empty_like(self.x), np.empty_like(self.x)]
+        self.cur, self.got, self.ahead = None, 0, None
+        x0 = self.init(self.id)
+        self.bufs = self.plan.buffers(self.id, x0)
+        # x^0 goes into buffer 0 (x^r lives in buffer r % 2), so no array is kept per node.
+        self.x = self._buffer(0)
+        np.copyto(self.x, x0)
         self._send_round(ctx)
+
+    def _buffer(self, k: int) -> np.ndarray:
+        if self.bufs is not None:
+            return self.bufs[k]
+        assert self.plan._block is not None
+        return self.plan._block[self.id, k]
 
     def local_update(self, ctx: Context) -> np.ndarray:
         """The value this node contributes to round r + 1 (plain gossip: its current x)."""
@@ -196,29 +256,58 @@ class SyncGossip(Protocol):
                 return
 
     def on_message(self, ctx: Context, msg: Message) -> None:
-        body = msg.body
-        if msg.kind == "g":
+        body = msg[3]
+        if msg[2] == "g":
             rnd = body["r"]
-            if rnd > self.r:  # older rounds are duplicates: ignore
-                self.pending.setdefault(rnd, {}).setdefault(msg.src, body["x"])
-                if rnd == self.r + 1 and self._advance(ctx) and self.r < self.plan.rounds:
-                    self._send_round(ctx)
-        elif msg.kind == "final" and self.reports is not None:
-            self._report(ctx, msg.src, body["x"])
+            r = self.r
+            if rnd <= r:
+                return  # older rounds are duplicates: ignore
+            k = self.neigh.index(msg[0])
+            if k >= self.pos:
+                k += 1
+            if rnd == r + 1:
+                vals = self.cur
+                if vals is None:
+                    vals = self.cur = [None] * (len(self.neigh) + 1)
+                if vals[k] is None:
+                    vals[k] = body["x"]
+                    self.got += 1
+                    if self.got == len(self.neigh) and r + 1 <= self.plan.rounds:
+                        self._advance(ctx)
+                        if self.r < self.plan.rounds:
+                            self._send_round(ctx)
+                return
+            ahead = self.ahead
+            if ahead is None:
+                ahead = self.ahead = {}
+            later = ahead.get(rnd)
+            if later is None:
+                later = ahead[rnd] = [None] * (len(self.neigh) + 1)
+            if later[k] is None:
+                later[k] = body["x"]
+        elif msg[2] == "final" and self.reports is not None:
+            self._report(ctx, msg[0], body["x"])
 
     def _advance(self, ctx: Context) -> bool:
         """Complete round r + 1 if every value for it is in; True when it did."""
         nxt = self.r + 1
-        got = self.pending.get(nxt)
-        if nxt > self.plan.rounds or (self.need and (got is None or len(got) < self.need)):
+        need = len(self.neigh)
+        if nxt > self.plan.rounds or (need and self.got < need):
             return False
-        vals = self.pending.pop(nxt, {})
-        vals[self.id] = self.sent
-        out = self.bufs[nxt & 1]
-        self._mix(out, vals)
+        vals: list[np.ndarray | None] = self.cur if self.cur is not None else [None]
+        vals[self.pos] = self.sent
+        self.cur, self.got = None, 0
+        if self.ahead:
+            later = self.ahead.pop(nxt + 1, None)
+            if later is not None:
+                self.cur = later
+                self.got = sum(1 for v in later if v is not None)
+        out = self._buffer(nxt & 1)
+        self._mix(out, vals)  # type: ignore[arg-type]
         self.x, self.r = out, nxt
         if self.id == 0:
-            self.on_round(ctx, nxt, vals)
+            ids = sorted((self.id, *self.neigh))
+            self.on_round(ctx, nxt, dict(zip(ids, vals)))  # type: ignore[arg-type]
         if nxt == self.plan.rounds:
             if self.id == 0:
                 self._report(ctx, 0, self.x)
@@ -226,23 +315,26 @@ class SyncGossip(Protocol):
                 ctx.send(0, "final", x=self.x)
         return True
 
-    def _mix(self, out: np.ndarray, vals: Mapping[int, np.ndarray]) -> None:
-        row = self.row
-        if self.uniform:
-            if len(row) == 1:
-                np.multiply(vals[row[0][0]], row[0][1], out=out)
+    def _mix(self, out: np.ndarray, vals: list[np.ndarray]) -> None:
+        w = self.w
+        if w is not None:
+            if len(vals) == 1:
+                np.multiply(vals[0], w, out=out)
                 return
-            np.add(vals[row[0][0]], vals[row[1][0]], out=out)
-            for j, _ in row[2:]:
-                np.add(out, vals[j], out=out)
-            np.multiply(out, row[0][1], out=out)
+            add = np.add
+            add(vals[0], vals[1], out)
+            for v in vals[2:]:
+                add(out, v, out)
+            np.multiply(out, w, out)
             return
+        ws = self.ws
+        assert ws is not None
         if self.tmp is None:
             self.tmp = np.empty_like(out)
         tmp = self.tmp
-        np.multiply(vals[row[0][0]], row[0][1], out=out)
-        for j, w in row[1:]:
-            np.multiply(vals[j], w, out=tmp)
+        np.multiply(vals[0], ws[0], out=out)
+        for v, wj in zip(vals[1:], ws[1:]):
+            np.multiply(v, wj, out=tmp)
             np.add(out, tmp, out=out)
 
     def on_round(self, ctx: Context, r: int, vals: Mapping[int, np.ndarray]) -> None:

@@ -266,23 +266,30 @@ def mixing_weights(g: Graph, rule: str = "uniform") -> tuple[tuple[tuple[int, fl
     """For each node i, its (j, w_ij) pairs over its neighbours and itself, sorted by j."""
     if g.directed:
         raise ValueError("mixing weights need an undirected graph; push-sum handles directed ones")
-    deg = g.degrees()
-    dmax = max(deg) if deg else 0
-    rows = []
-    for i, outs in enumerate(g.out):
-        if rule == "uniform":
-            w = {j: 1.0 / (deg[i] + 1) for j in outs}
-            w[i] = 1.0 / (deg[i] + 1)
-        elif rule == "max_degree":
-            w = {j: 1.0 / (dmax + 1) for j in outs}
-            w[i] = 1.0 - deg[i] / (dmax + 1)
-        elif rule == "metropolis":
-            w = {j: 1.0 / (1 + max(deg[i], deg[j])) for j in outs}
-            w[i] = 1.0 - math.fsum(w.values())
-        else:
-            raise ValueError(f"unknown mixing rule {rule!r}; choose one of {', '.join(RULES)}")
-        rows.append(tuple((j, w[j]) for j in sorted(w)))
-    return tuple(rows)
+    dmax = max((len(o) for o in g.out), default=0)
+    return tuple(mixing_row(g.out, i, rule, dmax) for i in range(g.n))
+
+
+def mixing_row(out: Sequence[Sequence[int]], i: int, rule: str = "uniform",
+               dmax: int | None = None) -> tuple[tuple[int, float], ...]:
+    """Node i's row of `mixing_weights` for an undirected graph given as neighbour lists
+    (`dmax`, the largest degree, is computed when not given)."""
+    outs = out[i]
+    d = len(outs)
+    if rule == "uniform":
+        w = {j: 1.0 / (d + 1) for j in outs}
+        w[i] = 1.0 / (d + 1)
+    elif rule == "max_degree":
+        if dmax is None:
+            dmax = max((len(o) for o in out), default=0)
+        w = {j: 1.0 / (dmax + 1) for j in outs}
+        w[i] = 1.0 - d / (dmax + 1)
+    elif rule == "metropolis":
+        w = {j: 1.0 / (1 + max(d, len(out[j]))) for j in outs}
+        w[i] = 1.0 - math.fsum(w.values())
+    else:
+        raise ValueError(f"unknown mixing rule {rule!r}; choose one of {', '.join(RULES)}")
+    return tuple((j, w[j]) for j in sorted(w))
 
 
 def mixing_matrix(g: Graph, rule: str = "uniform") -> np.ndarray:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import sys
 import types
 from pathlib import Path
@@ -65,7 +66,7 @@ def test_run_micro_writes_table_jsonl_and_md(tmp_path: Path,
     _fake(monkeypatch, "broken", broken)
     monkeypatch.setattr(micro, "BENCHES", ("good", "dep", "broken", "absent"))
     stream = io.StringIO()
-    outcomes = micro.run_micro(None, True, tmp_path, stream=stream)
+    outcomes = micro.run_micro(None, True, tmp_path, stream=stream, isolate=False)
     assert [o.bench for o in outcomes] == ["good", "dep", "broken", "absent"]
     text = stream.getvalue()
     assert "2.00x" in text and "1.50x" in text  # 1.0/0.5 for the rate, 0.03/0.02 for the time
@@ -80,3 +81,14 @@ def test_run_micro_writes_table_jsonl_and_md(tmp_path: Path,
     assert "| good | encode 40 MB | 0.03 s | tobytes | 0.02 s | 1.50x |" in md
     assert "## broken failed" in md
     assert "| good | dispatch |" in inspect(tmp_path)
+
+
+def test_isolated_bench_runs_in_a_process_of_its_own() -> None:
+    """Each bench's own-process figures (its peak RSS) must not be the driver's."""
+    here = micro.run_bench("toy", True, isolate=True, module="tests.perf.toy_bench")
+    assert here.error is None and here.skipped is None, here.error
+    row = here.rows[0]
+    assert row["value"] != os.getpid() and row["quick"] is True
+    # A child that dies is a failed bench with its last words, not a hang or a crash here.
+    dead = micro.run_bench("toy", False, isolate=True, module="tests.perf.toy_bench")
+    assert dead.rows == [] and dead.error and "exited with 3" in dead.error
