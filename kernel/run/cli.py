@@ -163,6 +163,15 @@ def summary(result: Mapping[str, Any], out_dir: Path) -> str:
         f"  model sha256   {result['final_model_sha256'] or '-'}",
         f"  outputs        {out_dir}",
     ]
+    where = result.get("transport_info") or {}
+    if where.get("address"):
+        how = "started here" if where.get("started") else "joined"
+        lines.append(f"  cluster        {where['address']} ({how}, {where.get('nodes', '?')} "
+                     f"node(s), auth {where.get('auth', '?')})")
+    if where.get("logs"):
+        lines.append(f"  ray logs       {where['logs']}")
+    if where.get("dashboard"):
+        lines.append(f"  dashboard      {where['dashboard']}")
     ck = result.get("checkpoint")
     if ck:
         resumed = ck.get("resumed_from_round")
