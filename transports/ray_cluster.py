@@ -415,7 +415,8 @@ def runtime_env(given: Mapping[str, Any], config: Mapping[str, Any], *,
         from ray._private.runtime_env.py_modules import upload_py_modules_if_needed
         from ray._private.runtime_env.working_dir import upload_working_dir_if_needed
 
-        scratch = ray_worker.global_worker.node.get_runtime_env_dir_path()
+        node = ray_worker.global_worker.node
+        scratch = node.get_runtime_env_dir_path() if node is not None else None
         env = upload_py_modules_if_needed(env, include_gitignore=True, scratch_dir=scratch)
         env = upload_working_dir_if_needed(env, include_gitignore=True, scratch_dir=scratch)
     except Exception as exc:
