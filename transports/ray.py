@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -113,6 +114,7 @@ class RayTransport(Transport):
         self.pids: list[int] = []  # the shard processes of the current run, by shard id
         self.info: dict[str, Any] = {}
         self._pg: Any = None
+        self._own_pg = True
         self._started_ray = False
         self._joined = False  # this run joined a cluster itself (address or RAY_ADDRESS)
 
@@ -193,10 +195,21 @@ class RayTransport(Transport):
         o = self.opts
         codec = Codec.from_config(job.config.get("codec", {}))
         node_ids = job.deployment.node_ids
-        shards, cps, gps = ray_cluster.default_layout(o, len(node_ids))
+        inherited = _trial_group()
+        if inherited is not None:
+            # Inside a Ray Tune trial (`fedloom tune`): its bundles 1.. are this run's shards.
+            spec = inherited.bundle_specs[1]
+            shards = len(inherited.bundle_specs) - 1
+            cps, gps = float(spec.get("CPU", 0.0)), float(spec.get("GPU", 0.0))
+        else:
+            shards, cps, gps = ray_cluster.default_layout(o, len(node_ids))
         where = place(node_ids, shards)
         self.shard_nodes = [sorted(n for n, s in where.items() if s == i) for i in range(shards)]
-        self._reserve(job, shards, cps, gps)
+        if inherited is not None:
+            self._pg, self._own_pg, first = inherited, False, 1
+        else:
+            self._reserve(job, shards, cps, gps)
+            self._own_pg, first = True, 0
         workload = job.config.get("workload", {})
         # The learners set workload.torch_threads (default 1) themselves; the shard applies the
         # same number before they load, so no shard oversubscribes its CPUs meanwhile.
@@ -215,7 +228,7 @@ class RayTransport(Transport):
             Shard.options(  # type: ignore[attr-defined]
                 num_cpus=cps, num_gpus=gps, max_restarts=o["max_restarts"], max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self._pg, placement_group_bundle_index=i), **extra,
+                    self._pg, placement_group_bundle_index=first + i), **extra,
             ).remote(i, shards, config_frame, settings)
             for i in range(shards)
         ]
@@ -401,10 +414,10 @@ class RayTransport(Transport):
             with contextlib.suppress(Exception):  # already gone: nothing left to release
                 ray.kill(a, no_restart=True)
         self.actors = []
-        if self._pg is not None:
+        if self._pg is not None and self._own_pg:
             with contextlib.suppress(Exception):
                 remove_placement_group(self._pg)
-            self._pg = None
+        self._pg = None
 
     def close(self) -> None:
         self._release()
@@ -431,6 +444,21 @@ def _short(exc: BaseException) -> str:
                     "importable on every Ray node: install it there, or name it in "
                     "transport.runtime_env.py_modules; docs/ray-cluster.md)")
     return out
+
+
+def _trial_group() -> Any:
+    """The placement group this process runs in when it is a Ray Tune trial that reserved a
+    bundle for itself and one per shard (None otherwise)."""
+    if not ray.is_initialized() or "ray.tune" not in sys.modules:
+        return None  # a trial has imported Tune already; nobody else pays for importing it
+    with contextlib.suppress(Exception):
+        from ray import tune
+
+        tune.get_context().get_trial_id()  # raises or is None outside a trial
+        pg = ray.util.get_current_placement_group()
+        if pg is not None and len(pg.bundle_specs) >= 2:
+            return pg
+    return None
 
 
 class ReplayFilter:
