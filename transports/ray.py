@@ -186,6 +186,8 @@ class RayTransport(Transport):
     def run(self, job: Job) -> Outcome:
         t0 = time.monotonic()
         self._ensure_ray()
+        job.on_metric({"t": 0.0, "node": -1, "name": "status",
+                       "value": ray_cluster.where_line(self.info)})
         try:
             return self._run(job, t0)
         finally:

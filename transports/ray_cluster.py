@@ -241,6 +241,18 @@ def info(address: str, started: bool) -> dict[str, Any]:
     return out
 
 
+def where_line(where: Mapping[str, Any]) -> str:
+    """The line a run shows when Ray is up: the cluster, its dashboard and log folder."""
+    how = "started" if where.get("started") else "joined"
+    parts = [f"ray: {how} {where.get('address') or where.get('requested')} "
+             f"({where.get('nodes', '?')} node(s), auth {where.get('auth')})"]
+    if where.get("dashboard"):
+        parts.append(f"dashboard {where['dashboard']}")
+    if where.get("logs"):
+        parts.append(f"logs {where['logs']}")
+    return "; ".join(parts)
+
+
 # -- resources and placement ------------------------------------------------------------------
 
 def alive_nodes() -> list[dict[str, Any]]:

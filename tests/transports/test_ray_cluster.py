@@ -144,3 +144,59 @@ def test_refused_token_advice_names_where_the_token_came_from(
     monkeypatch.setenv("RAY_AUTH_MODE", "token")
     monkeypatch.setenv("RAY_AUTH_TOKEN", "x" * 32)
     assert "read from RAY_AUTH_TOKEN" in rc.auth_advice()
+
+
+def test_dashboard_without_its_packages_names_the_extra(monkeypatch: pytest.MonkeyPatch) -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("aiohttp") is not None:
+        pytest.skip("Ray's dashboard packages are installed here")
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    with pytest.raises(ConfigError, match=r"fedloom\[ray-dashboard\]") as err:
+        rc.init(check_options({"dashboard": True}))
+    assert "ray stop" not in str(err.value)
+
+
+@pytest.mark.ray
+@pytest.mark.slow
+def test_dashboard_binds_loopback_and_its_url_is_printed(monkeypatch: pytest.MonkeyPatch,
+                                                         tmp_path: Path) -> None:
+    """Only where the ray-dashboard extra is installed (`pip install 'fedloom[ray-dashboard]'`)."""
+    pytest.importorskip("aiohttp")
+    import urllib.request
+
+    import psutil
+    import ray
+
+    from kernel.registry import load as registry_load
+    from tests.transports import ray_protocols as rp
+    from transports.base import Job
+    from transports.ray import RayTransport
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    if ray.is_initialized():
+        ray.shutdown()
+    config = {"run": {"seed": 0, "rounds": 3},
+              "protocol": {"name": rp.TICKER, "nodes": 4, "gap": 0.2}}
+    tr = RayTransport({"dashboard": True, "num_cpus": 2, "temp_dir": "/tmp/fl-dash-test"})
+    seen: dict[str, Any] = {}
+
+    def on_metric(row: dict[str, Any]) -> None:
+        if row["name"] == "round" and row["value"] == 1 and "status" not in seen:
+            url = tr.info["dashboard"]
+            seen["url"] = url
+            seen["status"] = urllib.request.urlopen(url, timeout=10).status
+            port = int(url.rsplit(":", 1)[1].strip("/"))
+            seen["bound"] = {c.laddr.ip for c in psutil.net_connections("tcp")
+                             if c.status == "LISTEN" and c.laddr.port == port}
+        if row["name"] == "status":
+            seen.setdefault("lines", []).append(row["value"])
+
+    dep = registry_load("protocols", rp.TICKER)(config)
+    try:
+        tr.run(Job(config=config, deployment=dep, seed=0, until=120.0, on_metric=on_metric))
+    finally:
+        tr.close()
+    assert seen["url"].startswith("http://127.0.0.1:") and seen["status"] == 200
+    assert seen["bound"] == {"127.0.0.1"}
+    assert "dashboard http://127.0.0.1:" in seen["lines"][0]
