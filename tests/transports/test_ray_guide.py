@@ -184,8 +184,16 @@ def test_the_guides_commands_run_w1_on_a_two_node_cluster(tmp_path: Path, ray_di
     mods = tmp_path / "usermods"
     mods.mkdir()
     (mods / "myfed_guide.py").write_text(
+        "import dataclasses, sys\n"
         "from kernel.registry import declare\nfrom protocols import fedavg\n\n\n"
-        "@declare('protocols')\ndef build(config):\n    return fedavg.build(config)\n")
+        "def make(dep, i):\n"
+        "    if i == 0:  # only shards make nodes on ray\n"
+        "        print('myfed_guide: warning from the server', file=sys.stderr, flush=True)\n"
+        "        print('myfed_guide: chatter on stdout', flush=True)\n"
+        "    return dep.make_node(i)\n\n\n"
+        "@declare('protocols')\ndef build(config):\n"
+        "    dep = fedavg.build(config)\n"
+        "    return dataclasses.replace(dep, make_node=lambda i: make(dep, i))\n")
     own = _fedloom(["perf/workloads/w1.toml", "--set", "transport.kind=ray", "--set",
                     "protocol.name=myfed_guide:build", "--out", str(tmp_path / "own"),
                     "--quiet"], {**env, "RAY_ADDRESS": address, "PYTHONPATH": str(mods)})
@@ -193,3 +201,8 @@ def test_the_guides_commands_run_w1_on_a_two_node_cluster(tmp_path: Path, ray_di
     shipped: dict[str, Any] = json.loads((tmp_path / "own" / "result.json").read_text())
     assert shipped["final_model_sha256"] == want
     assert shipped["transport_info"]["runtime_env"]["py_modules"][0].startswith("gcs://")
+    # log_to_driver = "errors" (default): the shard's stderr reaches this terminal, prefixed
+    # with the shard; its stdout stays in the log folder.
+    said = [ln for ln in own.stderr.splitlines() if "myfed_guide: warning" in ln]
+    assert said and "(shard 0 pid=" in said[0], own.stderr[-2000:]
+    assert "chatter on stdout" not in own.stderr + own.stdout
