@@ -129,7 +129,7 @@ class RayTransport(Transport):
                 f"{ray_cluster.joined_from(self.opts['address'])}; drop num_cpus or set "
                 "address = 'local'")
         address, started = ray_cluster.init(self.opts)
-        self._started_ray = started
+        self._started_ray = True  # ours to disconnect (a joined cluster) or stop (a local Ray)
         self._joined = not started
         self.info = ray_cluster.info(address, started)
 

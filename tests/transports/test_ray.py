@@ -260,7 +260,9 @@ def test_placement_that_must_wait_says_so_then_times_out(local_ray: None) -> Non
                            r"= 2.5 s: CPU 0/2 free"):
             _run(tr, config, rows)
         status = [r["value"] for r in rows if r["name"] == "status"]
-        assert status and status[0].startswith("ray: waiting for 2 shards of {CPU: 1}")
+        assert status[0].startswith("ray: joined ")  # the Ray this module started
+        assert status[1].startswith("ray: waiting for 2 shards of {CPU: 1} (PACK) to fit: "
+                                    "CPU 0/2 free")
     finally:
         remove_placement_group(held)
 
@@ -349,6 +351,6 @@ def test_unreachable_cluster_address_fails_with_a_remedy() -> None:
         ray.shutdown()
     config = {"run": {"seed": 0, "rounds": 1}, "protocol": {"name": rp.SYNC, "nodes": 2}}
     tr = RayTransport({"address": "127.0.0.1:9", "call_timeout": 5.0})
-    with pytest.raises(RunError, match=r"could not reach .*'127.0.0.1:9'.*Remedy: start a head"):
+    with pytest.raises(RunError, match=r"could not reach .*'127.0.0.1:9'.*Fix: start a head"):
         _run(tr, config)
     assert not ray.is_initialized()
