@@ -360,6 +360,14 @@ class RayTransport(Transport):
                       "replay the run)")
             raise ShardLostError(f"{self._name(dead)} died: {_short(exc)}; {budget}") from exc
         restarts[dead] += 1
+        if self._own_pg and self._pg is not None:
+            # A lost machine may leave too little to restart on: say so now, not after waiting.
+            bundles = list(self._pg.bundle_specs)
+            why = ray_cluster.shortfall(bundles[0], len(bundles), o["placement"],
+                                        ray_cluster.alive_nodes())
+            if why is not None:
+                raise ShardLostError(f"{self._name(dead)} died ({_short(exc)}) and cannot be "
+                                     f"restarted: {why}") from exc
         n = len(self.actors)
         info: list[Any] = [None] * n
         resets = {i: self.actors[i].reset.remote(o["call_timeout"] / 2)
