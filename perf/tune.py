@@ -211,6 +211,14 @@ def trial(params: dict[str, Any], base: dict[str, Any]) -> None:
     tune.report(final)
 
 
+def _trial_cpus(cfg: Mapping[str, Any], cpus: float) -> float:
+    """CPUs one trial reserves (its driver, plus its shards on the ray transport)."""
+    t = cfg.get("transport", {})
+    if t.get("kind", "inproc") != "ray":
+        return cpus
+    return cpus + int(t.get("shards", 0) or 2) * float(t.get("cpus_per_shard", 0.0) or 1.0)
+
+
 def _resources(cfg: Mapping[str, Any], cpus: float) -> Any:
     from ray import tune
 
@@ -301,6 +309,15 @@ def _tune(ns: argparse.Namespace) -> int:
                                                      "num_cpus": ns.num_cpus,
                                                      "log_to_driver": "errors"}))
     try:
+        need = _trial_cpus(base, ns.cpus_per_trial)
+        have = float(ray.cluster_resources().get("CPU", 0.0))
+        if need > have + 1e-9:
+            raise ConfigError(f"one trial needs {need:g} CPUs (--cpus-per-trial "
+                              f"{ns.cpus_per_trial:g}"
+                              + (" + transport.shards x cpus_per_shard" if need >
+                                 ns.cpus_per_trial else "")
+                              + f") and the Ray cluster has {have:g}; lower them or give the "
+                              "local Ray more with --num-cpus")
         scheduler: Any = (ASHAScheduler(time_attr="round", max_t=rounds,
                                         grace_period=min(ns.grace_rounds, rounds))
                           if ns.scheduler == "asha" else FIFOScheduler())
