@@ -1,5 +1,6 @@
 """ray: the nodes on a few Ray actors (shards), messages between shards as batched codec frames,
-large bodies through the object store; one machine or a cluster (`transport.address`).
+large bodies through the object store; one machine or a cluster (`transport.address`,
+`RAY_ADDRESS`; see transports/ray_cluster.py and docs/ray-cluster.md).
 
 The driver starts (or joins) Ray, reserves one placement-group bundle per shard, makes the shard
 actors (each rebuilds the deployment from the config), starts every node, then long-polls the
@@ -9,10 +10,8 @@ shards for metric rows and their state until one node finishes, a limit passes o
 from __future__ import annotations
 
 import contextlib
-import logging
-import os
 import re
-import socket
+import sys
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -26,25 +25,33 @@ from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from kernel.api import RunError
 from kernel.options import ConfigError, options
 from kernel.wire.codec import Codec, join
+from transports import ray_cluster
 from transports.base import Job, Outcome, Transport, place
+from transports.ray_cluster import PlacementError, check_runtime_env
 from transports.ray_shard import ENDED, ERROR, Shard
 
 DEFAULTS: dict[str, Any] = {
     "kind": "ray",
-    "shards": 0,  # 0: min(2, CPUs of the cluster)
-    "cpus_per_shard": 0.0,  # 0: min(1, CPUs / shards)
+    "shards": 0,  # 0: as many as the cluster's free CPUs hold (ray_cluster.default_layout)
+    "cpus_per_shard": 0.0,  # 0: 1 (less on a cluster with under one CPU)
     "gpus_per_shard": 0.0,
     "placement": "PACK",
-    "address": "",  # "" starts a local Ray (unless one is initialised); else joins this cluster
+    "placement_timeout": 60.0,  # seconds a placement that fits waits for resources to free up
+    "address": "",  # "": RAY_ADDRESS, else a local Ray; "auto", "host:port", "ray://..", "local"
     "num_cpus": 0,  # CPUs of a local Ray; 0: this machine's
-    "dashboard": False,
+    "temp_dir": "",  # a local Ray's session files and logs; "": Ray's default (/tmp/ray)
+    "dashboard": False,  # a local Ray's dashboard on 127.0.0.1 (extra: fedloom[ray-dashboard])
+    "log_to_driver": None,  # "errors" (default): shards' stderr here; true: all; false: none
+    "runtime_env": {},  # working_dir, py_modules, env_vars for the shards (see ray_cluster)
     "call_timeout": 60.0,
-    "max_restarts": 0,
+    "max_restarts": 0,  # per shard: a dead shard is restarted and the run replayed (see below)
     "tick": 0.0,  # seconds between flushes of a shard's outbox; 0: after each batch of events
     "inline_threshold": 65536,
     "strict": False,  # accepted for configs shared with inproc; ray always encodes across shards
 }
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
+LOG_CHOICES = {None: "errors", "errors": "errors", True: True, "all": True, False: False,
+               "none": False}
 # How long a shard holds the driver's poll when it has nothing to say.
 POLL_S = 1.0
 
@@ -60,20 +67,42 @@ def check_options(given: Mapping[str, Any]) -> dict[str, Any]:
         if not opts[key] >= 0:
             raise ConfigError(f"[transport] {key} = {opts[key]!r} is not allowed; expected a "
                               f"number >= 0")
-    if not opts["call_timeout"] > 0:
-        raise ConfigError(f"[transport] call_timeout = {opts['call_timeout']!r} is not allowed; "
-                          f"expected seconds > 0")
+    for key in ("call_timeout", "placement_timeout"):
+        if not opts[key] > 0:
+            raise ConfigError(f"[transport] {key} = {opts[key]!r} is not allowed; expected "
+                              f"seconds > 0")
     if opts["inline_threshold"] < 0:
         raise ConfigError(f"[transport] inline_threshold = {opts['inline_threshold']!r} is not "
                           f"allowed; expected bytes >= 0")
-    if opts["address"] and opts["num_cpus"]:
+    log = opts["log_to_driver"]
+    if isinstance(log, bool | str | None) and log in LOG_CHOICES:
+        opts["log_to_driver"] = LOG_CHOICES[log]
+    else:
+        raise ConfigError(f"[transport] log_to_driver = {log!r} is not allowed; choose "
+                          f"'errors' (shards' stderr, the default), true (everything) or false")
+    opts["runtime_env"] = check_runtime_env(opts["runtime_env"])
+    if opts["address"] not in ("", "local") and opts["num_cpus"]:
         raise ConfigError("[transport] num_cpus sizes a local Ray; it cannot be combined with "
                           f"address = {opts['address']!r} (the cluster has its own CPUs)")
+    if opts["temp_dir"] and opts["address"] not in ("", "local"):
+        raise ConfigError("[transport] temp_dir is where a local Ray keeps its files; a "
+                          f"cluster joined at address = {opts['address']!r} has its own "
+                          "(`ray start --temp-dir` on its nodes)")
     return opts
 
 
+class ShardLostError(RunError):
+    """A shard died and could not be brought back (no restarts left, or Ray could not)."""
+
+
 class RayTransport(Transport):
-    """Nodes on `shards` Ray actors with declared resources, placed by a placement group."""
+    """Nodes on `shards` Ray actors with declared resources, placed by a placement group.
+
+    Restarts (`max_restarts` >= 1): when a shard dies, Ray restarts its actor, every other
+    shard drops its state and rebuilds its nodes, and the whole federation runs again from
+    its start, which is the last state every shard agrees on without per-protocol snapshots.
+    A synchronous protocol replays exactly, so the run ends with the model of a run that never
+    failed; metric rows already forwarded are not forwarded again (counted per node)."""
 
     virtual_clock = False
 
@@ -82,75 +111,54 @@ class RayTransport(Transport):
         self.opts = check_options(options)
         self.actors: list[Any] = []  # the shard actors of the current run, by shard id
         self.shard_nodes: list[list[int]] = []
+        self.pids: list[int] = []  # the shard processes of the current run, by shard id
+        self.info: dict[str, Any] = {}
         self._pg: Any = None
+        self._own_pg = True
         self._started_ray = False
+        self._joined = False  # this run joined a cluster itself (address or RAY_ADDRESS)
 
     # -- set-up -----------------------------------------------------------------------------
     def _ensure_ray(self) -> None:
         if ray.is_initialized():
+            self.info = ray_cluster.info("(already initialised)", False)
             return
-        o = self.opts
-        kw: dict[str, Any] = {"log_to_driver": False, "logging_level": logging.ERROR,
-                              "include_dashboard": o["dashboard"]}
-        if o["address"]:
-            kw["address"] = o["address"]
-            self._probe(o["address"])
-        else:
-            # "local" always starts a fresh Ray: without it ray.init attaches to any Ray already
-            # running on this machine (RAY_ADDRESS, `ray start`), which is not what was asked.
-            kw["address"] = "local"
-            kw["num_cpus"] = o["num_cpus"] or os.cpu_count() or 1
-        try:
-            ray.init(**kw)
-        except Exception as exc:
-            where = (f"join the Ray cluster at {o['address']!r}" if o["address"]
-                     else "start a local Ray")
-            remedy = ("check the address (host:port of the head's GCS, or 'auto') and that "
-                      "`ray status` works there" if o["address"] else
-                      "run `ray stop` to clear a stale Ray, free space in /dev/shm and /tmp, "
-                      "or join a running cluster with transport.address")
-            raise RunError(f"ray transport could not {where}: {type(exc).__name__}: {exc}. "
-                           f"Remedy: {remedy}") from exc
-        self._started_ray = True
+        if self.opts["num_cpus"] and ray_cluster.target(self.opts["address"]) != "local":
+            raise ConfigError(
+                f"[transport] num_cpus sizes a local Ray, but this run joins "
+                f"{ray_cluster.joined_from(self.opts['address'])}; drop num_cpus or set "
+                "address = 'local'")
+        address, started = ray_cluster.init(self.opts)
+        self._started_ray = True  # ours to disconnect (a joined cluster) or stop (a local Ray)
+        self._joined = not started
+        self.info = ray_cluster.info(address, started)
 
-    def _probe(self, address: str) -> None:
-        # ray.init retries an unreachable GCS for minutes; a plain TCP connect says it at once.
-        host, sep, port = address.rpartition(":")
-        if not sep or not port.isdigit() or "://" in address:
-            return  # "auto", "ray://...": let Ray resolve it
-        timeout = self.opts["call_timeout"]
-        try:
-            socket.create_connection((host, int(port)), timeout=timeout).close()
-        except OSError as exc:
-            raise RunError(
-                f"ray transport could not reach the Ray cluster at transport.address = "
-                f"{address!r}: {exc}. Remedy: start a head there (`ray start --head --port "
-                f"{port}`), fix the address, or leave transport.address empty for a local Ray"
-            ) from None
-
-    def _layout(self) -> tuple[int, float, float]:
-        o = self.opts
-        cpus = float(ray.cluster_resources().get("CPU", 1.0))
-        shards = o["shards"] or max(1, min(2, int(cpus)))
-        cps = o["cpus_per_shard"] or min(1.0, cpus / shards)
-        return shards, cps, o["gpus_per_shard"]
-
-    def _reserve(self, shards: int, cps: float, gps: float) -> None:
+    def _reserve(self, job: Job, shards: int, cps: float, gps: float) -> None:
         bundle = {"CPU": cps} if cps > 0 else {}
         if gps > 0:
             bundle["GPU"] = gps
         strategy = self.opts["placement"]
+        ray_cluster.check_placement(bundle, shards, strategy)
         self._pg = placement_group([dict(bundle) for _ in range(shards)], strategy=strategy)
-        timeout = self.opts["call_timeout"]
-        if not self._pg.wait(timeout_seconds=timeout):
-            have = ray.cluster_resources()
-            raise RunError(
-                f"ray transport: {shards} shards of {bundle} with placement {strategy} could "
-                f"not be placed within call_timeout = {timeout:g} s; the cluster has "
-                f"{ {k: v for k, v in have.items() if k in ('CPU', 'GPU')} } over "
-                f"{len(ray.nodes())} node(s). Lower transport.shards or cpus_per_shard, or use "
-                f"placement = 'PACK'/'SPREAD' instead of a STRICT_ one"
-            )
+        timeout = self.opts["placement_timeout"]
+        t0 = time.monotonic()
+        said = False
+        while not self._pg.wait(timeout_seconds=min(2.0, max(timeout - (time.monotonic() - t0),
+                                                                0.0))):
+            waited = time.monotonic() - t0
+            if waited >= timeout:
+                nodes = ray_cluster.alive_nodes()
+                raise PlacementError(
+                    f"ray transport: {shards} shards of {bundle} ({strategy}) fit the cluster "
+                    f"but its resources did not free up within placement_timeout = "
+                    f"{timeout:g} s: {ray_cluster.resources_line(nodes, sorted({'CPU', *bundle}))}"
+                    ". Other jobs hold them: wait, raise placement_timeout, or lower "
+                    "transport.shards / cpus_per_shard")
+            # Whatever holds the resources may free them; say so rather than look hung.
+            line = ray_cluster.wait_line(bundle, shards, strategy, waited, timeout)
+            if not said or int(waited) % 10 < 2:
+                job.on_metric({"t": 0.0, "node": -1, "name": "status", "value": line})
+                said = True
 
     def _name(self, shard: int) -> str:
         nodes = self.shard_nodes[shard] if shard < len(self.shard_nodes) else []
@@ -178,6 +186,8 @@ class RayTransport(Transport):
     def run(self, job: Job) -> Outcome:
         t0 = time.monotonic()
         self._ensure_ray()
+        job.on_metric({"t": 0.0, "node": -1, "name": "status",
+                       "value": ray_cluster.where_line(self.info)})
         try:
             return self._run(job, t0)
         finally:
@@ -186,10 +196,22 @@ class RayTransport(Transport):
     def _run(self, job: Job, t0: float) -> Outcome:
         o = self.opts
         codec = Codec.from_config(job.config.get("codec", {}))
-        shards, cps, gps = self._layout()
-        where = place(job.deployment.node_ids, shards)
+        node_ids = job.deployment.node_ids
+        inherited = _trial_group()
+        if inherited is not None:
+            # Inside a Ray Tune trial (`fedloom tune`): its bundles 1.. are this run's shards.
+            spec = inherited.bundle_specs[1]
+            shards = len(inherited.bundle_specs) - 1
+            cps, gps = float(spec.get("CPU", 0.0)), float(spec.get("GPU", 0.0))
+        else:
+            shards, cps, gps = ray_cluster.default_layout(o, len(node_ids))
+        where = place(node_ids, shards)
         self.shard_nodes = [sorted(n for n, s in where.items() if s == i) for i in range(shards)]
-        self._reserve(shards, cps, gps)
+        if inherited is not None:
+            self._pg, self._own_pg, first = inherited, False, 1
+        else:
+            self._reserve(job, shards, cps, gps)
+            self._own_pg, first = True, 0
         workload = job.config.get("workload", {})
         # The learners set workload.torch_threads (default 1) themselves; the shard applies the
         # same number before they load, so no shard oversubscribes its CPUs meanwhile.
@@ -199,11 +221,16 @@ class RayTransport(Transport):
             "inline_threshold": o["inline_threshold"], "tick": o["tick"],
             "until": job.until, "max_events": job.max_events, "threads": threads,
         })
+        auto = self._joined or len(ray_cluster.alive_nodes()) > 1
+        env = ray_cluster.runtime_env(o["runtime_env"], job.config, auto=auto)
+        extra: dict[str, Any] = {"runtime_env": env} if env else {}
+        self.info.update(shards=shards, cpus_per_shard=cps, gpus_per_shard=gps,
+                         runtime_env=env or None)
         self.actors = [
             Shard.options(  # type: ignore[attr-defined]
                 num_cpus=cps, num_gpus=gps, max_restarts=o["max_restarts"], max_task_retries=0,
                 scheduling_strategy=PlacementGroupSchedulingStrategy(
-                    self._pg, placement_group_bundle_index=i),
+                    self._pg, placement_group_bundle_index=first + i), **extra,
             ).remote(i, shards, config_frame, settings)
             for i in range(shards)
         ]
@@ -211,13 +238,15 @@ class RayTransport(Transport):
         info = self._call([a.ready.remote() for a in self.actors], "start-up (building the "
                           "deployment)", ids)
         incs = [i[0] for i in info]
+        self.pids = [int(i[2]) for i in info]
         self._call([a.connect.remote(self.actors, incs) for a in self.actors], "connect", ids)
         startup_s = time.monotonic() - t0
         run_t0 = time.monotonic()
         self._call([a.start.remote() for a in self.actors], "on_start", ids)
         self._call([a.go.remote() for a in self.actors], "go", ids)
         restarts = [0] * shards
-        state, result, finished_by = self._watch(job, restarts, incs, run_t0)
+        rows = ReplayFilter(job.on_metric)
+        state, result, finished_by = self._watch(job, rows, restarts, incs, run_t0)
         clock_s = time.monotonic() - run_t0
         stops = self._call([a.stop.remote(o["call_timeout"] / 2) for a in self.actors], "stop",
                            ids)
@@ -226,7 +255,7 @@ class RayTransport(Transport):
         for s, frame in enumerate(stops):
             rep = codec.decode_body(frame)
             for row in rep["rows"]:
-                job.on_metric(row)
+                rows(row)
             st = dict(rep["stats"], restarts=restarts[s])
             per_shard.append(st)
             if rep.get("late"):
@@ -248,12 +277,15 @@ class RayTransport(Transport):
             events=sum(st["events"] for st in per_shard),
             startup_s=startup_s,
             shards=per_shard,
-            pids=[int(i[2]) for i in info],
+            pids=list(self.pids),
+            info=dict(self.info),
         )
 
-    def _watch(self, job: Job, restarts: list[int], incs: list[int],
+    def _watch(self, job: Job, rows: ReplayFilter, restarts: list[int], incs: list[int],
                run_t0: float) -> tuple[str, Any, int | None]:
-        """Long-poll every shard until one ends the run; returns (reason, result, finished_by)."""
+        """Long-poll every shard until one ends the run; returns (reason, result, finished_by).
+        A dead shard with restarts left brings on a replay (`_replay`); polls of the previous
+        attempt are dropped unread, so no row arrives twice from them."""
         o = self.opts
         codec = Codec.from_config(job.config.get("codec", {}))
         limit = job.until if job.until is not None else job.config.get("run", {}).get("time_limit")
@@ -279,6 +311,8 @@ class RayTransport(Transport):
                                    f"within call_timeout = {o['call_timeout']:g} s")
                 continue
             for ref in ready:
+                if ref not in polls:
+                    continue  # a poll of an attempt a replay replaced
                 s = polls.pop(ref)
                 try:
                     head_frame, result_frame = ray.get(ref, timeout=o["call_timeout"])
@@ -286,19 +320,17 @@ class RayTransport(Transport):
                     raise RunError(f"{self._name(s)} did not return the driver's poll within "
                                    f"call_timeout = {o['call_timeout']:g} s") from None
                 except RayActorError as exc:
-                    if restarts[s] >= o["max_restarts"]:
-                        raise RunError(f"{self._name(s)} died: {_short(exc)}") from exc
-                    restarts[s] += 1
-                    self._restart(s, incs, job)
-                    polls[self.actors[s].poll.remote(POLL_S)] = s
-                    sent[s] = time.monotonic()
-                    continue
+                    self._replay(job, s, exc, restarts, incs, rows)
+                    ends.clear()
+                    polls = {a.poll.remote(POLL_S): i for i, a in enumerate(self.actors)}
+                    sent = {i: time.monotonic() for i in range(len(self.actors))}
+                    break
                 except RayError as exc:
                     raise RunError(f"{self._name(s)} failed to answer the driver's poll: "
                                    f"{_short(exc)}") from exc
                 head = codec.decode_body(head_frame)
                 for row in head["rows"]:
-                    job.on_metric(row)
+                    rows(row)
                 state = head["state"]
                 if state == ERROR:
                     raise RunError(f"{self._name(s)}: {head['error']}")
@@ -316,38 +348,75 @@ class RayTransport(Transport):
                 polls[self.actors[s].poll.remote(POLL_S)] = s
                 sent[s] = time.monotonic()
 
-    def _restart(self, s: int, incs: list[int], job: Job) -> None:
-        """Bring a restarted shard back: its nodes start afresh (like a crash and restart);
-        messages in flight to or from it are lost."""
+    def _replay(self, job: Job, dead: int, exc: BaseException, restarts: list[int],
+                incs: list[int], rows: ReplayFilter) -> None:
+        """Shard `dead` died: with restarts left, wait for Ray to restart it, rebuild every
+        other shard's nodes, and run the federation again from its start (see the class doc);
+        else raise `ShardLostError` at once."""
+        o = self.opts
+        if restarts[dead] >= o["max_restarts"]:
+            budget = (f"max_restarts = {o['max_restarts']}" if o["max_restarts"] else
+                      "max_restarts = 0 (set transport.max_restarts >= 1 to restart it and "
+                      "replay the run)")
+            raise ShardLostError(f"{self._name(dead)} died: {_short(exc)}; {budget}") from exc
+        restarts[dead] += 1
+        if self._own_pg and self._pg is not None:
+            # A lost machine may leave too little to restart on: say so now, not after waiting.
+            bundles = list(self._pg.bundle_specs)
+            why = ray_cluster.shortfall(bundles[0], len(bundles), o["placement"],
+                                        ray_cluster.alive_nodes())
+            if why is not None:
+                raise ShardLostError(f"{self._name(dead)} died ({_short(exc)}) and cannot be "
+                                     f"restarted: {why}") from exc
+        n = len(self.actors)
+        info: list[Any] = [None] * n
+        resets = {i: self.actors[i].reset.remote(o["call_timeout"] / 2)
+                  for i in range(n) if i != dead}
+        info[dead] = self._await_restart(dead)
+        for i, ref in resets.items():
+            try:
+                info[i] = self._call([ref], "reset for a replay", [i])[0]
+            except RunError:
+                # Dead too (a lost machine takes several shards): restart it as well.
+                if restarts[i] >= o["max_restarts"]:
+                    raise ShardLostError(f"{self._name(i)} died too while {self._name(dead)} "
+                                         f"was restarted; no restarts left "
+                                         f"(max_restarts = {o['max_restarts']})") from None
+                restarts[i] += 1
+                info[i] = self._await_restart(i)
+        incs[:] = [x[0] for x in info]
+        self.pids = [int(x[2]) for x in info]
+        ids = list(range(n))
+        rows.replay()
+        self._call([a.connect.remote(self.actors, incs) for a in self.actors],
+                   "connect after a restart", ids)
+        job.on_metric({"t": 0.0, "node": -1, "name": "shard_restart", "value": dead,
+                       "nodes": self.shard_nodes[dead], "replayed_from": 0})
+        self._call([a.start.remote() for a in self.actors], "on_start after a restart", ids)
+        self._call([a.go.remote() for a in self.actors], "go after a restart", ids)
+
+    def _await_restart(self, s: int) -> Any:
+        """The restarted shard's ready info, once Ray has brought its actor back."""
         actor = self.actors[s]
         timeout = self.opts["call_timeout"]
         deadline = time.monotonic() + timeout
         while True:
             # Calls fail fast while Ray restarts the actor: ask again until it is back.
             try:
-                info = ray.get(actor.ready.remote(),
+                return ray.get(actor.ready.remote(),
                                timeout=max(deadline - time.monotonic(), 0.0))
-                break
             except ActorUnavailableError as exc:
                 if time.monotonic() > deadline:
-                    raise RunError(f"{self._name(s)} did not come back from a restart within "
-                                   f"call_timeout = {timeout:g} s: {_short(exc)}") from exc
+                    raise ShardLostError(f"{self._name(s)} did not come back from a restart "
+                                         f"within call_timeout = {timeout:g} s: "
+                                         f"{_short(exc)}") from exc
                 time.sleep(0.1)
             except GetTimeoutError:
-                raise RunError(f"{self._name(s)} did not come back from a restart within "
-                               f"call_timeout = {timeout:g} s") from None
+                raise ShardLostError(f"{self._name(s)} did not come back from a restart "
+                                     f"within call_timeout = {timeout:g} s") from None
             except RayActorError as exc:
-                raise RunError(f"{self._name(s)} died and could not be restarted: "
-                               f"{_short(exc)}") from exc
-        incs[s] = info[0]
-        self._call([actor.connect.remote(self.actors, incs)], "connect after restart", [s])
-        self._call([actor.start.remote()], "on_start after restart", [s])
-        self._call([actor.go.remote()], "go after restart", [s])
-        others = [i for i in range(len(self.actors)) if i != s]
-        self._call([self.actors[i].connect.remote(self.actors, incs) for i in others],
-                   "connect after restart", others)
-        job.on_metric({"t": 0.0, "node": -1, "name": "shard_restart", "value": s,
-                       "nodes": self.shard_nodes[s]})
+                raise ShardLostError(f"{self._name(s)} died and Ray could not restart it: "
+                                     f"{_short(exc)}") from exc
 
     # -- tear-down --------------------------------------------------------------------------
     def _release(self) -> None:
@@ -355,10 +424,10 @@ class RayTransport(Transport):
             with contextlib.suppress(Exception):  # already gone: nothing left to release
                 ray.kill(a, no_restart=True)
         self.actors = []
-        if self._pg is not None:
+        if self._pg is not None and self._own_pg:
             with contextlib.suppress(Exception):
                 remove_placement_group(self._pg)
-            self._pg = None
+        self._pg = None
 
     def close(self) -> None:
         self._release()
@@ -382,9 +451,59 @@ def _short(exc: BaseException) -> str:
         out += f" ... {cause[:300]}"
         if cause.startswith(("ModuleNotFoundError", "ImportError")):
             out += (" (shard actors import the protocol themselves: its module must be "
-                    "importable on every Ray node; a local Ray puts the driver's working "
-                    "directory on the workers' path)")
+                    "importable on every Ray node: install it there, or name it in "
+                    "transport.runtime_env.py_modules; docs/ray-cluster.md)")
     return out
+
+
+def _trial_group() -> Any:
+    """The placement group this process runs in when it is a Ray Tune trial that reserved a
+    bundle for itself and one per shard (None otherwise)."""
+    if not ray.is_initialized() or "ray.tune" not in sys.modules:
+        return None  # a trial has imported Tune already; nobody else pays for importing it
+    with contextlib.suppress(Exception):
+        from ray import tune
+
+        tune.get_context().get_trial_id()  # raises or is None outside a trial
+        pg = ray.util.get_current_placement_group()
+        if pg is not None and len(pg.bundle_specs) >= 2:
+            return pg
+    return None
+
+
+class ReplayFilter:
+    """Forwards metric rows to the run, each once across replays: a replay re-emits a node's
+    first rows in the same order, so the k-th row of a node goes on only when no attempt
+    forwarded k rows of that node before; a node's "round" rows go on once per round."""
+
+    def __init__(self, sink: Any) -> None:
+        self.sink = sink
+        self.forwarded: dict[int, int] = {}
+        self.seen: dict[int, int] = {}
+        self.rounds: set[tuple[int, Any]] = set()
+
+    def replay(self) -> None:
+        """A new attempt starts: count its rows from zero."""
+        self.seen = {}
+
+    def __call__(self, row: dict[str, Any]) -> None:
+        node = row.get("node")
+        if isinstance(node, int) and node >= 0:
+            k = self.seen.get(node, 0) + 1
+            self.seen[node] = k
+            if k <= self.forwarded.get(node, 0):
+                return
+            self.forwarded[node] = k
+            if row.get("name") == "round":
+                key = (node, _hashable(row.get("value")))
+                if key in self.rounds:
+                    return
+                self.rounds.add(key)
+        self.sink(row)
+
+
+def _hashable(x: Any) -> Any:
+    return x if isinstance(x, int | float | str | bool | None) else repr(x)
 
 
 def _plain(obj: Any) -> Any:

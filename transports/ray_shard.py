@@ -407,9 +407,22 @@ class Shard:
     """The Ray actor around `ShardCore`: deliveries on one thread, control calls on others."""
 
     def __init__(self, shard_id: int, n_shards: int, config_frame: bytes, settings: bytes):
-        self.core = ShardCore(shard_id, n_shards, config_frame, settings)
+        self.args = (shard_id, n_shards, config_frame, settings)
+        self.core = ShardCore(*self.args)
+
+    def __repr__(self) -> str:
+        # Ray prefixes each line this actor prints with it: "(shard 1 pid=...)".
+        return f"shard {self.args[0]}"
 
     def ready(self) -> list[Any]:
+        return self.core.ready()
+
+    @ray.method(concurrency_group="ctl")
+    def reset(self, timeout_s: float) -> list[Any]:
+        """Drop this shard's nodes and build them afresh under a new incarnation (a replay after
+        another shard was restarted); batches for the old incarnation are dropped as stale."""
+        self.core.stop(timeout_s)
+        self.core = ShardCore(*self.args)
         return self.core.ready()
 
     @ray.method(concurrency_group="ctl")

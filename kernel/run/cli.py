@@ -5,6 +5,7 @@
     fedloom run --resume DIR [--checkpoint-every N] [--out DIR2]
     fedloom perf compare|micro ...     (implemented by perf.cli)
     fedloom inspect DIR                (implemented by perf.cli)
+    fedloom tune CONFIG --param ...    (implemented by perf.tune: a Ray Tune search)
 
 `fedloom run` without CONFIG runs the built-in default (workload W1: FedAvg, 10 clients,
 5 rounds, mlp, inproc). Outputs go to `--out`, else `[output] dir`, else `runs/<config stem>`
@@ -47,7 +48,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNFINISHED, EXIT_INTERRUPTED = 0, 1, 2, 3,
 # Subcommands another package implements: `fedloom perf X ...` calls perf.cli.main(["X", ...]),
 # `fedloom inspect DIR` calls perf.cli.main(["inspect", DIR]). Imported only when used, so the
 # kernel does not depend on perf.
-DELEGATED = {"perf": "perf.cli", "inspect": "perf.cli"}
+DELEGATED = {"perf": "perf.cli", "inspect": "perf.cli", "tune": "perf.tune"}
 # Errors a user can fix from the message alone: shown without a traceback.
 USER_ERRORS = (ConfigError, RunError, UnknownName, OSError)
 
@@ -109,6 +110,8 @@ def _parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("inspect", help="summarise a run directory: fedloom inspect DIR",
                    add_help=False)
+    sub.add_parser("tune", help="Ray Tune search over config parameters: fedloom tune CONFIG "
+                   "--param KEY=SPACE ... (see fedloom tune -h)", add_help=False)
     return parser
 
 
@@ -174,6 +177,15 @@ def summary(result: Mapping[str, Any], out_dir: Path) -> str:
         f"  model sha256   {result['final_model_sha256'] or '-'}",
         f"  outputs        {out_dir}",
     ]
+    where = result.get("transport_info") or {}
+    if where.get("address"):
+        how = "started here" if where.get("started") else "joined"
+        lines.append(f"  cluster        {where['address']} ({how}, {where.get('nodes', '?')} "
+                     f"node(s), auth {where.get('auth', '?')})")
+    if where.get("logs"):
+        lines.append(f"  ray logs       {where['logs']}")
+    if where.get("dashboard"):
+        lines.append(f"  dashboard      {where['dashboard']}")
     ck = result.get("checkpoint")
     if ck:
         resumed = ck.get("resumed_from_round")
@@ -192,7 +204,7 @@ def _delegate(command: str, rest: list[str]) -> int:
                   f"installed", file=sys.stderr)
             return EXIT_ERROR
         raise
-    argv = rest if command == "perf" else [command, *rest]
+    argv = [command, *rest] if command == "inspect" else rest
     code = module.main(argv)
     return int(code or 0)
 

@@ -43,3 +43,6 @@ class Outcome:
     startup_s: float = 0.0
     shards: list[dict[str, Any]] = field(default_factory=list)
     pids: list[int] = field(default_factory=list)  # processes the transport started
+    # Where the run ran, for result.json's "transport_info" (Ray: the cluster address joined
+    # or started, its log folder and dashboard); plain JSON values.
+    info: dict[str, Any] = field(default_factory=dict)

@@ -40,7 +40,15 @@ class Progress:
         self._first = None
 
     def update(self, row: Mapping[str, Any]) -> None:
-        """Show `row` if it is a "round" row (value = the 1-based round number)."""
+        """Show `row` if it is a "round" row (value = the 1-based round number), or a
+        "status" row (a transport saying what it waits for, value = the text)."""
+        if row.get("name") == "status":
+            with self._lock:
+                self.stream.write(("\r" if self.bar else "") + str(row.get("value")) +
+                                  ("\x1b[K" if self.bar else "\n"))
+                self._drawn = self.bar
+                self.stream.flush()
+            return
         if row.get("name") != "round":
             return
         with self._lock:

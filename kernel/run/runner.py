@@ -347,6 +347,7 @@ def execute(
         "final_model_sha256": model_sha256(model) if model is not None else None,
         "peak_rss_mb": rss.peak_mb(),
         "shards": outcome.shards,
+        "transport_info": dict(getattr(outcome, "info", {}) or {}),
         "extra": {k: v for k, v in res.items() if k not in _PROMOTED},
     }
     if plan is not None and (plan.saved or loaded is not None):

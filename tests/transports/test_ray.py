@@ -5,6 +5,8 @@ protocols, dead shards reported by name or restarted, bad options refused."""
 from __future__ import annotations
 
 import math
+import os
+import signal
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
@@ -19,10 +21,12 @@ from kernel.options import ConfigError  # noqa: E402
 from kernel.registry import load as registry_load  # noqa: E402
 from kernel.run import runner  # noqa: E402
 from kernel.run.config import load  # noqa: E402
+from kernel.run.outputs import model_sha256, named_arrays  # noqa: E402
 from tests.transports import ray_protocols as rp  # noqa: E402
 from transports.base import Job, Outcome  # noqa: E402
 from transports.inproc import InprocTransport  # noqa: E402
-from transports.ray import RayTransport, check_options  # noqa: E402
+from transports.ray import RayTransport, ShardLostError, check_options  # noqa: E402
+from transports.ray_cluster import PlacementError  # noqa: E402
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -224,13 +228,82 @@ def test_shard_that_cannot_build_names_the_cause(local_ray: None) -> None:
             tr.close()
 
 
-def test_unplaceable_shards_fail_within_the_call_timeout(local_ray: None) -> None:
+def test_placement_that_can_never_fit_fails_at_once_naming_what_is_missing(
+        local_ray: None) -> None:
     config = {"run": {"seed": 0, "rounds": 1}, "protocol": {"name": rp.SYNC, "nodes": 4}}
-    tr = RayTransport({"shards": 2, "placement": "STRICT_SPREAD", "call_timeout": 2.0})
-    with pytest.raises(RunError, match="could not be placed within call_timeout = 2 s"):
+    # Two shards STRICT_SPREAD on one node: named as such, the remedy is SPREAD, not PACK.
+    tr = RayTransport({"shards": 2, "placement": "STRICT_SPREAD", "placement_timeout": 60.0})
+    with pytest.raises(PlacementError, match=r"can never be placed: STRICT_SPREAD needs 2 "
+                       r"distinct nodes.*CPU [0-9.]+/2 free.* 1 alive node.*placement = 'SPREAD'"):
         _run(tr, config)
-    # Nothing is left reserved: the next run gets both CPUs.
-    assert _run(RayTransport({}), config).reason == "finished"
+    # A GPU on a machine without one: GPU named, free and total, and no PACK advice under PACK.
+    tr = RayTransport({"shards": 1, "gpus_per_shard": 0.5, "placement_timeout": 60.0})
+    with pytest.raises(PlacementError, match=r"needs GPU 0.5 .*no node has a GPU.*GPU 0/0 "
+                       r"free") as err:
+        _run(tr, config)
+    assert "PACK" not in str(err.value).split("Fix:")[1]
+    # Nothing is left reserved: the next run gets both CPUs, two shards by the default rule.
+    out = _run(RayTransport({}), config)
+    assert out.reason == "finished" and len(out.shards) == 2
+
+
+def test_placement_that_must_wait_says_so_then_times_out(local_ray: None) -> None:
+    from ray.util.placement_group import placement_group, remove_placement_group
+
+    held = placement_group([{"CPU": 2.0}])  # another job holding every CPU
+    assert held.wait(timeout_seconds=30)
+    try:
+        config = {"run": {"seed": 0, "rounds": 1}, "protocol": {"name": rp.SYNC, "nodes": 4}}
+        rows: list[dict[str, Any]] = []
+        tr = RayTransport({"shards": 2, "placement_timeout": 2.5})
+        with pytest.raises(PlacementError, match=r"did not free up within placement_timeout "
+                           r"= 2.5 s: CPU 0/2 free"):
+            _run(tr, config, rows)
+        status = [r["value"] for r in rows if r["name"] == "status"]
+        assert status[0].startswith("ray: joined ")  # the Ray this module started
+        assert status[1].startswith("ray: waiting for 2 shards of {CPU: 1} (PACK) to fit: "
+                                    "CPU 0/2 free")
+    finally:
+        remove_placement_group(held)
+
+
+@pytest.mark.parametrize("victim", [0])
+def test_killed_shard_recovers_to_the_uninterrupted_model(local_ray: None, victim: int) -> None:
+    """SIGKILL of a shard's process mid-run (the server's shard): the run
+    replays and ends with the sha of a run never interrupted, each round row once."""
+    overrides = ["run.progress=false", "run.rounds=6"]
+    want = runner.execute(load(ROOT / "perf/workloads/w1.toml", overrides), quiet=True)
+    cfg = load(ROOT / "perf/workloads/w1.toml",
+               [*overrides, "transport.kind=ray", "transport.max_restarts=1"])
+    transport = RayTransport({k: v for k, v in cfg["transport"].items() if k != "kind"})
+    seen: list[int] = []
+    rows: list[dict[str, Any]] = []
+
+    def kill_at_round_2(row: dict[str, Any]) -> None:
+        if row.get("name") == "round" and row.get("value") == 2 and not seen:
+            seen.append(transport.pids[victim])
+            os.kill(transport.pids[victim], signal.SIGKILL)
+
+    out = _run(transport, cfg, rows, on_metric=kill_at_round_2)
+    assert seen, "the shard was never killed"
+    assert out.reason == "finished" and out.result is not None
+    assert model_sha256(named_arrays(out.result["model"])) == \
+        want.result["final_model_sha256"]
+    assert [r["value"] for r in rows if r["name"] == "round"] == [1, 2, 3, 4, 5, 6]
+    assert _rounds(rows) == _rounds(want.rows)
+    restarts = [r for r in rows if r["name"] == "shard_restart"]
+    assert [r["value"] for r in restarts] == [victim]
+    assert [s["restarts"] for s in out.shards] == [int(i == victim) for i in range(2)]
+    assert seen[0] not in out.pids  # a new process took the dead one's place
+
+
+def test_killed_shard_without_restarts_fails_at_once_naming_it(local_ray: None) -> None:
+    config = {"run": {"seed": 0, "rounds": 30},
+              "protocol": {"name": rp.TICKER, "nodes": 6, "gap": 0.1}}
+    tr = RayTransport({"call_timeout": 20.0})
+    with pytest.raises(ShardLostError, match=r"ray shard 1 \(nodes 1,3,5\) died: .*"
+                                             r"max_restarts = 0 \(set transport.max_restarts"):
+        _run(tr, config, on_metric=_kill_shard_after_round(tr, 1, 1))
 
 
 # -- a real two-node cluster (last: it replaces the module's Ray) ----------------------------
@@ -278,6 +351,6 @@ def test_unreachable_cluster_address_fails_with_a_remedy() -> None:
         ray.shutdown()
     config = {"run": {"seed": 0, "rounds": 1}, "protocol": {"name": rp.SYNC, "nodes": 2}}
     tr = RayTransport({"address": "127.0.0.1:9", "call_timeout": 5.0})
-    with pytest.raises(RunError, match=r"could not reach .*'127.0.0.1:9'.*Remedy: start a head"):
+    with pytest.raises(RunError, match=r"could not reach .*'127.0.0.1:9'.*Fix: start a head"):
         _run(tr, config)
     assert not ray.is_initialized()
