@@ -1,18 +1,23 @@
 """FedAvg (McMahan et al. 2017) with pluggable aggregation, round deadlines, FedProx clients
-and FedAvgM / FedAdam server optimisers (Reddi et al. 2021).
+and FedAvgM / FedAdam / FedYogi / FedAdagrad server optimisers (Reddi et al. 2021).
 
 Server = node 0, clients = nodes 1..N (node i+1 trains on client i's data). Each round the
 server samples clients with its seeded rng, multicasts the global model, and aggregates the
 replies (models + sample counts) in sender-id order once all arrive or the deadline passes.
 Replies for an older round are counted as late and discarded (metric rows "late"; a second
 copy of a reply in its own round is a "duplicate"). Clients keep no state.
+
+The round structure is shared: SCAFFOLD, FedNova and FedDyn (protocols/scaffold.py, fednova.py,
+feddyn.py) subclass `Options`, `Server` and `Client` and override the few points where they
+differ (what a train request carries, what a reply carries, how replies become the next model,
+what a discarded reply still means) and build through `deploy`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -28,7 +33,9 @@ DEFAULTS: dict[str, Any] = {
     "round_timeout": None, "min_replies": 1, "eval_every": 1, "mu": 0.0,
     "server_opt": "none", "server_lr": None, "momentum": 0.9, "betas": [0.9, 0.99], "tau": 1e-3,
 }
-SERVER_OPTS = ("none", "avgm", "adam")
+SERVER_OPTS = ("none", "avgm", "adam", "yogi", "adagrad")
+# The adaptive optimisers take small steps: their update is about server_lr per coordinate.
+ADAPTIVE = ("adam", "yogi", "adagrad")
 
 
 @dataclass(frozen=True)
@@ -43,15 +50,21 @@ class Options:
     min_replies: int = 1  # fewer at the deadline: the round keeps the model (aggregated=false)
     eval_every: int = 1  # rounds between test-set evaluations (and always the last)
     mu: float = 0.0  # FedProx proximal weight on clients
-    server_opt: str = "none"  # "avgm" (FedAvgM) or "adam" (FedAdam) on aggregate - global
-    server_lr: float = 1.0  # default 1.0, or 0.01 for adam
-    momentum: float = 0.9
-    betas: tuple[float, float] = (0.9, 0.99)
-    tau: float = 1e-3
+    # On the pseudo-gradient aggregate - global: "avgm" (FedAvgM), "adam", "yogi", "adagrad"
+    # (FedAdam, FedYogi, FedAdagrad); "none" moves server_lr of the way to the aggregate.
+    server_opt: str = "none"
+    server_lr: float = 1.0  # default 1.0, or 0.01 for adam, yogi and adagrad
+    momentum: float = 0.9  # avgm
+    betas: tuple[float, float] = (0.9, 0.99)  # adam, yogi (beta1 also adagrad's momentum)
+    tau: float = 1e-3  # adaptivity: the second moment starts at tau^2 and tau joins its root
+
+    # Keys a subclass adds to DEFAULTS (its own fields, with their defaults).
+    EXTRA: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any], clients: int) -> Options:
-        o = options("protocol", section, DEFAULTS, choices={"server_opt": SERVER_OPTS})
+        o = options("protocol", section, {**DEFAULTS, **cls.EXTRA},
+                    choices={"server_opt": SERVER_OPTS})
         del o["name"]
 
         def check(key: str, ok: bool, expected: str) -> None:
@@ -69,7 +82,7 @@ class Options:
         check("mu", o["mu"] >= 0, "a number >= 0")
         lr = o["server_lr"]
         check("server_lr", lr is None or (isinstance(lr, num) and lr > 0), "a number > 0")
-        default_lr = 0.01 if o["server_opt"] == "adam" else 1.0
+        default_lr = 0.01 if o["server_opt"] in ADAPTIVE else 1.0
         o["server_lr"] = float(lr) if lr is not None else default_lr
         b = o["betas"]
         check("betas", len(b) == 2 and all(isinstance(x, num) and 0 <= x < 1 for x in b),
@@ -78,7 +91,12 @@ class Options:
         check("tau", o["tau"] > 0, "a number > 0")
         if fr is not None and k is not None:
             raise ConfigError("[protocol] give fraction or clients_per_round, not both")
+        cls.check_extra(o, check)
         return cls(**o)
+
+    @classmethod
+    def check_extra(cls, o: dict[str, Any], check: Callable[[str, bool, str], None]) -> None:
+        """Validate (and normalise in `o`) the keys of EXTRA; `check(key, ok, expected)`."""
 
 
 class ServerOpt:
@@ -91,18 +109,26 @@ class ServerOpt:
 
     def step(self, model: Tensors, agg: Tensors) -> Tensors:
         o = self.o
-        if o.server_opt == "none":
-            return agg
+        if o.server_opt == "none" and o.server_lr == 1.0:
+            return agg  # exactly the aggregate: plain FedAvg
         out: Tensors = {}
+        b1, b2 = o.betas
         for k in sorted(model):
             delta = agg[k].astype(np.float64) - model[k]
-            if o.server_opt == "avgm":  # FedAvgM: v = momentum v + delta; x += lr v
+            if o.server_opt == "none":
+                upd = delta
+            elif o.server_opt == "avgm":  # FedAvgM: v = momentum v + delta; x += lr v
                 self.m[k] = o.momentum * self.m.get(k, 0.0) + delta
                 upd = self.m[k]
-            else:  # FedAdam, Algorithm 2 of Reddi et al.; v starts at tau^2
-                b1, b2 = o.betas
+            else:  # Algorithm 2 of Reddi et al.: momentum m, second moment v from tau^2
                 self.m[k] = b1 * self.m.get(k, 0.0) + (1 - b1) * delta
-                self.v[k] = b2 * self.v.get(k, o.tau**2) + (1 - b2) * delta**2
+                v, d2 = self.v.get(k, o.tau**2), delta**2
+                if o.server_opt == "adam":
+                    self.v[k] = b2 * v + (1 - b2) * d2
+                elif o.server_opt == "yogi":
+                    self.v[k] = v - (1 - b2) * d2 * np.sign(v - d2)
+                else:  # adagrad
+                    self.v[k] = v + d2
                 upd = self.m[k] / (np.sqrt(self.v[k]) + o.tau)
             out[k] = (model[k] + o.server_lr * upd).astype(np.float32)
         return out
@@ -137,10 +163,30 @@ class Server(Protocol):
                          count=self.o.clients_per_round)
         self.gather = Gather(self.round, clients)
         self.gather.arm(ctx, self.o.round_timeout)
-        ctx.multicast(clients, "train", round=self.round, model=self.model)
+        ctx.multicast(clients, "train", round=self.round, **self.request())
+
+    def request(self) -> dict[str, Any]:
+        """The body of this round's train request (besides `round`): the global model."""
+        return {"model": self.model}
+
+    def reply(self, msg: Message) -> Any:
+        """What the round keeps of a client's reply: (sample count, model)."""
+        return (msg.n_samples, msg.model)
+
+    def combine(self, replies: Sequence[tuple[int, Any]]) -> Tensors:
+        """The next global model from the round's kept replies, sorted by sender id: the
+        aggregate of the models weighted by sample count, through the server optimiser."""
+        agg = self.aggregate([(float(item[0]), item[1]) for _, item in replies])
+        return self.opt.step(self.model, agg)
+
+    def closed(self, replies: Sequence[tuple[int, Any]]) -> None:
+        """The round's gather has closed with `replies` (aggregated or not); nothing here."""
+
+    def discarded(self, ctx: Context, msg: Message, what: str) -> None:
+        """A reply the round did not take ("late" or "duplicate"); FedAvg forgets it."""
 
     def on_message(self, ctx: Context, msg: Message) -> None:
-        if self.gather.offer(msg.src, msg.round, (msg.n_samples, msg.model)):
+        if self.gather.offer(msg.src, msg.round, self.reply(msg)):
             if self.gather.complete:
                 self._end_round(ctx)
             return
@@ -148,6 +194,7 @@ class Server(Protocol):
         what = "late" if msg.round != self.round else "duplicate"
         self.late += what == "late"
         ctx.emit(what, 1, src=msg.src, round=msg.round, current=self.round)
+        self.discarded(ctx, msg, what)
 
     def on_timer(self, ctx: Context, key: Hashable) -> None:
         if key == self.gather.timer_key:
@@ -155,10 +202,10 @@ class Server(Protocol):
 
     def _end_round(self, ctx: Context) -> None:
         replies = self.gather.close(ctx)
+        self.closed(replies)
         aggregated = len(replies) >= min(self.o.min_replies, self.gather.need)
         if aggregated:
-            agg = self.aggregate([(float(n), model) for _, (n, model) in replies])
-            self.model = self.opt.step(self.model, agg)
+            self.model = self.combine(replies)
         ev = None
         if self.round % self.o.eval_every == 0 or self.round == self.rounds:
             ev = self.evaluation = self.learner.evaluate(self.model)
@@ -166,6 +213,42 @@ class Server(Protocol):
                  clients=len(replies), sampled=self.gather.need, late=self.gather.late,
                  aggregated=aggregated)
         self._next_round(ctx)
+
+
+class StatefulServer(Server):
+    """The server of a protocol whose clients keep state that the server mirrors (SCAFFOLD's
+    c = mean c_i, FedDyn's h): every reply's state change is `absorb`ed exactly once, whether
+    it came in time, after the deadline (the client has changed its state all the same), or
+    in a round that did not aggregate; network duplicates never are."""
+
+    def __init__(self, opts: Options, learner: learners.Learner, rounds: int) -> None:
+        super().__init__(opts, learner, rounds)
+        # Per client, rounds it was asked to train in whose reply has not arrived yet.
+        self.pending: dict[int, list[int]] = {}
+
+    def absorb(self, replies: Sequence[tuple[int, Any]]) -> None:
+        """Fold replies' state changes (sender, kept reply) into the server's state."""
+        raise NotImplementedError
+
+    def closed(self, replies: Sequence[tuple[int, Any]]) -> None:
+        got = {src for src, _ in replies}
+        for src in sorted(self.gather.expected or ()):
+            if src not in got:
+                self.pending.setdefault(src, []).append(self.round)
+        if replies:
+            self.absorb(replies)
+
+    def absorb_late(self, ctx: Context, msg: Message) -> None:
+        """Absorb the first copy of a late reply (by default as any other)."""
+        self.absorb([(msg.src, self.reply(msg))])
+
+    def discarded(self, ctx: Context, msg: Message, what: str) -> None:
+        waiting = self.pending.get(msg.src, [])
+        if msg.round in waiting:
+            waiting.remove(msg.round)
+            if not waiting:
+                del self.pending[msg.src]
+            self.absorb_late(ctx, msg)
 
 
 class Client(Protocol):
@@ -180,25 +263,58 @@ class Client(Protocol):
         if work:
             ctx.compute(work=work, label="train")
         rng = derive_rng(self.seed, ctx.id, msg.round)
+        ctx.send(msg.src, "update", round=msg.round, **self.local(client, msg, rng))
+
+    def local(self, client: int, msg: Message, rng: np.random.Generator) -> dict[str, Any]:
+        """Train on `msg`'s request and return the reply body: model and sample count."""
         hooks = learners.Hooks(prox_mu=self.mu) if self.mu else None
         model = self.learner.train(msg.model, client, rng, hooks).model
-        ctx.send(msg.src, "update", round=msg.round, model=model,
-                 n_samples=self.learner.samples(client))
+        return {"model": model, "n_samples": self.learner.samples(client)}
 
 
-def build(config: Mapping[str, Any]) -> Deployment:
-    """The FedAvg deployment for a validated run config (cheap: nothing heavy is made here)."""
+class StatefulClient(Client):
+    """A client that keeps state between rounds (one object per node): it trains at most
+    once per round, so a duplicated or stale request cannot move its state twice."""
+
+    def __init__(self, opts: Options, learner: learners.Learner, seed: int) -> None:
+        super().__init__(opts, learner, seed)
+        self.trained = 0  # the last round this client trained for
+
+    def on_message(self, ctx: Context, msg: Message) -> None:
+        if msg.round <= self.trained:
+            ctx.emit("duplicate", 1, src=msg.src, round=msg.round, current=self.trained)
+            return
+        self.trained = msg.round
+        super().on_message(ctx, msg)
+
+
+def deploy(config: Mapping[str, Any], name: str, opts_cls: type[Options] = Options,
+           server_cls: type[Server] = Server, client_cls: type[Client] = Client) -> Deployment:
+    """The deployment of a FedAvg-shaped protocol for a validated run config (cheap: nothing
+    heavy is made here): one server, and one client object per node when clients keep state
+    (a `StatefulClient`), else one shared by all."""
     run = config.get("run", {})
     learner = learners.make(config.get("workload", {}))
-    opts = Options.from_config(config.get("protocol", {}), learner.clients)
+    opts = opts_cls.from_config(config.get("protocol", {}), learner.clients)
     if "rounds" not in run or type(run["rounds"]) is not int or run["rounds"] < 1:
         raise ConfigError(f"[run] rounds = {run.get('rounds')!r}; expected an integer >= 1")
     seed = int(run.get("seed", 0))
     aggregator(opts.aggregator, opts.aggregator_args)  # fail on a bad name now, not mid-run
     rounds = run["rounds"]
-    client = Client(opts, learner, seed)  # stateless, so one object serves every client node
+    shared = None if issubclass(client_cls, StatefulClient) else client_cls(opts, learner, seed)
+
+    def make_node(i: int) -> Protocol:
+        if i == 0:
+            return server_cls(opts, learner, rounds)
+        return shared if shared is not None else client_cls(opts, learner, seed)
+
     return Deployment(
         node_ids=list(range(learner.clients + 1)),
-        make_node=lambda i: Server(opts, learner, rounds) if i == 0 else client,
-        describe=f"fedavg: server 0, clients 1..{learner.clients}, {rounds} rounds",
+        make_node=make_node,
+        describe=f"{name}: server 0, clients 1..{learner.clients}, {rounds} rounds",
     )
+
+
+def build(config: Mapping[str, Any]) -> Deployment:
+    """The FedAvg deployment for a validated run config (cheap: nothing heavy is made here)."""
+    return deploy(config, "fedavg")
