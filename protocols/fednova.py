@@ -1,8 +1,8 @@
 """FedNova (Wang et al. 2020): FedAvg with each client's update normalised by its local steps.
 
 Clients train as FedAvg's do (FedProx `mu` included) and reply with their model y_i and
-||a_i||_1, the weight local SGD put on its gradients: K_i steps for plain SGD, and
-(1 - (1 - lr mu)^K_i) / (lr mu) with FedProx's proximal term (the paper's Section 4). The
+||a_i||_1, the weight local SGD put on its gradients: K_i steps for plain SGD, less with
+FedProx's proximal term, more with momentum (protocols/localsgd.py; the paper's Section 4). The
 server takes the normalised updates d_i = (y_i - x) / ||a_i||_1, aggregates them with the
 configured aggregator (sample-weighted by default: p_i = n_i / n), and steps
 
@@ -12,7 +12,7 @@ then applies the server optimiser as FedAvg does. With equal steps everywhere th
 (to float rounding); a client that took more steps no longer pulls the model further.
 
 `[protocol] name = "fednova"` takes FedAvg's keys (protocols/fedavg.py) and:
-    local_lr   the lr in FedProx's ||a_i||_1 (only used when mu > 0); default: the workload's lr.
+    local_lr   the lr in ||a_i||_1 with mu, momentum or weight decay; default: the workload's lr
 """
 
 from __future__ import annotations
@@ -27,11 +27,12 @@ from kernel.api import Deployment
 from kernel.messages import Message
 from protocols import fedavg, learners
 from protocols.common import Tensors, sub
+from protocols.localsgd import a_norm, learner_sgd
 
 
 @dataclass(frozen=True)
 class Options(fedavg.Options):
-    """FedAvg's options plus `local_lr` (None: the learner's lr), used only with `mu`."""
+    """FedAvg's options plus `local_lr` (None: the learner's lr)."""
 
     local_lr: float | None = None
 
@@ -42,16 +43,6 @@ class Options(fedavg.Options):
         lr = o["local_lr"]
         check("local_lr", lr is None or (isinstance(lr, int | float) and not isinstance(lr, bool)
                                          and lr > 0), "a number > 0")
-
-
-def a_norm(steps: int, lr: float, mu: float) -> float:
-    """||a||_1 of K local steps: K for SGD; sum_j (1 - lr mu)^j with a proximal term mu."""
-    if steps <= 0:
-        return 0.0
-    if mu == 0.0 or lr == 0.0:
-        return float(steps)
-    q = 1.0 - lr * mu
-    return float(sum(q**j for j in range(steps)))
 
 
 class Server(fedavg.Server):
@@ -82,12 +73,13 @@ class Client(fedavg.Client):
         super().__init__(opts, learner, seed)
         lr = getattr(opts, "local_lr", None)
         self.lr = float(lr if lr is not None else getattr(learner, "lr", 0.0))
+        self.sgd = learner_sgd(learner)
 
     def local(self, client: int, msg: Message, rng: np.random.Generator) -> dict[str, Any]:
         hooks = learners.Hooks(prox_mu=self.mu) if self.mu else None
         res = self.learner.train(msg.model, client, rng, hooks)
         return {"model": res.model, "n_samples": self.learner.samples(client),
-                "a_norm": a_norm(res.steps, self.lr, self.mu)}
+                "a_norm": a_norm(res.steps, self.lr, self.mu, **self.sgd)}
 
 
 def build(config: Mapping[str, Any]) -> Deployment:

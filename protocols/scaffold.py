@@ -7,6 +7,8 @@ learner's `Hooks.correction`), takes K steps at learning rate lr, and sets
 
     c_i+ = c_i - c + (x - y) / (K lr)        (option II)
 
+(K being ||a||_1 of protocols/localsgd.py where local SGD has momentum, weight decay or `mu`:
+the steps' effective number, so c_i still estimates the client's mean gradient)
 replying with its model y and dc_i = c_i+ - c_i. The server moves x as FedAvg would (the
 configured aggregator over the models, then the server optimiser; `server_lr` is the global
 step size) and c += (1/N) sum(dc_i) over the replies, N = all clients, so c stays the mean of
@@ -33,6 +35,7 @@ from kernel.messages import Message
 from kernel.options import ConfigError
 from protocols import fedavg, learners
 from protocols.common import Tensors, aggregator, sub
+from protocols.localsgd import a_norm, learner_sgd
 
 
 @dataclass(frozen=True)
@@ -87,6 +90,7 @@ class Client(fedavg.StatefulClient):
         super().__init__(opts, learner, seed)
         lr = getattr(opts, "local_lr", None)
         self.lr = float(lr if lr is not None else getattr(learner, "lr", 0.0))
+        self.sgd = learner_sgd(learner)
         self.ci: Tensors | None = None  # None: zero (never trained, or restarted)
 
     def local(self, client: int, msg: Message, rng: np.random.Generator) -> dict[str, Any]:
@@ -94,8 +98,9 @@ class Client(fedavg.StatefulClient):
         ci = self.ci if self.ci is not None else zeros_like(c)
         hooks = learners.Hooks(correction=sub(c, ci), prox_mu=self.mu)
         res = self.learner.train(x, client, rng, hooks)
-        if res.steps > 0 and self.lr > 0:
-            scale = np.float32(1.0 / (res.steps * self.lr))
+        k = a_norm(res.steps, self.lr, self.mu, **self.sgd)
+        if k > 0 and self.lr > 0:
+            scale = np.float32(1.0 / (k * self.lr))
             new = {k: (ci[k] - c[k] + scale * (np.asarray(x[k], np.float32) - res.model[k]))
                    .astype(np.float32) for k in sorted(ci)}
         else:  # no step taken: nothing was learnt about the client's gradient

@@ -414,3 +414,30 @@ def test_config_errors_name_the_key(name: str, protocol: dict[str, Any], message
 def test_scaffold_needs_a_learning_rate() -> None:
     with pytest.raises(ConfigError, match=r"local_lr is needed"):
         load("protocols", "scaffold")(config("scaffold", workload=dict(LINEAR, lr=0.0)))
+
+
+@settings(max_examples=40, deadline=None)
+@given(steps=st.integers(0, 40), lr=st.floats(0.001, 0.2), mu=st.sampled_from([0.0, 0.01, 0.5]),
+       momentum=st.sampled_from([0.0, 0.5, 0.9]), nesterov=st.booleans(),
+       wd=st.sampled_from([0.0, 1e-3]))
+def test_a_norm_is_what_torch_sgd_does_to_a_unit_gradient(steps: int, lr: float, mu: float,
+                                                          momentum: float, nesterov: bool,
+                                                          wd: float) -> None:
+    import torch
+
+    from protocols.localsgd import a_norm
+
+    nesterov = nesterov and momentum > 0
+    w = torch.zeros(1, dtype=torch.float64, requires_grad=True)
+    opt = torch.optim.SGD([w], lr=lr, momentum=momentum, nesterov=nesterov, weight_decay=wd)
+    for _ in range(steps):
+        opt.zero_grad()
+        (w.sum() + mu / 2 * (w**2).sum()).backward()  # gradient 1 + mu (w - w0), w0 = 0
+        opt.step()
+    got = a_norm(steps, lr, mu, momentum, nesterov, wd)
+    assert got == pytest.approx(-float(w.detach()) / lr, rel=1e-9, abs=1e-12)
+    if mu == wd == 0:
+        m = momentum
+        closed = steps if m == 0 else (steps - m * (1 - m**steps) / (1 - m)) / (1 - m)
+        if not nesterov:  # FedNova's formula for heavy-ball momentum
+            assert got == pytest.approx(closed, rel=1e-9)
