@@ -441,3 +441,22 @@ def test_a_norm_is_what_torch_sgd_does_to_a_unit_gradient(steps: int, lr: float,
         closed = steps if m == 0 else (steps - m * (1 - m**steps) / (1 - m)) / (1 - m)
         if not nesterov:  # FedNova's formula for heavy-ball momentum
             assert got == pytest.approx(closed, rel=1e-9)
+
+
+@pytest.mark.parametrize("name", PROTOCOLS)
+@pytest.mark.parametrize("workload", [
+    {"model": "flat", "flat_size": 50},
+    {"model": "mlp", "input_dim": 10, "hidden": 6, "classes": 3, "samples_per_client": 16,
+     "samples_min": 4, "batch_size": 4, "test_samples": 30},
+], ids=["flat", "mlp"])
+def test_every_learner_works(name: str, workload: dict[str, Any]) -> None:
+    extra = {"alpha": 0.1} if name == "feddyn" else {}
+    res, rows, _ = run(config(name, rounds=2, workload=workload, **extra))
+    assert [r["value"] for r in rows if r["name"] == "round"] == [1, 2]
+    assert all(np.isfinite(v).all() for v in res["model"].values())
+    # `flat` "training" adds flat_step and ignores hooks: SCAFFOLD's correction changes nothing
+    # and FedNova's one step is FedAvg's (FedDyn's h, built on a regulariser that was not
+    # applied, moves the model further, as it should).
+    if workload["model"] == "flat" and name != "feddyn":
+        start = learners.make(dict(workload, clients=3)).init()["x"]
+        np.testing.assert_allclose(res["model"]["x"], start + np.float32(0.002), atol=1e-5)
