@@ -73,6 +73,9 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--seeds", type=_seeds, default=[], metavar="S1,S2",
                    help="run every cell once per run.seed, e.g. 0,1,2: report.md then gives "
                         "accuracy over seeds (mean ± std, curves with a band)")
+    c.add_argument("--seed-keys", type=_csv, default=["run.seed"], metavar="K1,K2",
+                   help="config keys each --seeds value is written to (default run.seed; add "
+                        "data.seed for a new data partition per seed)")
     c.add_argument("--target", type=_accuracy, default=None, metavar="ACC",
                    help="accuracy to reach, e.g. 0.9: rounds and bytes until the test accuracy "
                         "first reaches it")
@@ -149,6 +152,7 @@ def _compare(ns: argparse.Namespace) -> int:
         vary=[parse_vary(v) for v in ns.vary],
         repeat=ns.repeat if ns.repeat is not None else (1 if ns.seeds else 3),
         seeds=ns.seeds,
+        seed_keys=ns.seed_keys,
         target=ns.target,
         band=ns.band,
         warmup=ns.warmup,

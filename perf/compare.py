@@ -67,6 +67,8 @@ class Matrix:
     # Accuracy studies: the accuracy "rounds to reach" counts to; the curve band over seeds.
     target: float | None = None
     band: str = "minmax"
+    # The config keys each seed is written to (e.g. also data.seed: a new partition per seed).
+    seed_keys: list[str] = field(default_factory=lambda: ["run.seed"])
 
     def cells(self) -> list[Cell]:
         """Every cell, workloads outermost, then transports, then varied settings, then seeds."""
@@ -84,7 +86,10 @@ class Matrix:
                 sets.append(f"transport.kind={t}")
             for k, v in combo:
                 parts[k] = v
-                sets.append(f"run.seed={v}" if k == "seed" else f"{k}={v}")
+                if k == "seed":
+                    sets += [f"{key}={v}" for key in self.seed_keys]
+                else:
+                    sets.append(f"{k}={v}")
             label = "/".join(v if k in ("workload", "transport") else f"{k}={v}"
                              for k, v in parts.items())
             out.append(Cell(label, cfg, parts, tuple(sets)))
@@ -445,6 +450,8 @@ def run_matrix(matrix: Matrix, out: Path, *, cwd: Path | None = None,
             raise CompareError(f"config {c} does not exist (or is not a file)")
     if matrix.repeat < 1:
         raise CompareError(f"--repeat must be >= 1, got {matrix.repeat}")
+    for key in matrix.seed_keys:
+        parse_set(f"{key}=0")
     if len(set(matrix.seeds)) != len(matrix.seeds):
         raise CompareError(f"--seeds lists a seed twice: {matrix.seeds}")
     if matrix.band not in accuracy.BANDS:
@@ -468,7 +475,8 @@ def run_matrix(matrix: Matrix, out: Path, *, cwd: Path | None = None,
         "configs": [str(c) for c in matrix.configs], "transports": matrix.transports,
         "sets": matrix.sets, "vary": [[k, vs] for k, vs in matrix.vary],
         "repeat": matrix.repeat, "warmup": matrix.warmup, "baseline": baseline,
-        "seeds": matrix.seeds, "target": matrix.target, "band": matrix.band,
+        "seeds": matrix.seeds, "seed_keys": matrix.seed_keys, "target": matrix.target,
+        "band": matrix.band,
         "cells": [{"label": c.label, "parts": c.parts, "sets": list(c.sets)} for c in cells],
         "runner": list(matrix.runner), "machine": machine,
     }, indent=2) + "\n")
