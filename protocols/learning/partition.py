@@ -92,7 +92,6 @@ def validate(section: Mapping[str, Any]) -> dict[str, Any]:
     """`[data.partition]` merged over its kind's defaults; ConfigError names a bad key or
     value. Unknown kinds of the form module:function keep their keys as given."""
     from kernel.options import options
-
     from kernel.registry import names
 
     kind = section.get("kind", "iid")

@@ -183,7 +183,7 @@ def test_labels_out_of_range_and_bad_arrays(tmp_path):
 def test_digits_is_sklearns_bundled_set():
     ds = datasets.load("digits")
     assert ds.x.shape == (1797, 1, 8, 8) and ds.classes == 10
-    assert 0 <= ds.x.min() and ds.x.max() <= 1
+    assert ds.x.min() >= 0 and ds.x.max() <= 1
 
 
 def test_user_dataset_function(tmp_path):
