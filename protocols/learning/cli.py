@@ -98,7 +98,9 @@ def plot(path: Path, counts: np.ndarray, title: str) -> None:
         ax.bar(np.arange(len(shown)), shown[:, k], bottom=bottom, width=0.8,
                color=cmap(k % cmap.N), label=str(k))
         bottom += shown[:, k]
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("client" + (" (first 200)" if len(counts) > 200 else ""))
     ax.set_ylabel("training samples")
     ax.set_title(title)
