@@ -5,7 +5,11 @@ Server = node 0, clients = nodes 1..N (node i+1 trains on client i's data). Each
 server samples clients with its seeded rng, multicasts the global model, and aggregates the
 replies (models + sample counts) in sender-id order once all arrive or the deadline passes.
 Replies for an older round are counted as late and discarded (metric rows "late"; a second
-copy of a reply in its own round is a "duplicate"). Clients keep no state.
+copy of a reply in its own round is a "duplicate"). Clients keep no state; each reply carries
+the local loss, steps and any extra training metrics, averaged (by samples) into the round row
+as `train_loss`, `train_<metric>`. The server also scores the global model on clients'
+held-out splits as `[eval]` says (protocols.learning.evaluation): `client_eval` rows and the
+spread of client accuracy per round. Extra metrics `evaluate` returns appear as `test_<name>`.
 
 The round structure is shared: SCAFFOLD, FedNova and FedDyn (protocols/scaffold.py, fednova.py,
 feddyn.py) subclass `Options`, `Server` and `Client` and override the few points where they
@@ -26,6 +30,7 @@ from kernel.messages import Message
 from kernel.options import ConfigError, options
 from protocols import learners
 from protocols.common import Aggregate, Gather, Tensors, aggregator, derive_rng, sample
+from protocols.learning import evaluation
 
 DEFAULTS: dict[str, Any] = {
     "name": "fedavg", "fraction": None, "clients_per_round": None,
@@ -137,8 +142,11 @@ class ServerOpt:
 class Server(Protocol):
     """Node 0: samples, broadcasts, gathers, aggregates, evaluates, finishes."""
 
-    def __init__(self, opts: Options, learner: learners.Learner, rounds: int) -> None:
+    def __init__(self, opts: Options, learner: learners.Learner, rounds: int,
+                 ev: evaluation.EvalOptions | None = None, seed: int = 0) -> None:
         self.o, self.learner, self.rounds = opts, learner, rounds
+        self.ev, self.seed = ev or evaluation.EvalOptions(), seed
+        self.client_summary: dict[str, Any] = {}
         self.aggregate: Aggregate = aggregator(opts.aggregator, opts.aggregator_args)
         self.opt = ServerOpt(opts)
         self.round, self.late = 0, 0
@@ -156,6 +164,7 @@ class Server(Protocol):
             if self.evaluation is not None:
                 result.update(test_accuracy=self.evaluation["accuracy"],
                               test_loss=self.evaluation["loss"])
+            result.update(self.client_summary)
             ctx.finish(result)
             return
         self.round += 1
@@ -170,8 +179,9 @@ class Server(Protocol):
         return {"model": self.model}
 
     def reply(self, msg: Message) -> Any:
-        """What the round keeps of a client's reply: (sample count, model)."""
-        return (msg.n_samples, msg.model)
+        """What the round keeps of a client's reply: (sample count, model, training stats);
+        subclasses append what their replies add."""
+        return (msg.n_samples, msg.model, msg.body.get("stats"))
 
     def combine(self, replies: Sequence[tuple[int, Any]]) -> Tensors:
         """The next global model from the round's kept replies, sorted by sender id: the
@@ -207,12 +217,36 @@ class Server(Protocol):
         if aggregated:
             self.model = self.combine(replies)
         ev = None
-        if self.round % self.o.eval_every == 0 or self.round == self.rounds:
+        last = self.round == self.rounds
+        if self.round % self.o.eval_every == 0 or last:
             ev = self.evaluation = self.learner.evaluate(self.model)
+        extra = {f"test_{k}": v for k, v in (ev or {}).items() if k not in ("accuracy", "loss")}
+        extra.update(_train_means([(item[0], item[2]) for _, item in replies]))
+        if self.ev.clients > 0 and (self.round % self.ev.every == 0 or last):
+            self.client_summary = self._evaluate_clients(ctx)
+            extra.update(self.client_summary)
         ctx.emit("round", self.round, accuracy=ev and ev["accuracy"], loss=ev and ev["loss"],
                  clients=len(replies), sampled=self.gather.need, late=self.gather.late,
-                 aggregated=aggregated)
+                 aggregated=aggregated, **extra)
         self._next_round(ctx)
+
+    def _evaluate_clients(self, ctx: Context) -> dict[str, Any]:
+        """Score the global model on a seeded sample of clients' held-out splits: one
+        `client_eval` row each, and the summary for the round row."""
+        n = ctx.n_nodes - 1
+        fraction = None if self.ev.clients >= 1 else self.ev.clients
+        # Its own stream (seed, server, round, 1): the training sample's rng is untouched.
+        chosen = sample(derive_rng(self.seed, 0, self.round, 1), range(n), fraction=fraction)
+        accs = []
+        for client in chosen:
+            res = self.learner.evaluate(self.model, client=client)
+            if res is None:  # nothing held out on this client
+                continue
+            accs.append(float(res["accuracy"]))
+            fields = {k: v for k, v in res.items() if k != "accuracy"}
+            ctx.emit("client_eval", float(res["accuracy"]), round=self.round, client=client,
+                     **fields)
+        return evaluation.summary(accs)
 
 
 class StatefulServer(Server):
@@ -221,8 +255,9 @@ class StatefulServer(Server):
     it came in time, after the deadline (the client has changed its state all the same), or
     in a round that did not aggregate; network duplicates never are."""
 
-    def __init__(self, opts: Options, learner: learners.Learner, rounds: int) -> None:
-        super().__init__(opts, learner, rounds)
+    def __init__(self, opts: Options, learner: learners.Learner, rounds: int,
+                 ev: evaluation.EvalOptions | None = None, seed: int = 0) -> None:
+        super().__init__(opts, learner, rounds, ev, seed)
         # Per client, rounds it was asked to train in whose reply has not arrived yet.
         self.pending: dict[int, list[int]] = {}
 
@@ -268,8 +303,16 @@ class Client(Protocol):
     def local(self, client: int, msg: Message, rng: np.random.Generator) -> dict[str, Any]:
         """Train on `msg`'s request and return the reply body: model and sample count."""
         hooks = learners.Hooks(prox_mu=self.mu) if self.mu else None
-        model = self.learner.train(msg.model, client, rng, hooks).model
-        return {"model": model, "n_samples": self.learner.samples(client)}
+        res = self.learner.train(msg.model, client, rng, hooks)
+        return self.body(client, res)
+
+    def body(self, client: int, res: learners.TrainResult, **extra: Any) -> dict[str, Any]:
+        """The reply body for a training result: model, sample count, the training stats
+        (loss, steps, the learner's metrics) and `extra`."""
+        stats = {"loss": float(res.loss), "steps": int(res.steps),
+                 **{k: float(v) for k, v in res.metrics.items()}}
+        return {"model": res.model, "n_samples": self.learner.samples(client), "stats": stats,
+                **extra}
 
 
 class StatefulClient(Client):
@@ -294,8 +337,9 @@ def deploy(config: Mapping[str, Any], name: str, opts_cls: type[Options] = Optio
     heavy is made here): one server, and one client object per node when clients keep state
     (a `StatefulClient`), else one shared by all."""
     run = config.get("run", {})
-    learner = learners.make(config.get("workload", {}))
+    learner = learners.make(config)
     opts = opts_cls.from_config(config.get("protocol", {}), learner.clients)
+    ev = evaluation.validate(config.get("eval", {}), learner)
     if "rounds" not in run or type(run["rounds"]) is not int or run["rounds"] < 1:
         raise ConfigError(f"[run] rounds = {run.get('rounds')!r}; expected an integer >= 1")
     seed = int(run.get("seed", 0))
@@ -305,7 +349,7 @@ def deploy(config: Mapping[str, Any], name: str, opts_cls: type[Options] = Optio
 
     def make_node(i: int) -> Protocol:
         if i == 0:
-            return server_cls(opts, learner, rounds)
+            return server_cls(opts, learner, rounds, ev, seed)
         return shared if shared is not None else client_cls(opts, learner, seed)
 
     return Deployment(
@@ -318,3 +362,18 @@ def deploy(config: Mapping[str, Any], name: str, opts_cls: type[Options] = Optio
 def build(config: Mapping[str, Any]) -> Deployment:
     """The FedAvg deployment for a validated run config (cheap: nothing heavy is made here)."""
     return deploy(config, "fedavg")
+
+
+def _train_means(items: list[tuple[float, Mapping[str, float] | None]]
+                 ) -> dict[str, float | int]:
+    """Sample-weighted means of the clients' training stats, as `train_<name>` (steps summed)."""
+    got = [(float(n), st) for n, st in items if st]
+    total = sum(n for n, _ in got)
+    out: dict[str, float | int] = {}
+    for name in sorted({k for _, st in got for k in st}):
+        pairs = [(n, float(st[name])) for n, st in got if name in st]
+        if name == "steps":
+            out["train_steps"] = int(sum(v for _, v in pairs))
+        elif total > 0:
+            out[f"train_{name}"] = sum(n * v for n, v in pairs) / total
+    return out

@@ -51,8 +51,9 @@ class Options(fedavg.Options):
 class Server(fedavg.StatefulServer):
     """FedAvg's server, also holding h, the mean of the clients' g_i."""
 
-    def __init__(self, opts: fedavg.Options, learner: learners.Learner, rounds: int) -> None:
-        super().__init__(opts, learner, rounds)
+    def __init__(self, opts: fedavg.Options, learner: learners.Learner, rounds: int,
+                 ev: Any = None, seed: int = 0) -> None:
+        super().__init__(opts, learner, rounds, ev, seed)
         self.alpha = float(getattr(opts, "alpha", 0.0))
         self.h: Tensors = {}
         self.mean = aggregator("mean")
@@ -109,7 +110,7 @@ class Client(fedavg.StatefulClient):
             a = np.float32(self.alpha)
             self.g = {k: (g[k] - a * (res.model[k] - np.asarray(x[k], np.float32)))
                       .astype(np.float32) for k in sorted(g)}
-        return {"model": res.model, "n_samples": self.learner.samples(client)}
+        return self.body(client, res)
 
 
 def build(config: Mapping[str, Any]) -> Deployment:

@@ -49,10 +49,10 @@ class Server(fedavg.Server):
     """FedAvg's server with FedNova's normalised step."""
 
     def reply(self, msg: Message) -> Any:
-        return (msg.n_samples, msg.model, msg.a_norm)
+        return (*super().reply(msg), msg.a_norm)
 
     def combine(self, replies: Sequence[tuple[int, Any]]) -> Tensors:
-        items = [(float(n), model, float(a)) for _, (n, model, a) in replies if a > 0]
+        items = [(float(n), model, float(a)) for _, (n, model, _, a) in replies if a > 0]
         if not items:  # nobody took a step: nothing to move by
             return self.opt.step(self.model, self.model)
         # p_i of tau_eff: sample shares under weighted_mean, else equal (what the others use).
@@ -78,8 +78,7 @@ class Client(fedavg.Client):
     def local(self, client: int, msg: Message, rng: np.random.Generator) -> dict[str, Any]:
         hooks = learners.Hooks(prox_mu=self.mu) if self.mu else None
         res = self.learner.train(msg.model, client, rng, hooks)
-        return {"model": res.model, "n_samples": self.learner.samples(client),
-                "a_norm": a_norm(res.steps, self.lr, self.mu, **self.sgd)}
+        return self.body(client, res, a_norm=a_norm(res.steps, self.lr, self.mu, **self.sgd))
 
 
 def build(config: Mapping[str, Any]) -> Deployment:

@@ -61,8 +61,9 @@ def zeros_like(t: Tensors) -> Tensors:
 class Server(fedavg.StatefulServer):
     """FedAvg's server, also holding the global control variate `c`."""
 
-    def __init__(self, opts: fedavg.Options, learner: learners.Learner, rounds: int) -> None:
-        super().__init__(opts, learner, rounds)
+    def __init__(self, opts: fedavg.Options, learner: learners.Learner, rounds: int,
+                 ev: Any = None, seed: int = 0) -> None:
+        super().__init__(opts, learner, rounds, ev, seed)
         self.c: Tensors = {}
         self.mean = aggregator("mean")
 
@@ -74,12 +75,12 @@ class Server(fedavg.StatefulServer):
         return {"model": self.model, "c": self.c}
 
     def reply(self, msg: Message) -> Any:
-        return (msg.n_samples, msg.model, msg.dc)
+        return (*super().reply(msg), msg.dc)
 
     def absorb(self, replies: Sequence[tuple[int, Any]]) -> None:
         # c += (1/N) sum dc_i = c + (|S|/N) mean(dc_i): the mean keeps the aggregators' sums.
         share = np.float32(len(replies) / self.learner.clients)
-        mean = self.mean([(1.0, item[2]) for _, item in replies])
+        mean = self.mean([(1.0, item[3]) for _, item in replies])
         self.c = {k: (self.c[k] + share * mean[k]).astype(np.float32) for k in sorted(self.c)}
 
 
@@ -107,13 +108,13 @@ class Client(fedavg.StatefulClient):
             new = ci
         dc = sub(new, ci)
         self.ci = new
-        return {"model": res.model, "n_samples": self.learner.samples(client), "dc": dc}
+        return self.body(client, res, dc=dc)
 
 
 def build(config: Mapping[str, Any]) -> Deployment:
     """The SCAFFOLD deployment for a validated run config."""
     dep = fedavg.deploy(config, "scaffold", Options, Server, Client)
-    learner = learners.make(config.get("workload", {}))
+    learner = learners.make(config)
     if config.get("protocol", {}).get("local_lr") is None and not getattr(learner, "lr", 0):
         raise ConfigError("[protocol] local_lr is needed: the workload's learner has no lr > 0 "
                           "for SCAFFOLD's c_i update (x - y) / (K lr)")
