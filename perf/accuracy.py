@@ -164,10 +164,16 @@ def _pm(ms: tuple[float, float] | None, digits: int = 4) -> str:
 
 
 def section(rows: Sequence[Row], target: float | None) -> list[str]:
-    """The report.md section "Accuracy over seeds" (empty when no run reported accuracy)."""
-    if not has_accuracy(rows):
-        return []
+    """The report.md section "Accuracy over seeds"; without any accuracy, only whether each
+    group's runs of one seed ended with the same model."""
     gs = groups(rows)
+    if not gs:
+        return []
+    if not has_accuracy(rows):
+        out = ["", "## Same model across transports and repeats", "",
+               "| group | seeds | same final_model_sha256 |", "|---|---|---|"]
+        out += [f"| `{g}` | {len(ps)} | {same_models(ps)[1]} |" for g, ps in gs.items()]
+        return out
     out = ["", "## Accuracy over seeds", ""]
     out.append("Per group (a config with its settings, over seeds and transports): final test "
                "accuracy as mean ± sample std over seeds"

@@ -216,3 +216,14 @@ def test_study_tunes_on_its_own_seed_then_compares_over_seeds(tmp_path: Path) ->
     assert table[0].startswith("| algorithm | α=0.1 accuracy | α=0.1 rounds to 0.3 |")
     assert table[2].startswith("| FedAvg |") and table[3].startswith("| FedDyn |")
     assert f"alpha ∈ {{0.01, 0.1}}: {grid['chosen']:g} | yes |" in table[3]
+
+
+def test_without_accuracy_the_report_still_says_whether_models_agree() -> None:
+    rows = study({"w3": {0: [0.5]}}, ("inproc", "ray"),
+                 sha=lambda g, s, t: "a" if t == "inproc" else "b")
+    for r in rows:
+        r["test_accuracy"] = None
+        r["curve"] = []
+    md = report.render(rows)
+    assert "## Accuracy over seeds" not in md
+    assert "| `w3` | 1 | NO — seed 0: 2 models in 2 runs |" in md
