@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import shlex
 import sys
 from collections.abc import Sequence
@@ -27,6 +28,26 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
+def _seeds(text: str) -> list[int]:
+    try:
+        seeds = [int(t) for t in _csv(text)]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected integers like 0,1,2; got {text!r}") from None
+    if not seeds or any(s < 0 for s in seeds):
+        raise argparse.ArgumentTypeError(f"expected integers >= 0 like 0,1,2; got {text!r}")
+    return seeds
+
+
+def _accuracy(text: str) -> float:
+    try:
+        x = float(text)
+    except ValueError:
+        x = math.nan
+    if not 0 < x <= 1:
+        raise argparse.ArgumentTypeError(f"expected an accuracy in (0, 1], e.g. 0.9; got {text!r}")
+    return x
+
+
 def parser() -> argparse.ArgumentParser:
     """The `fedloom perf` argument parser."""
     p = argparse.ArgumentParser(prog="fedloom perf",
@@ -47,8 +68,19 @@ def parser() -> argparse.ArgumentParser:
                    help="a setting to compare at several values, e.g. workload.clients=10,100 "
                         "(repeatable: the cells are the product; use ';' between values that "
                         "contain commas)")
-    c.add_argument("--repeat", type=int, default=3, metavar="N",
-                   help="runs per cell (default 3; medians need at least 3)")
+    c.add_argument("--repeat", type=int, default=None, metavar="N",
+                   help="runs per cell (default 3, medians need at least 3; 1 with --seeds)")
+    c.add_argument("--seeds", type=_seeds, default=[], metavar="S1,S2",
+                   help="run every cell once per run.seed, e.g. 0,1,2: report.md then gives "
+                        "accuracy over seeds (mean ± std, curves with a band)")
+    c.add_argument("--seed-keys", type=_csv, default=["run.seed"], metavar="K1,K2",
+                   help="config keys each --seeds value is written to (default run.seed; add "
+                        "data.seed for a new data partition per seed)")
+    c.add_argument("--target", type=_accuracy, default=None, metavar="ACC",
+                   help="accuracy to reach, e.g. 0.9: rounds and bytes until the test accuracy "
+                        "first reaches it")
+    c.add_argument("--band", choices=("minmax", "std"), default="minmax",
+                   help="band around the mean accuracy curve over seeds (default minmax)")
     c.add_argument("--warmup", type=int, default=0, metavar="N",
                    help="unmeasured runs of every cell before the repeats (default 0)")
     c.add_argument("--baseline", metavar="NAME",
@@ -75,6 +107,10 @@ def parser() -> argparse.ArgumentParser:
                        description="Rebuild report.md and the PNGs from DIR/results.jsonl.")
     r.add_argument("dir", type=Path, metavar="DIR")
     r.add_argument("--baseline", metavar="NAME", help="as for compare (default: as it ran)")
+    r.add_argument("--target", type=_accuracy, default=None, metavar="ACC",
+                   help="as for compare (default: as it ran)")
+    r.add_argument("--band", choices=("minmax", "std"), default=None,
+                   help="as for compare (default: as it ran)")
     i = sub.add_parser("inspect", help="summarise a run or compare folder")
     i.add_argument("dir", type=Path, metavar="DIR")
     return p
@@ -93,7 +129,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if ns.command == "micro":
             return _micro(ns)
         if ns.command == "report":
-            for f in rewrite_report(ns.dir, ns.baseline):
+            for f in rewrite_report(ns.dir, ns.baseline, target=ns.target, band=ns.band):
                 print(f"wrote {f}")
             return EXIT_OK
         return inspect_main([str(ns.dir)])
@@ -114,7 +150,11 @@ def _compare(ns: argparse.Namespace) -> int:
         transports=list(dict.fromkeys(ns.transports)),
         sets=[parse_set(s) for s in ns.sets],
         vary=[parse_vary(v) for v in ns.vary],
-        repeat=ns.repeat,
+        repeat=ns.repeat if ns.repeat is not None else (1 if ns.seeds else 3),
+        seeds=ns.seeds,
+        seed_keys=ns.seed_keys,
+        target=ns.target,
+        band=ns.band,
         warmup=ns.warmup,
         baseline=ns.baseline,
         timeout_s=ns.timeout,

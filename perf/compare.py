@@ -26,7 +26,7 @@ from typing import IO, Any
 
 import psutil
 
-from perf import report
+from perf import accuracy, report
 from perf.procs import MB, Reaper, TreeSampler, machine_info
 
 RUNNER = (sys.executable, "-m", "kernel.run.cli", "run")
@@ -62,13 +62,22 @@ class Matrix:
     timeout_s: float = 3600.0
     # The command that runs one config, before CONFIG --set ... --out DIR --quiet.
     runner: tuple[str, ...] = RUNNER
+    # run.seed values: a "seed" dimension of the cells (innermost); none: as configured.
+    seeds: list[int] = field(default_factory=list)
+    # Accuracy studies: the accuracy "rounds to reach" counts to; the curve band over seeds.
+    target: float | None = None
+    band: str = "minmax"
+    # The config keys each seed is written to (e.g. also data.seed: a new partition per seed).
+    seed_keys: list[str] = field(default_factory=lambda: ["run.seed"])
 
     def cells(self) -> list[Cell]:
-        """Every cell, workloads outermost, then transports, then varied settings."""
+        """Every cell, workloads outermost, then transports, then varied settings, then seeds."""
         names = workload_names(self.configs)
         out = []
         tlist: list[str | None] = list(self.transports) or [None]
         vlists = [[(k, v) for v in vs] for k, vs in self.vary]
+        if self.seeds:
+            vlists.append([("seed", str(s)) for s in self.seeds])
         for cfg, t, combo in itertools.product(self.configs, tlist, itertools.product(*vlists)):
             parts = {"workload": names[cfg]}
             sets = list(self.sets)
@@ -77,7 +86,10 @@ class Matrix:
                 sets.append(f"transport.kind={t}")
             for k, v in combo:
                 parts[k] = v
-                sets.append(f"{k}={v}")
+                if k == "seed":
+                    sets += [f"{key}={v}" for key in self.seed_keys]
+                else:
+                    sets.append(f"{k}={v}")
             label = "/".join(v if k in ("workload", "transport") else f"{k}={v}"
                              for k, v in parts.items())
             out.append(Cell(label, cfg, parts, tuple(sets)))
@@ -196,6 +208,36 @@ def curve(rounds: Sequence[Mapping[str, Any]], total_bytes: int | None
     return out, estimated
 
 
+SPREAD = ("mean", "std", "p10", "min")
+
+
+def client_spread(result: Mapping[str, Any], rounds: Sequence[Mapping[str, Any]]
+                  ) -> dict[str, float] | None:
+    """The per-client accuracy spread {mean, std, p10, min} a run reported: result.json's
+    `client_accuracy` (a list of per-client accuracies, or a table of those four, "worst" for
+    "min"), else its last round row's `client_accuracy_<stat>` / `client_acc_<stat>` fields."""
+    got: Any = result.get("client_accuracy")
+    if got is None and rounds:
+        last = rounds[-1]
+        for prefix in ("client_accuracy_", "client_acc_"):
+            table = {k[len(prefix):]: v for k, v in last.items() if k.startswith(prefix)}
+            if table:
+                got = table
+                break
+    if isinstance(got, list | tuple) and got and all(_num(x) is not None for x in got):
+        xs = sorted(float(x) for x in got)
+        p10 = xs[0] if len(xs) == 1 else statistics.quantiles(xs, n=10, method="inclusive")[0]
+        return {"mean": statistics.fmean(xs), "std": statistics.pstdev(xs), "p10": p10,
+                "min": xs[0]}
+    if isinstance(got, Mapping):
+        table = dict(got)
+        if "min" not in table and "worst" in table:
+            table["min"] = table["worst"]
+        if all(_num(table.get(k)) is not None for k in SPREAD):
+            return {k: float(table[k]) for k in SPREAD}
+    return None
+
+
 def _num(x: Any) -> float | None:
     return float(x) if isinstance(x, int | float) and not isinstance(x, bool) else None
 
@@ -255,6 +297,7 @@ def summarise_run(run_dir: Path, started_at: float | None = None) -> dict[str, A
         "compression_ratio": compression_ratio(result),
         "events": result.get("events"),
         "test_accuracy": result.get("test_accuracy"),
+        "client_accuracy": client_spread(result, rounds),
         "final_model_sha256": result.get("final_model_sha256"),
         "run_peak_rss_mb": result.get("peak_rss_mb"),
         "curve": pts,
@@ -407,6 +450,12 @@ def run_matrix(matrix: Matrix, out: Path, *, cwd: Path | None = None,
             raise CompareError(f"config {c} does not exist (or is not a file)")
     if matrix.repeat < 1:
         raise CompareError(f"--repeat must be >= 1, got {matrix.repeat}")
+    for key in matrix.seed_keys:
+        parse_set(f"{key}=0")
+    if len(set(matrix.seeds)) != len(matrix.seeds):
+        raise CompareError(f"--seeds lists a seed twice: {matrix.seeds}")
+    if matrix.band not in accuracy.BANDS:
+        raise CompareError(f"--band {matrix.band!r}: expected one of {', '.join(accuracy.BANDS)}")
     cells = matrix.cells()
     if len({c.label for c in cells}) != len(cells):
         raise CompareError("two cells have the same name: is a transport or value listed twice?")
@@ -426,6 +475,8 @@ def run_matrix(matrix: Matrix, out: Path, *, cwd: Path | None = None,
         "configs": [str(c) for c in matrix.configs], "transports": matrix.transports,
         "sets": matrix.sets, "vary": [[k, vs] for k, vs in matrix.vary],
         "repeat": matrix.repeat, "warmup": matrix.warmup, "baseline": baseline,
+        "seeds": matrix.seeds, "seed_keys": matrix.seed_keys, "target": matrix.target,
+        "band": matrix.band,
         "cells": [{"label": c.label, "parts": c.parts, "sets": list(c.sets)} for c in cells],
         "runner": list(matrix.runner), "machine": machine,
     }, indent=2) + "\n")
@@ -451,15 +502,18 @@ def run_matrix(matrix: Matrix, out: Path, *, cwd: Path | None = None,
             if row["leftover_processes"]:
                 progress.stream.write(f"  warning: {len(row['leftover_processes'])} process(es) "
                                       f"of that run still alive: {row['leftover_processes']}\n")
-    write_report(rows, out, baseline)
+    write_report(rows, out, baseline, target=matrix.target, band=matrix.band)
     return rows
 
 
-def write_report(rows: Sequence[Mapping[str, Any]], out: Path, baseline: str | None
-                 ) -> list[Path]:
+def write_report(rows: Sequence[Mapping[str, Any]], out: Path, baseline: str | None,
+                 *, target: float | None = None, band: str = "minmax") -> list[Path]:
     """report.md and the PNGs for `rows` into `out`; returns the files written."""
     plots = report.plot_all(rows, out)
-    md = report.render(rows, baseline, plots=[p.name for p in plots])
+    seeds_plot = accuracy.plot(rows, out, band, target)
+    if seeds_plot is not None:
+        plots.insert(0, seeds_plot)
+    md = report.render(rows, baseline, plots=[p.name for p in plots], target=target)
     (out / "report.md").write_text(md)
     return [out / "report.md", *plots]
 
@@ -472,15 +526,20 @@ def load_rows(out: Path) -> list[dict[str, Any]]:
     return read_metrics(path)
 
 
-def rewrite_report(out: Path, baseline: str | None = None) -> list[Path]:
-    """Rebuild report.md and the plots of a compare folder from its results.jsonl."""
+def rewrite_report(out: Path, baseline: str | None = None, *, target: float | None = None,
+                   band: str | None = None) -> list[Path]:
+    """Rebuild report.md and the plots of a compare folder from its results.jsonl (baseline,
+    target and band default to what the comparison ran with)."""
     rows = load_rows(out)
-    if baseline is None:
-        matrix = out / "matrix.json"
-        if matrix.is_file():
-            baseline = json.loads(matrix.read_text()).get("baseline")
+    matrix = out / "matrix.json"
+    ran = json.loads(matrix.read_text()) if matrix.is_file() else {}
+    baseline = baseline if baseline is not None else ran.get("baseline")
+    target = target if target is not None else ran.get("target")
+    band = band or ran.get("band") or "minmax"
+    if band not in accuracy.BANDS:
+        raise CompareError(f"--band {band!r}: expected one of {', '.join(accuracy.BANDS)}")
     try:
-        return write_report(rows, out, baseline)
+        return write_report(rows, out, baseline, target=target, band=band)
     except report.ReportError as exc:
         raise CompareError(str(exc)) from exc
 

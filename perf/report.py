@@ -13,6 +13,8 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from perf import accuracy
+
 Row = Mapping[str, Any]
 MiB = 1024 * 1024
 
@@ -133,10 +135,12 @@ def default_baseline(rows: Sequence[Row]) -> str | None:
         for k, v in parts[c].items():
             if v not in dims.setdefault(k, []):
                 dims[k].append(v)
-    for k in ("transport", *[k for k in dims if k not in ("transport", "workload")], "workload"):
+    # Seeds are repeats of an accuracy study, never what anything is compared against.
+    varied = [k for k in dims if k not in ("transport", "workload", "seed")]
+    for k in ("transport", *varied, "workload"):
         if len(dims.get(k, [])) > 1:
             return dims[k][0] if k in ("transport", "workload") else f"{k}={dims[k][0]}"
-    return order[0]
+    return None if len(dims.get("seed", [])) > 1 else order[0]
 
 
 def resolve_baseline(rows: Sequence[Row], name: str | None) -> dict[str, str]:
@@ -227,7 +231,8 @@ def machine_line(machine: Mapping[str, Any] | None) -> str:
 
 
 def render(rows: Sequence[Row], baseline: str | None = None, *,
-           plots: Sequence[str] = (), title: str = "fedloom perf compare") -> str:
+           plots: Sequence[str] = (), title: str = "fedloom perf compare",
+           target: float | None = None) -> str:
     """report.md for `rows` (all runs of one comparison, failures and warm-ups included)."""
     if not rows:
         raise ReportError("no runs to report on (results.jsonl is empty)")
@@ -266,6 +271,8 @@ def render(rows: Sequence[Row], baseline: str | None = None, *,
     out += _table(["cell", *[t for _, t in RESOURCE_METRICS]],
                   [[f"`{c}`", *[_spread(cell_values(rows, c, m), m) for m, _ in RESOURCE_METRICS]]
                    for c in order])
+
+    out += accuracy.section(rows, target)
 
     out += ["", f"## Ratios against baseline `{baseline or 'none'}`", ""]
     if pairs:

@@ -1,18 +1,27 @@
 """FedAvg (McMahan et al. 2017) with pluggable aggregation, round deadlines, FedProx clients
-and FedAvgM / FedAdam server optimisers (Reddi et al. 2021).
+and FedAvgM / FedAdam / FedYogi / FedAdagrad server optimisers (Reddi et al. 2021).
 
 Server = node 0, clients = nodes 1..N (node i+1 trains on client i's data). Each round the
 server samples clients with its seeded rng, multicasts the global model, and aggregates the
 replies (models + sample counts) in sender-id order once all arrive or the deadline passes.
 Replies for an older round are counted as late and discarded (metric rows "late"; a second
-copy of a reply in its own round is a "duplicate"). Clients keep no state.
+copy of a reply in its own round is a "duplicate"). Clients keep no state; each reply carries
+the local loss, steps and any extra training metrics, averaged (by samples) into the round row
+as `train_loss`, `train_<metric>`. The server also scores the global model on clients'
+held-out splits as `[eval]` says (protocols.learning.evaluation): `client_eval` rows and the
+spread of client accuracy per round. Extra metrics `evaluate` returns appear as `test_<name>`.
+
+The round structure is shared: SCAFFOLD, FedNova and FedDyn (protocols/scaffold.py, fednova.py,
+feddyn.py) subclass `Options`, `Server` and `Client` and override the few points where they
+differ (what a train request carries, what a reply carries, how replies become the next model,
+what a discarded reply still means) and build through `deploy`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Hashable, Mapping
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 
 import numpy as np
 
@@ -21,6 +30,7 @@ from kernel.messages import Message
 from kernel.options import ConfigError, options
 from protocols import learners
 from protocols.common import Aggregate, Gather, Tensors, aggregator, derive_rng, sample
+from protocols.learning import evaluation
 
 DEFAULTS: dict[str, Any] = {
     "name": "fedavg", "fraction": None, "clients_per_round": None,
@@ -28,7 +38,9 @@ DEFAULTS: dict[str, Any] = {
     "round_timeout": None, "min_replies": 1, "eval_every": 1, "mu": 0.0,
     "server_opt": "none", "server_lr": None, "momentum": 0.9, "betas": [0.9, 0.99], "tau": 1e-3,
 }
-SERVER_OPTS = ("none", "avgm", "adam")
+SERVER_OPTS = ("none", "avgm", "adam", "yogi", "adagrad")
+# The adaptive optimisers take small steps: their update is about server_lr per coordinate.
+ADAPTIVE = ("adam", "yogi", "adagrad")
 
 
 @dataclass(frozen=True)
@@ -43,15 +55,21 @@ class Options:
     min_replies: int = 1  # fewer at the deadline: the round keeps the model (aggregated=false)
     eval_every: int = 1  # rounds between test-set evaluations (and always the last)
     mu: float = 0.0  # FedProx proximal weight on clients
-    server_opt: str = "none"  # "avgm" (FedAvgM) or "adam" (FedAdam) on aggregate - global
-    server_lr: float = 1.0  # default 1.0, or 0.01 for adam
-    momentum: float = 0.9
-    betas: tuple[float, float] = (0.9, 0.99)
-    tau: float = 1e-3
+    # On the pseudo-gradient aggregate - global: "avgm" (FedAvgM), "adam", "yogi", "adagrad"
+    # (FedAdam, FedYogi, FedAdagrad); "none" moves server_lr of the way to the aggregate.
+    server_opt: str = "none"
+    server_lr: float = 1.0  # default 1.0, or 0.01 for adam, yogi and adagrad
+    momentum: float = 0.9  # avgm
+    betas: tuple[float, float] = (0.9, 0.99)  # adam, yogi (beta1 also adagrad's momentum)
+    tau: float = 1e-3  # adaptivity: the second moment starts at tau^2 and tau joins its root
+
+    # Keys a subclass adds to DEFAULTS (its own fields, with their defaults).
+    EXTRA: ClassVar[dict[str, Any]] = {}
 
     @classmethod
     def from_config(cls, section: Mapping[str, Any], clients: int) -> Options:
-        o = options("protocol", section, DEFAULTS, choices={"server_opt": SERVER_OPTS})
+        o = options("protocol", section, {**DEFAULTS, **cls.EXTRA},
+                    choices={"server_opt": SERVER_OPTS})
         del o["name"]
 
         def check(key: str, ok: bool, expected: str) -> None:
@@ -69,7 +87,7 @@ class Options:
         check("mu", o["mu"] >= 0, "a number >= 0")
         lr = o["server_lr"]
         check("server_lr", lr is None or (isinstance(lr, num) and lr > 0), "a number > 0")
-        default_lr = 0.01 if o["server_opt"] == "adam" else 1.0
+        default_lr = 0.01 if o["server_opt"] in ADAPTIVE else 1.0
         o["server_lr"] = float(lr) if lr is not None else default_lr
         b = o["betas"]
         check("betas", len(b) == 2 and all(isinstance(x, num) and 0 <= x < 1 for x in b),
@@ -78,7 +96,12 @@ class Options:
         check("tau", o["tau"] > 0, "a number > 0")
         if fr is not None and k is not None:
             raise ConfigError("[protocol] give fraction or clients_per_round, not both")
+        cls.check_extra(o, check)
         return cls(**o)
+
+    @classmethod
+    def check_extra(cls, o: dict[str, Any], check: Callable[[str, bool, str], None]) -> None:
+        """Validate (and normalise in `o`) the keys of EXTRA; `check(key, ok, expected)`."""
 
 
 class ServerOpt:
@@ -91,18 +114,26 @@ class ServerOpt:
 
     def step(self, model: Tensors, agg: Tensors) -> Tensors:
         o = self.o
-        if o.server_opt == "none":
-            return agg
+        if o.server_opt == "none" and o.server_lr == 1.0:
+            return agg  # exactly the aggregate: plain FedAvg
         out: Tensors = {}
+        b1, b2 = o.betas
         for k in sorted(model):
             delta = agg[k].astype(np.float64) - model[k]
-            if o.server_opt == "avgm":  # FedAvgM: v = momentum v + delta; x += lr v
+            if o.server_opt == "none":
+                upd = delta
+            elif o.server_opt == "avgm":  # FedAvgM: v = momentum v + delta; x += lr v
                 self.m[k] = o.momentum * self.m.get(k, 0.0) + delta
                 upd = self.m[k]
-            else:  # FedAdam, Algorithm 2 of Reddi et al.; v starts at tau^2
-                b1, b2 = o.betas
+            else:  # Algorithm 2 of Reddi et al.: momentum m, second moment v from tau^2
                 self.m[k] = b1 * self.m.get(k, 0.0) + (1 - b1) * delta
-                self.v[k] = b2 * self.v.get(k, o.tau**2) + (1 - b2) * delta**2
+                v, d2 = self.v.get(k, o.tau**2), delta**2
+                if o.server_opt == "adam":
+                    self.v[k] = b2 * v + (1 - b2) * d2
+                elif o.server_opt == "yogi":
+                    self.v[k] = v - (1 - b2) * d2 * np.sign(v - d2)
+                else:  # adagrad
+                    self.v[k] = v + d2
                 upd = self.m[k] / (np.sqrt(self.v[k]) + o.tau)
             out[k] = (model[k] + o.server_lr * upd).astype(np.float32)
         return out
@@ -111,8 +142,11 @@ class ServerOpt:
 class Server(Protocol):
     """Node 0: samples, broadcasts, gathers, aggregates, evaluates, finishes."""
 
-    def __init__(self, opts: Options, learner: learners.Learner, rounds: int) -> None:
+    def __init__(self, opts: Options, learner: learners.Learner, rounds: int,
+                 ev: evaluation.EvalOptions | None = None, seed: int = 0) -> None:
         self.o, self.learner, self.rounds = opts, learner, rounds
+        self.ev, self.seed = ev or evaluation.EvalOptions(), seed
+        self.client_summary: dict[str, Any] = {}
         self.aggregate: Aggregate = aggregator(opts.aggregator, opts.aggregator_args)
         self.opt = ServerOpt(opts)
         self.round, self.late = 0, 0
@@ -130,6 +164,7 @@ class Server(Protocol):
             if self.evaluation is not None:
                 result.update(test_accuracy=self.evaluation["accuracy"],
                               test_loss=self.evaluation["loss"])
+            result.update(self.client_summary)
             ctx.finish(result)
             return
         self.round += 1
@@ -137,10 +172,31 @@ class Server(Protocol):
                          count=self.o.clients_per_round)
         self.gather = Gather(self.round, clients)
         self.gather.arm(ctx, self.o.round_timeout)
-        ctx.multicast(clients, "train", round=self.round, model=self.model)
+        ctx.multicast(clients, "train", round=self.round, **self.request())
+
+    def request(self) -> dict[str, Any]:
+        """The body of this round's train request (besides `round`): the global model."""
+        return {"model": self.model}
+
+    def reply(self, msg: Message) -> Any:
+        """What the round keeps of a client's reply: (sample count, model, training stats);
+        subclasses append what their replies add."""
+        return (msg.n_samples, msg.model, msg.body.get("stats"))
+
+    def combine(self, replies: Sequence[tuple[int, Any]]) -> Tensors:
+        """The next global model from the round's kept replies, sorted by sender id: the
+        aggregate of the models weighted by sample count, through the server optimiser."""
+        agg = self.aggregate([(float(item[0]), item[1]) for _, item in replies])
+        return self.opt.step(self.model, agg)
+
+    def closed(self, replies: Sequence[tuple[int, Any]]) -> None:
+        """The round's gather has closed with `replies` (aggregated or not); nothing here."""
+
+    def discarded(self, ctx: Context, msg: Message, what: str) -> None:
+        """A reply the round did not take ("late" or "duplicate"); FedAvg forgets it."""
 
     def on_message(self, ctx: Context, msg: Message) -> None:
-        if self.gather.offer(msg.src, msg.round, (msg.n_samples, msg.model)):
+        if self.gather.offer(msg.src, msg.round, self.reply(msg)):
             if self.gather.complete:
                 self._end_round(ctx)
             return
@@ -148,6 +204,7 @@ class Server(Protocol):
         what = "late" if msg.round != self.round else "duplicate"
         self.late += what == "late"
         ctx.emit(what, 1, src=msg.src, round=msg.round, current=self.round)
+        self.discarded(ctx, msg, what)
 
     def on_timer(self, ctx: Context, key: Hashable) -> None:
         if key == self.gather.timer_key:
@@ -155,17 +212,78 @@ class Server(Protocol):
 
     def _end_round(self, ctx: Context) -> None:
         replies = self.gather.close(ctx)
+        self.closed(replies)
         aggregated = len(replies) >= min(self.o.min_replies, self.gather.need)
         if aggregated:
-            agg = self.aggregate([(float(n), model) for _, (n, model) in replies])
-            self.model = self.opt.step(self.model, agg)
+            self.model = self.combine(replies)
         ev = None
-        if self.round % self.o.eval_every == 0 or self.round == self.rounds:
+        last = self.round == self.rounds
+        if self.round % self.o.eval_every == 0 or last:
             ev = self.evaluation = self.learner.evaluate(self.model)
+        extra = {f"test_{k}": v for k, v in (ev or {}).items() if k not in ("accuracy", "loss")}
+        extra.update(_train_means([(item[0], item[2]) for _, item in replies]))
+        if self.ev.clients > 0 and (self.round % self.ev.every == 0 or last):
+            self.client_summary = self._evaluate_clients(ctx)
+            extra.update(self.client_summary)
         ctx.emit("round", self.round, accuracy=ev and ev["accuracy"], loss=ev and ev["loss"],
                  clients=len(replies), sampled=self.gather.need, late=self.gather.late,
-                 aggregated=aggregated)
+                 aggregated=aggregated, **extra)
         self._next_round(ctx)
+
+    def _evaluate_clients(self, ctx: Context) -> dict[str, Any]:
+        """Score the global model on a seeded sample of clients' held-out splits: one
+        `client_eval` row each, and the summary for the round row."""
+        n = ctx.n_nodes - 1
+        fraction = None if self.ev.clients >= 1 else self.ev.clients
+        # Its own stream (seed, server, round, 1): the training sample's rng is untouched.
+        chosen = sample(derive_rng(self.seed, 0, self.round, 1), range(n), fraction=fraction)
+        accs = []
+        for client in chosen:
+            res = self.learner.evaluate(self.model, client=client)
+            if res is None:  # nothing held out on this client
+                continue
+            accs.append(float(res["accuracy"]))
+            fields = {k: v for k, v in res.items() if k != "accuracy"}
+            ctx.emit("client_eval", float(res["accuracy"]), round=self.round, client=client,
+                     **fields)
+        return evaluation.summary(accs)
+
+
+class StatefulServer(Server):
+    """The server of a protocol whose clients keep state that the server mirrors (SCAFFOLD's
+    c = mean c_i, FedDyn's h): every reply's state change is `absorb`ed exactly once, whether
+    it came in time, after the deadline (the client has changed its state all the same), or
+    in a round that did not aggregate; network duplicates never are."""
+
+    def __init__(self, opts: Options, learner: learners.Learner, rounds: int,
+                 ev: evaluation.EvalOptions | None = None, seed: int = 0) -> None:
+        super().__init__(opts, learner, rounds, ev, seed)
+        # Per client, rounds it was asked to train in whose reply has not arrived yet.
+        self.pending: dict[int, list[int]] = {}
+
+    def absorb(self, replies: Sequence[tuple[int, Any]]) -> None:
+        """Fold replies' state changes (sender, kept reply) into the server's state."""
+        raise NotImplementedError
+
+    def closed(self, replies: Sequence[tuple[int, Any]]) -> None:
+        got = {src for src, _ in replies}
+        for src in sorted(self.gather.expected or ()):
+            if src not in got:
+                self.pending.setdefault(src, []).append(self.round)
+        if replies:
+            self.absorb(replies)
+
+    def absorb_late(self, ctx: Context, msg: Message) -> None:
+        """Absorb the first copy of a late reply (by default as any other)."""
+        self.absorb([(msg.src, self.reply(msg))])
+
+    def discarded(self, ctx: Context, msg: Message, what: str) -> None:
+        waiting = self.pending.get(msg.src, [])
+        if msg.round in waiting:
+            waiting.remove(msg.round)
+            if not waiting:
+                del self.pending[msg.src]
+            self.absorb_late(ctx, msg)
 
 
 class Client(Protocol):
@@ -180,25 +298,82 @@ class Client(Protocol):
         if work:
             ctx.compute(work=work, label="train")
         rng = derive_rng(self.seed, ctx.id, msg.round)
+        ctx.send(msg.src, "update", round=msg.round, **self.local(client, msg, rng))
+
+    def local(self, client: int, msg: Message, rng: np.random.Generator) -> dict[str, Any]:
+        """Train on `msg`'s request and return the reply body: model and sample count."""
         hooks = learners.Hooks(prox_mu=self.mu) if self.mu else None
-        model = self.learner.train(msg.model, client, rng, hooks).model
-        ctx.send(msg.src, "update", round=msg.round, model=model,
-                 n_samples=self.learner.samples(client))
+        res = self.learner.train(msg.model, client, rng, hooks)
+        return self.body(client, res)
+
+    def body(self, client: int, res: learners.TrainResult, **extra: Any) -> dict[str, Any]:
+        """The reply body for a training result: model, sample count, the training stats
+        (loss, steps, the learner's metrics) and `extra`."""
+        stats = {"loss": float(res.loss), "steps": int(res.steps),
+                 **{k: float(v) for k, v in res.metrics.items()}}
+        return {"model": res.model, "n_samples": self.learner.samples(client), "stats": stats,
+                **extra}
 
 
-def build(config: Mapping[str, Any]) -> Deployment:
-    """The FedAvg deployment for a validated run config (cheap: nothing heavy is made here)."""
+class StatefulClient(Client):
+    """A client that keeps state between rounds (one object per node): it trains at most
+    once per round, so a duplicated or stale request cannot move its state twice."""
+
+    def __init__(self, opts: Options, learner: learners.Learner, seed: int) -> None:
+        super().__init__(opts, learner, seed)
+        self.trained = 0  # the last round this client trained for
+
+    def on_message(self, ctx: Context, msg: Message) -> None:
+        if msg.round <= self.trained:
+            ctx.emit("duplicate", 1, src=msg.src, round=msg.round, current=self.trained)
+            return
+        self.trained = msg.round
+        super().on_message(ctx, msg)
+
+
+def deploy(config: Mapping[str, Any], name: str, opts_cls: type[Options] = Options,
+           server_cls: type[Server] = Server, client_cls: type[Client] = Client) -> Deployment:
+    """The deployment of a FedAvg-shaped protocol for a validated run config (cheap: nothing
+    heavy is made here): one server, and one client object per node when clients keep state
+    (a `StatefulClient`), else one shared by all."""
     run = config.get("run", {})
-    learner = learners.make(config.get("workload", {}))
-    opts = Options.from_config(config.get("protocol", {}), learner.clients)
+    learner = learners.make(config)
+    opts = opts_cls.from_config(config.get("protocol", {}), learner.clients)
+    ev = evaluation.validate(config.get("eval", {}), learner)
     if "rounds" not in run or type(run["rounds"]) is not int or run["rounds"] < 1:
         raise ConfigError(f"[run] rounds = {run.get('rounds')!r}; expected an integer >= 1")
     seed = int(run.get("seed", 0))
     aggregator(opts.aggregator, opts.aggregator_args)  # fail on a bad name now, not mid-run
     rounds = run["rounds"]
-    client = Client(opts, learner, seed)  # stateless, so one object serves every client node
+    shared = None if issubclass(client_cls, StatefulClient) else client_cls(opts, learner, seed)
+
+    def make_node(i: int) -> Protocol:
+        if i == 0:
+            return server_cls(opts, learner, rounds, ev, seed)
+        return shared if shared is not None else client_cls(opts, learner, seed)
+
     return Deployment(
         node_ids=list(range(learner.clients + 1)),
-        make_node=lambda i: Server(opts, learner, rounds) if i == 0 else client,
-        describe=f"fedavg: server 0, clients 1..{learner.clients}, {rounds} rounds",
+        make_node=make_node,
+        describe=f"{name}: server 0, clients 1..{learner.clients}, {rounds} rounds",
     )
+
+
+def build(config: Mapping[str, Any]) -> Deployment:
+    """The FedAvg deployment for a validated run config (cheap: nothing heavy is made here)."""
+    return deploy(config, "fedavg")
+
+
+def _train_means(items: list[tuple[float, Mapping[str, float] | None]]
+                 ) -> dict[str, float | int]:
+    """Sample-weighted means of the clients' training stats, as `train_<name>` (steps summed)."""
+    got = [(float(n), st) for n, st in items if st]
+    total = sum(n for n, _ in got)
+    out: dict[str, float | int] = {}
+    for name in sorted({k for _, st in got for k in st}):
+        pairs = [(n, float(st[name])) for n, st in got if name in st]
+        if name == "steps":
+            out["train_steps"] = int(sum(v for _, v in pairs))
+        elif total > 0:
+            out[f"train_{name}"] = sum(n * v for n, v in pairs) / total
+    return out

@@ -14,7 +14,8 @@ A run config is a TOML file with these top-level sections (each a table):
 - `[output]` (validated here): `dir` (string; where `fedloom run` writes when `--out` is not
   given; default "" meaning `runs/<config file stem>`), `save_model` (bool, default true:
   write final_model.npz).
-- `[workload]`, `[network]`, `[codec]`, `[perf]`: validated by their owners (the protocol,
+- `[workload]`, `[data]` (with `[data.partition]`), `[eval]`, `[network]`, `[codec]`,
+  `[perf]`: validated by their owners (the learner, protocols.learning.data and .evaluation,
   the network model, the codec, the perf harness).
 
 Config files are read only when they are regular files of at most `MAX_CONFIG_BYTES`; any
@@ -40,7 +41,8 @@ from kernel.run.files import InputError, read_regular
 
 MAX_CONFIG_BYTES = 1 << 22  # 4 MiB: configs are written by people
 MAX_NESTING = 32  # tables and arrays inside each other
-SECTIONS = ("run", "transport", "protocol", "workload", "network", "codec", "output", "perf")
+SECTIONS = ("run", "transport", "protocol", "workload", "data", "eval", "network", "codec",
+            "output", "perf")
 
 # Defaults for [run]; None marks a key that is unset unless given (and then absent from the
 # validated config).
