@@ -101,10 +101,11 @@ def validate(workload: Mapping[str, Any]) -> dict[str, Any]:
                    choices={"optimizer": ("sgd", "adam"),
                             "loss": ("cross_entropy", "nll", "mse")})
     model, learner, device = opts["model"], opts["learner"], opts["device"]
-    if model not in MODELS and ":" not in model:
+    if model not in MODELS and ":" not in model and model not in _declared("models"):
         raise ConfigError(f"[workload] model = {model!r} is not allowed; choose one of "
                           f"{', '.join(MODELS)} (or give 'module:function')")
-    if learner not in ("auto", "torch") and ":" not in learner:
+    if learner not in ("auto", "torch") and ":" not in learner \
+            and learner not in _declared("learners"):
         raise ConfigError(f"[workload] learner = {learner!r} is not allowed; choose 'auto', "
                           f"'torch' (the generic torch learner) or give 'module:factory'")
     if learner == "torch" and model in ("linear", "flat"):
@@ -137,6 +138,12 @@ def validate(workload: Mapping[str, Any]) -> dict[str, Any]:
     return opts
 
 
+def _declared(group: str) -> list[str]:
+    from kernel.registry import names
+
+    return names(group)
+
+
 def make(config: Mapping[str, Any]) -> Learner:
     """The learner for a whole run config (its `[workload]` and `[data]`), or for a bare
     `[workload]` table; one per process per distinct input, so every node of a shard shares
@@ -151,7 +158,7 @@ def make(config: Mapping[str, Any]) -> Learner:
     else:
         workload, data = config, None
     opts = validate(workload)
-    if ":" in opts["learner"]:
+    if opts["learner"] not in ("auto", "torch"):
         return _user_learner(opts["learner"], config)
     data_opts = None
     if data is not None:

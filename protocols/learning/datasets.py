@@ -78,7 +78,7 @@ def load(spec: str, classes: int | None = None) -> Dataset:
 @functools.lru_cache(maxsize=4)
 def _load(kind: str, arg: str, classes: int | None) -> Dataset:
     if kind == "digits":
-        raw = _digits()
+        raw = digits()
     elif kind == "npz":
         raw = _npz(Path(arg))
     elif kind == "mnist":
@@ -163,7 +163,8 @@ def _labels(name: str, key: str, y: np.ndarray, n: int) -> np.ndarray:
 
 # -- built-in formats ------------------------------------------------------------------------
 
-def _digits() -> dict[str, Any]:
+def digits() -> dict[str, Any]:
+    """scikit-learn's bundled digits as arrays (x [1797, 1, 8, 8] in [0, 1], y, classes)."""
     from sklearn.datasets import load_digits  # lazy: sklearn costs ~1 s to import
 
     d = load_digits()
