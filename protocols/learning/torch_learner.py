@@ -48,7 +48,8 @@ class TorchLearner(Learner):
         if want.startswith("cuda"):
             if not torch.cuda.is_available():
                 raise ConfigError(f"[workload] device = {self.opts['device']!r} but torch sees "
-                                  f"no CUDA device here; use 'cpu' or 'auto'")
+                                  f"no CUDA device here; use 'cpu' or 'auto' (on ray, give "
+                                  f"shards GPUs with [transport] gpus_per_shard)")
             index = int(want.partition(":")[2] or 0)
             if index >= torch.cuda.device_count():
                 raise ConfigError(f"[workload] device = {want!r} but torch sees "
