@@ -83,6 +83,7 @@ DEFAULTS: dict[str, Any] = {
     "betas": [0.9, 0.999],
     "loss": "cross_entropy",  # "cross_entropy" | "nll" | "mse"
     "eval_batch": 1024,
+    "local_steps": 0,  # > 0: exactly this many minibatch steps per train call (not epochs)
 }
 # mlp, linear and flat are the original learners; cnn, logreg and "module:function" models
 # run on the generic torch learner, as does mlp with `learner = "torch"` or a [data] section.
@@ -124,6 +125,9 @@ def validate(workload: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"[workload] {key} = {opts[key]!r}; expected a number >= 0")
     positive = ("clients", "samples_per_client", "batch_size", "epochs", "input_dim", "hidden",
                 "classes", "flat_size", "torch_threads", "data_cache", "eval_batch")
+    if opts["local_steps"] < 0:
+        raise ConfigError(f"[workload] local_steps = {opts['local_steps']!r}; expected an "
+                          f"integer >= 0 (0: whole epochs)")
     for key in positive:
         if opts[key] < 1:
             raise ConfigError(f"[workload] {key} = {opts[key]!r}; expected an integer >= 1")
@@ -186,7 +190,8 @@ def _thaw(x: Any) -> Any:
 @functools.lru_cache(maxsize=4)
 def _make(key: tuple[tuple[str, Any], ...], data_key: Any) -> Learner:
     opts = dict(key)
-    if data_key is None and opts["learner"] == "auto" and opts["model"] in LEGACY:
+    if data_key is None and opts["learner"] == "auto" and opts["model"] in LEGACY \
+            and opts["local_steps"] == 0:
         cls = {"mlp": TorchMLP, "linear": NumpyLinear, "flat": Flat}[opts["model"]]
         return cls(opts)
     if opts["model"] in ("linear", "flat"):
