@@ -5,7 +5,8 @@
 `batch_size`, `epochs` (or `local_steps` > 0: exactly that many minibatches, reshuffling
 each pass, as FedAvg with K local steps), `loss` ("cross_entropy", "nll" on
 log-probabilities, or "mse" against one-hot targets), `device` ("auto": cuda when available,
-else cpu; "cpu"; "cuda"; "cuda:N"), `torch_threads`, `hidden` (mlp width), `eval_batch` (evaluation batch size).
+else cpu; "cpu"; "cuda"; "cuda:N"), `torch_threads`, `hidden` (mlp width), `eval_batch`
+(evaluation batch size).
 
 Models cross the wire as named float32 numpy arrays; batches and parameters live on the device.
 On cuda, deterministic algorithms are switched on (and CUBLAS_WORKSPACE_CONFIG set), so a run
