@@ -2,6 +2,7 @@
 against today's mlp learner.
 
     python -m perf.bench_learning partition [--repeat 7]   # 60,000 samples over 10,000 clients
+    python -m perf.bench_learning learner [--repeat 15]    # torch learner vs mlp learner, W1
     python -m perf.bench_learning w7-data [PATH]            # writes W7's npz (default below)
     fedloom perf compare perf/workloads/w7.toml --vary workload.clients=100,10000 --repeat 3
     fedloom perf compare perf/workloads/w1.toml --vary workload.learner=auto,torch --repeat 3
@@ -71,16 +72,47 @@ def bench_partition(repeat: int, n: int = 60_000, clients: int = 10_000) -> None
               f"   {statistics.median(both) * 1e3:8.1f} ms")
 
 
+def bench_learner(repeat: int) -> None:
+    """W1's local training (10 clients, one round each) with today's mlp learner and with the
+    generic torch learner on the same model, alternating blocks in this process."""
+    from protocols import learners
+
+    old = learners.make({"model": "mlp"})
+    new = learners.make({"model": "mlp", "learner": "torch"})
+    model = old.init()
+    for learner in (old, new):  # warm: data made, modules built
+        for c in range(10):
+            learner.train(model, c, np.random.default_rng(c))
+    times: dict[str, list[float]] = {"mlp": [], "torch": []}
+    for r in range(repeat):
+        for name, learner in (("mlp", old), ("torch", new)) if r % 2 == 0 else \
+                (("torch", new), ("mlp", old)):
+            t0 = time.perf_counter()
+            for c in range(10):
+                learner.train(model, c, np.random.default_rng([r, c]))
+            times[name].append(time.perf_counter() - t0)
+    m_old, m_new = statistics.median(times["mlp"]), statistics.median(times["torch"])
+    ratios = [b / a for a, b in zip(times["mlp"], times["torch"])]
+    print(f"W1 local training, 10 clients x 1 epoch, median of {repeat} alternating blocks:")
+    print(f"  mlp learner    {m_old * 1e3:8.1f} ms")
+    print(f"  torch learner  {m_new * 1e3:8.1f} ms   ratio {m_new / m_old:.3f} "
+          f"(median of paired ratios {statistics.median(ratios):.3f})")
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m perf.bench_learning")
     sub = p.add_subparsers(dest="what", required=True)
     sp = sub.add_parser("partition")
     sp.add_argument("--repeat", type=int, default=7)
+    lp = sub.add_parser("learner")
+    lp.add_argument("--repeat", type=int, default=15)
     wd = sub.add_parser("w7-data")
     wd.add_argument("path", nargs="?", type=Path, default=W7_DATA)
     ns = p.parse_args(argv)
     if ns.what == "partition":
         bench_partition(ns.repeat)
+    elif ns.what == "learner":
+        bench_learner(ns.repeat)
     else:
         t0 = time.perf_counter()
         path = w7_data(ns.path)

@@ -14,12 +14,17 @@ training loss, extra metrics). `Hooks` change a stock local loop without owning 
 gradient correction (SCAFFOLD's c - c_i, FedDyn's linear term) and a proximal penalty
 (FedProx, FedDyn's quadratic term). Any learner that honours them works with every protocol.
 
-Clients are numbered from 0 (FedAvg's node i+1 is client i). Models (docs/workloads.md):
-`mlp` (torch, 784->256->10), `linear` (numpy softmax regression on the same data, for quick
-tests) and `flat` (one float32 vector; "training" adds `flat_step`; no test set). Data is the
-seeded Gaussian mixture, made per client on demand and kept in a small LRU cache, so idle
-clients cost nothing. Local training shuffles with the `rng` it is given, so the caller decides
-where randomness comes from (FedAvg derives it from (seed, node, round): the same everywhere).
+Clients are numbered from 0 (FedAvg's node i+1 is client i). `make` takes a whole run config
+(reading `[workload]` and `[data]`) or a bare `[workload]` table. Original learners
+(docs/workloads.md), used when there is no `[data]` section: `mlp` (torch, 784->256->10),
+`linear` (numpy softmax regression on the same data, for quick tests) and `flat` (one float32
+vector; "training" adds `flat_step`; no test set), on the seeded Gaussian mixture made per
+client on demand and kept in a small LRU cache, so idle clients cost nothing. Everything else
+(`cnn`, `logreg`, `module:function` models, any `[data]`, `learner = "torch"`) runs on the
+generic torch learner of protocols.learning (docs/learning.md); `learner = "module:factory"`
+is a user's own. Every learner's `data.client(i)` is client i's training split as (x, y).
+Local training shuffles with the `rng` it is given, so the caller decides where randomness
+comes from (FedAvg derives it from (seed, node, round): the same everywhere).
 """
 
 from __future__ import annotations
