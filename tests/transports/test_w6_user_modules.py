@@ -30,7 +30,7 @@ def _run(cwd: Path, kind: str, model: str) -> dict:
     out = cwd / f"out-{kind}"
     proc = subprocess.run(
         [str(FEDLOOM), "run", str(ROOT / "perf/workloads/w6.toml"), "--quiet", "--out", str(out),
-         "--set", "run.rounds=2", "--set", f"transport.kind={kind}",
+         "--set", "run.rounds=1", "--set", f"transport.kind={kind}",
          "--set", f"workload.model={model}", "--set", "run.time_limit=240"],
         cwd=cwd, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -39,8 +39,11 @@ def _run(cwd: Path, kind: str, model: str) -> dict:
 
 @pytest.mark.skipif(not FEDLOOM.exists(), reason="needs the fedloom console script")
 def test_w6_same_model_on_every_transport_with_a_model_from_the_cwd(tmp_path):
+    from kernel.run import config, runner
+
     (tmp_path / "mymodels.py").write_text(USER_MODULE)
-    base = _run(tmp_path, "inproc", "cnn")
+    cfg = config.load(ROOT / "perf/workloads/w6.toml", ["run.rounds=1", "run.progress=false"])
+    base = runner.run(cfg, tmp_path / "out-inproc", quiet=True)  # the built-in cnn, here
     assert base["extra"]["clients_evaluated"] == 20
     for kind in ("ray", "grpc"):
         got = _run(tmp_path, kind, "mymodels:my_cnn")
