@@ -130,6 +130,11 @@ class TorchLearner(Learner):
     def samples(self, client: int) -> int:
         return int(self.data.samples(client))
 
+    def work(self, client: int) -> float:
+        n = self.samples(client)
+        steps = self.opts["local_steps"]
+        return float(steps * min(self.batch, n) if steps else n * self.epochs)
+
     def train(self, model: Mapping[str, np.ndarray], client: int, rng: np.random.Generator,
               hooks: Hooks | None = None) -> TrainResult:
         import torch

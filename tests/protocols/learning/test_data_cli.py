@@ -62,3 +62,13 @@ def test_bad_config_is_one_line_and_writes_nothing(tmp_path, capsys):
     assert main(["data", str(cfg), "--out", str(tmp_path / "out")]) == 1
     assert "missing.npz' does not exist" in capsys.readouterr().err
     assert not (tmp_path / "out").exists()
+
+
+def test_mixture_data_is_shown_too(tmp_path, capsys):
+    cfg = tmp_path / "m.toml"
+    cfg.write_text('[protocol]\nname = "fedavg"\n[workload]\nclients = 3\nsamples_per_client = 20\n'
+                   '[data]\nholdout = 0.25\n')
+    assert main(["data", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "mixture, iid, 3 clients" in out
+    assert "train samples    45" in out and "held out         15" in out
