@@ -195,3 +195,16 @@ def test_user_dataset_function(tmp_path):
     with pytest.raises(ConfigError, match=r"dataset = 'tests_nowhere_mod:fn': no module named "
                                           r"'tests_nowhere_mod' \(looked in"):
         datasets.load("tests_nowhere_mod:fn")
+
+
+def test_leaf_writers_become_clients_with_the_natural_partition(tmp_path):
+    from protocols import learners
+
+    (tmp_path / "train").mkdir()
+    _leaf_file(tmp_path / "train" / "a.json", ["w1", "w2", "w3"],
+               lambda i, j: [0.5] * 784, lambda i, j: j % 3)
+    learner = learners.make({"workload": {"model": "logreg", "clients": 3},
+                             "data": {"dataset": f"leaf:{tmp_path}", "test_fraction": 0.0,
+                                      "partition": {"kind": "natural"}}})
+    assert [learner.samples(i) for i in range(3)] == [2, 3, 4]  # writer i wrote 2 + i
+    assert learner.evaluate(learner.init()) is None  # no test split asked for
