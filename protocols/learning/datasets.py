@@ -4,8 +4,9 @@
 
 - `digits`: scikit-learn's bundled 1,797 8x8 digit images (x [N, 1, 8, 8] scaled to [0, 1]);
   nothing is downloaded.
-- `npz:PATH`: a numpy .npz with arrays `x` and `y`, optionally `group` (one int per sample, for
-  the `natural` partition) and `x_test`/`y_test` (a test split). uint8 `x` is scaled by 1/255.
+- `npz:PATH`: a numpy .npz with arrays `x` and `y`, optionally `group` (one int per sample,
+  for the `natural` partition) and `x_test`/`y_test` (a test split). uint8 `x` is scaled by
+  1/255. Paths (here and below) are relative to the current directory; `~` expands.
 - `mnist:DIR`: the four IDX files (`train-images-idx3-ubyte`, `train-labels-idx1-ubyte`,
   `t10k-images-idx3-ubyte`, `t10k-labels-idx1-ubyte`, `.gz` or not; a `.` instead of the
   second `-` is accepted) -> x [N, 1, 28, 28].
@@ -71,7 +72,7 @@ def load(spec: str, classes: int | None = None) -> Dataset:
     if kind in ("npz", "mnist", "cifar10", "leaf"):
         if not sep or not arg:
             raise ConfigError(f"[data] dataset = {spec!r}; expected '{kind}:PATH'")
-        arg = os.path.abspath(arg)  # the cache key must not depend on the cwd
+        arg = os.path.abspath(os.path.expanduser(arg))  # cache key independent of the cwd
     return _load(kind if kind in BUILTIN else spec, arg if kind in BUILTIN else "", classes)
 
 
