@@ -30,6 +30,7 @@ comes from (FedAvg derives it from (seed, node, round): the same everywhere).
 from __future__ import annotations
 
 import functools
+import json
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -174,28 +175,16 @@ def make(config: Mapping[str, Any]) -> Learner:
         from protocols.learning import data as learning_data
 
         data_opts = learning_data.validate(data)
-    return _make(_freeze(opts), _freeze(data_opts))
-
-
-def _freeze(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return tuple(sorted((k, _freeze(v)) for k, v in x.items()))
-    if isinstance(x, list | tuple):
-        return tuple(_freeze(v) for v in x)
-    return x
-
-
-def _thaw(x: Any) -> Any:
-    if isinstance(x, tuple) and all(isinstance(i, tuple) and len(i) == 2
-                                    and isinstance(i[0], str) for i in x) and x:
-        return {k: _thaw(v) for k, v in x}
-    return x
+    # One canonical text of both tables is the cache key (lists, nested tables and all).
+    return _make(json.dumps({"workload": opts, "data": data_opts}, sort_keys=True, default=str))
 
 
 @functools.lru_cache(maxsize=4)
-def _make(key: tuple[tuple[str, Any], ...], data_key: Any) -> Learner:
-    opts = dict(key)
-    if data_key is None and opts["learner"] == "auto" and opts["model"] in LEGACY \
+def _make(key: str) -> Learner:
+    both = json.loads(key)
+    opts, dopts = both["workload"], both["data"]
+    opts["betas"] = tuple(opts["betas"])
+    if dopts is None and opts["learner"] == "auto" and opts["model"] in LEGACY \
             and opts["local_steps"] == 0:
         cls = {"mlp": TorchMLP, "linear": NumpyLinear, "flat": Flat}[opts["model"]]
         return cls(opts)
@@ -205,9 +194,8 @@ def _make(key: tuple[tuple[str, Any], ...], data_key: Any) -> Learner:
     from protocols.learning import data as learning_data
     from protocols.learning.torch_learner import TorchLearner
 
-    dopts = {k: _thaw(v) for k, v in data_key} if data_key is not None else \
-        learning_data.validate({})
-    dopts["partition"] = dict(dopts["partition"]) if dopts["partition"] else {"kind": "iid"}
+    if dopts is None:
+        dopts = learning_data.validate({})
     if dopts["dataset"] == "mixture":
         data: Any = learning_data.MixtureData(Mixture(opts), dopts["holdout"])
     else:
