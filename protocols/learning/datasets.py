@@ -214,9 +214,10 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_TYPES \
             or data[3] != ndim:
         got = data[:4].hex() if len(data) >= 4 else f"{len(data)} bytes"
-        raise DataError(f"IDX file {str(path)!r}: magic number {got}; expected 0000"
-                        f"{[k for k, v in IDX_TYPES.items() if v is np.uint8][0]:02x}{ndim:02x} "
-                        f"(an IDX file of {ndim} dimension{'s' * (ndim > 1)})")
+        kind = data[2] if len(data) > 2 and data[2] in IDX_TYPES else 0x08
+        raise DataError(f"IDX file {str(path)!r}: magic number {got}; expected "
+                        f"0000{kind:02x}{ndim:02x} (an IDX file of {ndim} "
+                        f"dimension{'s' * (ndim > 1)})")
     header = 4 + 4 * ndim
     if len(data) < header:
         raise DataError(f"IDX file {str(path)!r} is truncated inside its header")
