@@ -14,17 +14,23 @@ training loss, extra metrics). `Hooks` change a stock local loop without owning 
 gradient correction (SCAFFOLD's c - c_i, FedDyn's linear term) and a proximal penalty
 (FedProx, FedDyn's quadratic term). Any learner that honours them works with every protocol.
 
-Clients are numbered from 0 (FedAvg's node i+1 is client i). Models (docs/workloads.md):
-`mlp` (torch, 784->256->10), `linear` (numpy softmax regression on the same data, for quick
-tests) and `flat` (one float32 vector; "training" adds `flat_step`; no test set). Data is the
-seeded Gaussian mixture, made per client on demand and kept in a small LRU cache, so idle
-clients cost nothing. Local training shuffles with the `rng` it is given, so the caller decides
-where randomness comes from (FedAvg derives it from (seed, node, round): the same everywhere).
+Clients are numbered from 0 (FedAvg's node i+1 is client i). `make` takes a whole run config
+(reading `[workload]` and `[data]`) or a bare `[workload]` table. Original learners
+(docs/workloads.md), used when there is no `[data]` section: `mlp` (torch, 784->256->10),
+`linear` (numpy softmax regression on the same data, for quick tests) and `flat` (one float32
+vector; "training" adds `flat_step`; no test set), on the seeded Gaussian mixture made per
+client on demand and kept in a small LRU cache, so idle clients cost nothing. Everything else
+(`cnn`, `logreg`, `module:function` models, any `[data]`, `learner = "torch"`) runs on the
+generic torch learner of protocols.learning (docs/learning.md); `learner = "module:factory"`
+is a user's own. Every learner's `data.client(i)` is client i's training split as (x, y).
+Local training shuffles with the `rng` it is given, so the caller decides where randomness
+comes from (FedAvg derives it from (seed, node, round): the same everywhere).
 """
 
 from __future__ import annotations
 
 import functools
+import json
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -83,6 +89,7 @@ DEFAULTS: dict[str, Any] = {
     "betas": [0.9, 0.999],
     "loss": "cross_entropy",  # "cross_entropy" | "nll" | "mse"
     "eval_batch": 1024,
+    "local_steps": 0,  # > 0: exactly this many minibatch steps per train call (not epochs)
 }
 # mlp, linear and flat are the original learners; cnn, logreg and "module:function" models
 # run on the generic torch learner, as does mlp with `learner = "torch"` or a [data] section.
@@ -101,10 +108,11 @@ def validate(workload: Mapping[str, Any]) -> dict[str, Any]:
                    choices={"optimizer": ("sgd", "adam"),
                             "loss": ("cross_entropy", "nll", "mse")})
     model, learner, device = opts["model"], opts["learner"], opts["device"]
-    if model not in MODELS and ":" not in model:
+    if model not in MODELS and ":" not in model and model not in _declared("models"):
         raise ConfigError(f"[workload] model = {model!r} is not allowed; choose one of "
                           f"{', '.join(MODELS)} (or give 'module:function')")
-    if learner not in ("auto", "torch") and ":" not in learner:
+    if learner not in ("auto", "torch") and ":" not in learner \
+            and learner not in _declared("learners"):
         raise ConfigError(f"[workload] learner = {learner!r} is not allowed; choose 'auto', "
                           f"'torch' (the generic torch learner) or give 'module:factory'")
     if learner == "torch" and model in ("linear", "flat"):
@@ -123,6 +131,9 @@ def validate(workload: Mapping[str, Any]) -> dict[str, Any]:
             raise ConfigError(f"[workload] {key} = {opts[key]!r}; expected a number >= 0")
     positive = ("clients", "samples_per_client", "batch_size", "epochs", "input_dim", "hidden",
                 "classes", "flat_size", "torch_threads", "data_cache", "eval_batch")
+    if opts["local_steps"] < 0:
+        raise ConfigError(f"[workload] local_steps = {opts['local_steps']!r}; expected an "
+                          f"integer >= 0 (0: whole epochs)")
     for key in positive:
         if opts[key] < 1:
             raise ConfigError(f"[workload] {key} = {opts[key]!r}; expected an integer >= 1")
@@ -151,6 +162,12 @@ def _require_memory(o: Mapping[str, Any]) -> None:
                    f"({params} parameters)", need)
 
 
+def _declared(group: str) -> list[str]:
+    from kernel.registry import names
+
+    return names(group)
+
+
 def make(config: Mapping[str, Any]) -> Learner:
     """The learner for a whole run config (its `[workload]` and `[data]`), or for a bare
     `[workload]` table; one per process per distinct input, so every node of a shard shares
@@ -165,35 +182,24 @@ def make(config: Mapping[str, Any]) -> Learner:
     else:
         workload, data = config, None
     opts = validate(workload)
-    if ":" in opts["learner"]:
+    if opts["learner"] not in ("auto", "torch"):
         return _user_learner(opts["learner"], config)
     data_opts = None
     if data is not None:
         from protocols.learning import data as learning_data
 
         data_opts = learning_data.validate(data)
-    return _make(_freeze(opts), _freeze(data_opts))
-
-
-def _freeze(x: Any) -> Any:
-    if isinstance(x, Mapping):
-        return tuple(sorted((k, _freeze(v)) for k, v in x.items()))
-    if isinstance(x, list | tuple):
-        return tuple(_freeze(v) for v in x)
-    return x
-
-
-def _thaw(x: Any) -> Any:
-    if isinstance(x, tuple) and all(isinstance(i, tuple) and len(i) == 2
-                                    and isinstance(i[0], str) for i in x) and x:
-        return {k: _thaw(v) for k, v in x}
-    return x
+    # One canonical text of both tables is the cache key (lists, nested tables and all).
+    return _make(json.dumps({"workload": opts, "data": data_opts}, sort_keys=True, default=str))
 
 
 @functools.lru_cache(maxsize=4)
-def _make(key: tuple[tuple[str, Any], ...], data_key: Any) -> Learner:
-    opts = dict(key)
-    if data_key is None and opts["learner"] == "auto" and opts["model"] in LEGACY:
+def _make(key: str) -> Learner:
+    both = json.loads(key)
+    opts, dopts = both["workload"], both["data"]
+    opts["betas"] = tuple(opts["betas"])
+    if dopts is None and opts["learner"] == "auto" and opts["model"] in LEGACY \
+            and opts["local_steps"] == 0:
         cls = {"mlp": TorchMLP, "linear": NumpyLinear, "flat": Flat}[opts["model"]]
         return cls(opts)
     if opts["model"] in ("linear", "flat"):
@@ -202,9 +208,8 @@ def _make(key: tuple[tuple[str, Any], ...], data_key: Any) -> Learner:
     from protocols.learning import data as learning_data
     from protocols.learning.torch_learner import TorchLearner
 
-    dopts = {k: _thaw(v) for k, v in data_key} if data_key is not None else \
-        learning_data.validate({})
-    dopts["partition"] = dict(dopts["partition"]) if dopts["partition"] else {"kind": "iid"}
+    if dopts is None:
+        dopts = learning_data.validate({})
     if dopts["dataset"] == "mixture":
         data: Any = learning_data.MixtureData(Mixture(opts), dopts["holdout"])
     else:

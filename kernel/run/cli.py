@@ -170,6 +170,14 @@ def summary(result: Mapping[str, Any], out_dir: Path) -> str:
                                  if result.get("finished_by") is not None else ""),
         f"  rounds         {result['rounds']}",
         f"  test accuracy  {acc:.4f}" if isinstance(acc, float) else "  test accuracy  -",
+    ]
+    extra = result.get("extra") or {}
+    if isinstance(extra.get("client_accuracy_mean"), float):  # per-client evaluation ran
+        lines.append(f"  clients        accuracy mean {extra['client_accuracy_mean']:.4f}, "
+                     f"10th percentile {extra['client_accuracy_p10']:.4f}, worst "
+                     f"{extra['client_accuracy_worst']:.4f} ({extra['clients_evaluated']} "
+                     f"evaluated)")
+    lines += [
         f"  wall s         {result['wall_s']:.2f} (startup {result['startup_s']:.2f}, "
         f"rounds {result['rounds_s']:.2f})",
     ]

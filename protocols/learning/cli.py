@@ -21,7 +21,7 @@ from kernel.options import ConfigError
 SHOWN = 20
 
 
-def label_counts(data: Any) -> tuple[np.ndarray, np.ndarray]:
+def label_counts(data: Any, clients: int) -> tuple[np.ndarray, np.ndarray]:
     """(train counts [clients, classes], held-out samples [clients]) of a learner's data."""
     classes = int(data.classes)
     train = getattr(data, "train", None)
@@ -30,12 +30,10 @@ def label_counts(data: Any) -> tuple[np.ndarray, np.ndarray]:
         flat = np.bincount(owner * classes + data.y[train.indices],
                            minlength=train.clients * classes)
         return flat.reshape(train.clients, classes), data.held.sizes.copy()
-    n = data.mixture.n if hasattr(data, "mixture") else 0
-    clients = getattr(data, "clients", n)
     rows, held = [], []
     for i in range(clients):
         rows.append(np.bincount(data.client(i)[1], minlength=classes))
-        held.append(len(data.holdout(i)[1]) if data.has_holdout else 0)
+        held.append(len(data.holdout(i)[1]) if getattr(data, "has_holdout", False) else 0)
     return np.array(rows).reshape(-1, classes), np.array(held, np.int64)
 
 
@@ -138,7 +136,7 @@ def _main(ns: argparse.Namespace) -> int:
     if data is None or not hasattr(data, "classes"):
         raise ConfigError(f"{ns.config}: the learner {type(learner).__name__} does not say "
                           f"how its data is split (no data.classes)")
-    counts, held = label_counts(data)
+    counts, held = label_counts(data, learner.clients)
     rows = range(len(counts)) if ns.all else range(min(SHOWN, len(counts)))
     spec = config.get("data", {})
     kind = spec.get("partition", {}).get("kind", "iid")

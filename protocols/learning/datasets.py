@@ -4,8 +4,9 @@
 
 - `digits`: scikit-learn's bundled 1,797 8x8 digit images (x [N, 1, 8, 8] scaled to [0, 1]);
   nothing is downloaded.
-- `npz:PATH`: a numpy .npz with arrays `x` and `y`, optionally `group` (one int per sample, for
-  the `natural` partition) and `x_test`/`y_test` (a test split). uint8 `x` is scaled by 1/255.
+- `npz:PATH`: a numpy .npz with arrays `x` and `y`, optionally `group` (one int per sample,
+  for the `natural` partition) and `x_test`/`y_test` (a test split). uint8 `x` is scaled by
+  1/255. Paths (here and below) are relative to the current directory; `~` expands.
 - `mnist:DIR`: the four IDX files (`train-images-idx3-ubyte`, `train-labels-idx1-ubyte`,
   `t10k-images-idx3-ubyte`, `t10k-labels-idx1-ubyte`, `.gz` or not; a `.` instead of the
   second `-` is accepted) -> x [N, 1, 28, 28].
@@ -71,14 +72,14 @@ def load(spec: str, classes: int | None = None) -> Dataset:
     if kind in ("npz", "mnist", "cifar10", "leaf"):
         if not sep or not arg:
             raise ConfigError(f"[data] dataset = {spec!r}; expected '{kind}:PATH'")
-        arg = os.path.abspath(arg)  # the cache key must not depend on the cwd
+        arg = os.path.abspath(os.path.expanduser(arg))  # cache key independent of the cwd
     return _load(kind if kind in BUILTIN else spec, arg if kind in BUILTIN else "", classes)
 
 
 @functools.lru_cache(maxsize=4)
 def _load(kind: str, arg: str, classes: int | None) -> Dataset:
     if kind == "digits":
-        raw = _digits()
+        raw = digits()
     elif kind == "npz":
         raw = _npz(Path(arg))
     elif kind == "mnist":
@@ -163,7 +164,8 @@ def _labels(name: str, key: str, y: np.ndarray, n: int) -> np.ndarray:
 
 # -- built-in formats ------------------------------------------------------------------------
 
-def _digits() -> dict[str, Any]:
+def digits() -> dict[str, Any]:
+    """scikit-learn's bundled digits as arrays (x [1797, 1, 8, 8] in [0, 1], y, classes)."""
     from sklearn.datasets import load_digits  # lazy: sklearn costs ~1 s to import
 
     d = load_digits()
@@ -212,9 +214,10 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] not in IDX_TYPES \
             or data[3] != ndim:
         got = data[:4].hex() if len(data) >= 4 else f"{len(data)} bytes"
-        raise DataError(f"IDX file {str(path)!r}: magic number {got}; expected 0000"
-                        f"{[k for k, v in IDX_TYPES.items() if v is np.uint8][0]:02x}{ndim:02x} "
-                        f"(an IDX file of {ndim} dimension{'s' * (ndim > 1)})")
+        kind = data[2] if len(data) > 2 and data[2] in IDX_TYPES else 0x08
+        raise DataError(f"IDX file {str(path)!r}: magic number {got}; expected "
+                        f"0000{kind:02x}{ndim:02x} (an IDX file of {ndim} "
+                        f"dimension{'s' * (ndim > 1)})")
     header = 4 + 4 * ndim
     if len(data) < header:
         raise DataError(f"IDX file {str(path)!r} is truncated inside its header")

@@ -29,11 +29,11 @@ def build(name: str, shape: tuple[int, ...], classes: int, hidden: int = 256) ->
     from torch import nn
 
     if name == "mlp":
-        net: Any = _mlp(math.prod(shape), hidden, classes)
+        net: Any = mlp(shape, classes, hidden)
     elif name == "logreg":
-        net = _mlp(math.prod(shape), 0, classes)
+        net = logreg(shape, classes)
     elif name == "cnn":
-        net = _cnn(_image_shape(shape), classes)
+        net = cnn(shape, classes)
     else:
         net = _user(name, shape, classes)
     if not isinstance(net, nn.Module):
@@ -52,6 +52,21 @@ def build(name: str, shape: tuple[int, ...], classes: int, hidden: int = 256) ->
         raise ConfigError(f"[workload] model = {name!r} returns output of shape {got} for a "
                           f"batch of 2; expected (2, {classes}) (batch, classes)")
     return net
+
+
+def mlp(input_shape: tuple[int, ...], classes: int, hidden: int = 256) -> Any:
+    """The `mlp` model for samples of `input_shape`."""
+    return _mlp(math.prod(input_shape), hidden, classes)
+
+
+def logreg(input_shape: tuple[int, ...], classes: int) -> Any:
+    """The `logreg` model for samples of `input_shape`."""
+    return _mlp(math.prod(input_shape), 0, classes)
+
+
+def cnn(input_shape: tuple[int, ...], classes: int) -> Any:
+    """The `cnn` model for images of `input_shape`."""
+    return _cnn(_image_shape(tuple(input_shape)), classes)
 
 
 def _mlp(d: int, hidden: int, classes: int) -> Any:

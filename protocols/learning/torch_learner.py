@@ -2,9 +2,11 @@
 
 `[workload]` keys it reads (validated in protocols.learners): `model`, `optimizer` ("sgd" with
 `momentum`, `nesterov` and `weight_decay`, or "adam" with `betas` and `weight_decay`), `lr`,
-`batch_size`, `epochs`, `loss` ("cross_entropy", "nll" on log-probabilities, or "mse" against
-one-hot targets), `device` ("auto": cuda when available, else cpu; "cpu"; "cuda"; "cuda:N"),
-`torch_threads`, `hidden` (mlp width), `eval_batch` (evaluation batch size).
+`batch_size`, `epochs` (or `local_steps` > 0: exactly that many minibatches, reshuffling
+each pass, as FedAvg with K local steps), `loss` ("cross_entropy", "nll" on
+log-probabilities, or "mse" against one-hot targets), `device` ("auto": cuda when available,
+else cpu; "cpu"; "cuda"; "cuda:N"), `torch_threads`, `hidden` (mlp width), `eval_batch`
+(evaluation batch size).
 
 Models cross the wire as named float32 numpy arrays; batches and parameters live on the device.
 On cuda, deterministic algorithms are switched on (and CUBLAS_WORKSPACE_CONFIG set), so a run
@@ -16,7 +18,7 @@ the optimizer: grad += correction + prox_mu * (w - anchor).
 from __future__ import annotations
 
 import os
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -48,7 +50,8 @@ class TorchLearner(Learner):
         if want.startswith("cuda"):
             if not torch.cuda.is_available():
                 raise ConfigError(f"[workload] device = {self.opts['device']!r} but torch sees "
-                                  f"no CUDA device here; use 'cpu' or 'auto'")
+                                  f"no CUDA device here; use 'cpu' or 'auto' (on ray, give "
+                                  f"shards GPUs with [transport] gpus_per_shard)")
             index = int(want.partition(":")[2] or 0)
             if index >= torch.cuda.device_count():
                 raise ConfigError(f"[workload] device = {want!r} but torch sees "
@@ -127,6 +130,11 @@ class TorchLearner(Learner):
     def samples(self, client: int) -> int:
         return int(self.data.samples(client))
 
+    def work(self, client: int) -> float:
+        n = self.samples(client)
+        steps = self.opts["local_steps"]
+        return float(steps * min(self.batch, n) if steps else n * self.epochs)
+
     def train(self, model: Mapping[str, np.ndarray], client: int, rng: np.random.Generator,
               hooks: Hooks | None = None) -> TrainResult:
         import torch
@@ -150,24 +158,36 @@ class TorchLearner(Learner):
         step = _Optimizer(self.opts, params)
         steps, total = 0, torch.zeros((), dtype=torch.float64, device=self.device)
         net.train()
-        for _ in range(self.epochs):
-            order = self._tensor(rng.permutation(n))
-            for start in range(0, n, self.batch):
-                idx = order[start:start + self.batch]
-                loss = self._loss(net(xs[idx]), ys[idx])
-                grads = torch.autograd.grad(loss, params)
-                with torch.no_grad():
-                    total += loss.detach()
-                    fixed = []
-                    for p, g, a, c in zip(params, grads, anchor, corr):
-                        if a is not None:
-                            g = g.add(p - a, alpha=mu)
-                        if c is not None:
-                            g = g.add(c)
-                        fixed.append(g)
-                    step(fixed)
-                steps += 1
+        for idx in self._batches(n, rng):
+            loss = self._loss(net(xs[idx]), ys[idx])
+            grads = torch.autograd.grad(loss, params)
+            with torch.no_grad():
+                total += loss.detach()
+                fixed = []
+                for p, g, a, c in zip(params, grads, anchor, corr):
+                    if a is not None:
+                        g = g.add(p - a, alpha=mu)
+                    if c is not None:
+                        g = g.add(c)
+                    fixed.append(g)
+                step(fixed)
+            steps += 1
         return TrainResult(self._model(), steps, float(total) / max(steps, 1))
+
+    def _batches(self, n: int, rng: np.random.Generator) -> Iterator[Any]:
+        """Index tensors of the minibatches of one train call: `epochs` passes over a fresh
+        permutation each, or `local_steps` batches cycling through such passes."""
+        todo = self.opts["local_steps"]
+        passes = 0
+        while (passes < self.epochs) if not todo else todo > 0:
+            order = self._tensor(rng.permutation(n))
+            passes += 1
+            for start in range(0, n, self.batch):
+                if self.opts["local_steps"]:
+                    if todo == 0:
+                        return
+                    todo -= 1
+                yield order[start:start + self.batch]
 
     def evaluate(self, model: Mapping[str, np.ndarray],
                  client: int | None = None) -> dict[str, float] | None:

@@ -9,6 +9,8 @@ import struct
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from kernel.options import ConfigError
 from protocols.learning import datasets
@@ -195,3 +197,32 @@ def test_user_dataset_function(tmp_path):
     with pytest.raises(ConfigError, match=r"dataset = 'tests_nowhere_mod:fn': no module named "
                                           r"'tests_nowhere_mod' \(looked in"):
         datasets.load("tests_nowhere_mod:fn")
+
+
+def test_leaf_writers_become_clients_with_the_natural_partition(tmp_path):
+    from protocols import learners
+
+    (tmp_path / "train").mkdir()
+    _leaf_file(tmp_path / "train" / "a.json", ["w1", "w2", "w3"],
+               lambda i, j: [0.5] * 784, lambda i, j: j % 3)
+    learner = learners.make({"workload": {"model": "logreg", "clients": 3},
+                             "data": {"dataset": f"leaf:{tmp_path}", "test_fraction": 0.0,
+                                      "partition": {"kind": "natural"}}})
+    assert [learner.samples(i) for i in range(3)] == [2, 3, 4]  # writer i wrote 2 + i
+    assert learner.evaluate(learner.init()) is None  # no test split asked for
+
+
+@settings(max_examples=20, deadline=None)
+@given(shape=st.lists(st.integers(0, 5), min_size=1, max_size=4), gz=st.booleans(),
+       code=st.sampled_from(sorted(datasets.IDX_TYPES)), seed=st.integers(0, 1000))
+def test_idx_round_trip(tmp_path_factory, shape, gz, code, seed):
+    dtype = np.dtype(datasets.IDX_TYPES[code])
+    a = (np.random.default_rng(seed).standard_normal(shape) * 50).astype(dtype)
+    head = bytes([0, 0, code, len(shape)]) + struct.pack(f">{len(shape)}I", *shape)
+    data = head + a.tobytes()
+    path = tmp_path_factory.mktemp("idx") / ("f.gz" if gz else "f")
+    path.write_bytes(gzip.compress(data) if gz else data)
+    got = datasets.read_idx(path, len(shape))
+    assert got.shape == tuple(shape) and np.array_equal(got, a)
+    with pytest.raises(DataError, match="magic number"):
+        datasets.read_idx(path, len(shape) + 1)

@@ -74,6 +74,10 @@ def test_per_client_rows_and_round_spread(tmp_path):
     res = json.loads((tmp_path / "result.json").read_text())
     assert res["extra"]["client_accuracy_mean"] == rounds[-1]["client_accuracy_mean"]
     assert result["test_accuracy"] == rounds[-1]["accuracy"]
+    from kernel.run.cli import summary
+
+    worst = rounds[-1]["client_accuracy_worst"]
+    assert f"worst {worst:.4f} (3 evaluated)" in summary(result, tmp_path)
     again = runner.run(cfg, tmp_path / "again", quiet=True)
     assert again["final_model_sha256"] == result["final_model_sha256"]
     rows2 = read_metrics(tmp_path / "again" / "metrics.jsonl", drop_wall=True)

@@ -202,3 +202,14 @@ def test_user_partitioner_is_checked():
     registry.register("partitioners", "tests.twice", lambda labels, n, rng: [[0, 1], [1]])
     with pytest.raises(ConfigError, match="gave some sample to two clients"):
         P.partition(P.validate({"kind": "tests.twice"}), y, 2, 0)
+
+
+@settings(max_examples=15, deadline=None)
+@given(seed=st.integers(0, 10**6), clients=st.integers(1, 20), k=st.integers(1, 4),
+       mode=st.sampled_from(P.ASSIGNMENTS))
+def test_pathological_clients_hold_k_classes_and_no_sample_twice(seed, clients, k, mode):
+    y = _labels(seed, 400, 5)
+    part = P.pathological(y, clients, np.random.default_rng(seed), classes_per_client=k,
+                          class_assignment=mode)
+    assert len(np.unique(part.indices)) == len(part.indices)
+    assert all(len(np.unique(y[part[i]])) <= k for i in range(clients))

@@ -161,3 +161,32 @@ def test_more_clients_than_samples():
     with pytest.raises(ConfigError, match=r"\[workload\] clients = 2000 is more than the 1438"):
         learners.make({"workload": {"model": "logreg", "clients": 2000},
                        "data": {"dataset": "digits"}})
+
+
+@pytest.mark.parametrize("k", [1, 3, 7, 12])
+def test_local_steps_take_exactly_k_minibatches(k):
+    learner = learners.make(dict(SMALL, local_steps=k))  # 40 samples, batch 8: 5 per pass
+    assert type(learner).__name__ == "TorchLearner"
+    res = learner.train(learner.init(), 0, np.random.default_rng(0))
+    assert res.steps == k
+
+
+def test_local_steps_of_one_pass_equal_one_epoch():
+    model = learners.make(dict(SMALL)).init()
+    a = learners.make(dict(SMALL, local_steps=5)).train(model, 1, np.random.default_rng(4))
+    b = learners.make(dict(SMALL, learner="torch")).train(model, 1, np.random.default_rng(4))
+    assert a.steps == b.steps == 5
+    assert all(np.array_equal(a.model[k], b.model[k]) for k in model)
+
+
+@pytest.mark.parametrize("shape", [(1, 8, 8), (1, 28, 28), (3, 32, 32), (28, 28), (784,),
+                                   (3072,)])
+def test_cnn_fits_the_documented_image_sizes(shape):
+    net = models.build("cnn", shape, 10)
+    with torch.no_grad():
+        assert net(torch.zeros((4, *shape))).shape == (4, 10)
+
+
+def test_cnn_refuses_samples_that_are_not_images():
+    with pytest.raises(ConfigError, match=r"model = 'cnn' needs image samples .* shape \(10,\)"):
+        models.build("cnn", (10,), 3)
