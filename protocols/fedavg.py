@@ -10,6 +10,7 @@ copy of a reply in its own round is a "duplicate"). Clients keep no state.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Hashable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,7 +20,7 @@ import numpy as np
 from kernel.api import Context, Deployment, Protocol
 from kernel.messages import Message
 from kernel.options import ConfigError, options
-from protocols import learners
+from protocols import learners, threats
 from protocols.common import Aggregate, Gather, Tensors, aggregator, derive_rng, sample
 
 DEFAULTS: dict[str, Any] = {
@@ -111,8 +112,10 @@ class ServerOpt:
 class Server(Protocol):
     """Node 0: samples, broadcasts, gathers, aggregates, evaluates, finishes."""
 
-    def __init__(self, opts: Options, learner: learners.Learner, rounds: int) -> None:
+    def __init__(self, opts: Options, learner: learners.Learner, rounds: int,
+                 guard: threats.Guard | None = None) -> None:
         self.o, self.learner, self.rounds = opts, learner, rounds
+        self.guard = guard or threats.Guard()
         self.aggregate: Aggregate = aggregator(opts.aggregator, opts.aggregator_args)
         self.opt = ServerOpt(opts)
         self.round, self.late = 0, 0
@@ -130,12 +133,17 @@ class Server(Protocol):
             if self.evaluation is not None:
                 result.update(test_accuracy=self.evaluation["accuracy"],
                               test_loss=self.evaluation["loss"])
-            ctx.finish(result)
+            ctx.finish({**result, **self.guard.result_fields()})
             return
         self.round += 1
-        clients = sample(ctx.rng, range(1, ctx.n_nodes), fraction=self.o.fraction,
-                         count=self.o.clients_per_round)
+        pop, fr, k = range(1, ctx.n_nodes), self.o.fraction, self.o.clients_per_round
+        clients = self.guard.sample(ctx.rng, pop, fr, k)  # Poisson sampling under [privacy]
+        if clients is None:
+            clients = sample(ctx.rng, pop, fraction=fr, count=k)
         self.gather = Gather(self.round, clients)
+        if not clients:
+            self._end_round(ctx)
+            return
         self.gather.arm(ctx, self.o.round_timeout)
         ctx.multicast(clients, "train", round=self.round, model=self.model)
 
@@ -156,23 +164,30 @@ class Server(Protocol):
     def _end_round(self, ctx: Context) -> None:
         replies = self.gather.close(ctx)
         aggregated = len(replies) >= min(self.o.min_replies, self.gather.need)
-        if aggregated:
-            agg = self.aggregate([(float(n), model) for _, (n, model) in replies])
-            self.model = self.opt.step(self.model, agg)
+        if aggregated:  # [adversary] and [privacy] act here (protocols.threats)
+            items = self.guard.collude(self.round, self.model, replies)
+            agg = self.guard.aggregate(self.aggregate, self.model, items, self.round,
+                                       self.gather.need)
+            aggregated = agg is not None
+            if agg is not None:
+                self.model = self.opt.step(self.model, agg)
         ev = None
         if self.round % self.o.eval_every == 0 or self.round == self.rounds:
             ev = self.evaluation = self.learner.evaluate(self.model)
         ctx.emit("round", self.round, accuracy=ev and ev["accuracy"], loss=ev and ev["loss"],
                  clients=len(replies), sampled=self.gather.need, late=self.gather.late,
-                 aggregated=aggregated)
+                 aggregated=aggregated,
+                 **self.guard.end_round([src for src, _ in replies] if aggregated else []))
         self._next_round(ctx)
 
 
 class Client(Protocol):
     """Nodes 1..N: train on the received model, reply with the result; hold nothing between."""
 
-    def __init__(self, opts: Options, learner: learners.Learner, seed: int) -> None:
+    def __init__(self, opts: Options, learner: learners.Learner, seed: int,
+                 guard: threats.Guard | None = None) -> None:
         self.mu, self.learner, self.seed = opts.mu, learner, seed
+        self.guard = guard or threats.Guard()
 
     def on_message(self, ctx: Context, msg: Message) -> None:
         client = ctx.id - 1
@@ -180,8 +195,7 @@ class Client(Protocol):
         if work:
             ctx.compute(work=work, label="train")
         rng = derive_rng(self.seed, ctx.id, msg.round)
-        hooks = learners.Hooks(prox_mu=self.mu) if self.mu else None
-        model = self.learner.train(msg.model, client, rng, hooks).model
+        model = self.guard.client_train(self.learner, msg.model, client, rng, msg.round, self.mu)
         ctx.send(msg.src, "update", round=msg.round, model=model,
                  n_samples=self.learner.samples(client))
 
@@ -196,9 +210,11 @@ def build(config: Mapping[str, Any]) -> Deployment:
     seed = int(run.get("seed", 0))
     aggregator(opts.aggregator, opts.aggregator_args)  # fail on a bad name now, not mid-run
     rounds = run["rounds"]
-    client = Client(opts, learner, seed)  # stateless, so one object serves every client node
+    guard = threats.Guard.from_config(config, learner, seed, sampled=opts.clients_per_round)
+    client = Client(opts, learner, seed, guard)  # stateless: one object serves every client
     return Deployment(
         node_ids=list(range(learner.clients + 1)),
-        make_node=lambda i: Server(opts, learner, rounds) if i == 0 else client,
+        make_node=lambda i: Server(opts, learner, rounds, copy.deepcopy(guard)) if i == 0
+        else client,
         describe=f"fedavg: server 0, clients 1..{learner.clients}, {rounds} rounds",
     )

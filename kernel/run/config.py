@@ -15,7 +15,8 @@ A run config is a TOML file with these top-level sections (each a table):
   given; default "" meaning `runs/<config file stem>`), `save_model` (bool, default true:
   write final_model.npz).
 - `[workload]`, `[network]`, `[codec]`, `[perf]`: validated by their owners (the protocol,
-  the network model, the codec, the perf harness).
+  the network model, the codec, the perf harness); `[adversary]` and `[privacy]` by
+  `protocols.adversary` and `protocols.privacy` (through the FedAvg-family protocols).
 
 A validated config is always representable in TOML: optional keys that are unset are absent,
 never None, so `config.toml` written from it loads back to the same dict.
@@ -33,7 +34,8 @@ from typing import Any
 from kernel import registry
 from kernel.options import ConfigError, _type_name, options
 
-SECTIONS = ("run", "transport", "protocol", "workload", "network", "codec", "output", "perf")
+SECTIONS = ("run", "transport", "protocol", "workload", "network", "codec", "output", "perf",
+            "adversary", "privacy")
 
 # Defaults for [run]; None marks a key that is unset unless given (and then absent from the
 # validated config).
