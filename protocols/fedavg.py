@@ -218,3 +218,6 @@ def build(config: Mapping[str, Any]) -> Deployment:
         else client,
         describe=f"fedavg: server 0, clients 1..{learner.clients}, {rounds} rounds",
     )
+
+
+build.honours = ("adversary", "privacy")  # type: ignore[attr-defined]

@@ -466,3 +466,6 @@ def build(config: Mapping[str, Any]) -> Deployment:
                              else Client(o, learner, seed, guard)),
         describe=f"secaggplus: server 0, clients 1..{learner.clients}, {rounds} rounds",
     )
+
+
+build.honours = ("adversary", "privacy")  # type: ignore[attr-defined]
