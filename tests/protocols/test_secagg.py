@@ -254,17 +254,28 @@ def test_graph_is_regular_symmetric_and_seeded() -> None:
 @pytest.mark.ray
 @pytest.mark.grpc
 @pytest.mark.slow
-def test_same_model_on_inproc_ray_and_grpc() -> None:
+@pytest.mark.parametrize("protocol, threats", [
+    ("secaggplus", {"adversary": {"kind": "gaussian", "ids": [2]},
+                    "privacy": {"mode": "local", "noise_multiplier": 0.1, "clip": 5.0}}),
+    ("fedavg", {"adversary": {"kind": "alie", "fraction": 0.4},
+                "privacy": {"mode": "central", "adaptive": True, "sampling": "poisson"}}),
+])
+def test_same_model_on_inproc_ray_and_grpc(protocol: str, threats: dict[str, Any]) -> None:
     from kernel.run import runner
 
-    shas = {}
+    shas, rows = {}, {}
     for kind in ("inproc", "grpc", "ray"):
-        cfg = config(5, rounds=2, threshold=3)
+        cfg = config(5, rounds=2, **({"threshold": 3} if protocol == "secaggplus" else {}))
+        cfg["protocol"]["name"] = protocol
+        if protocol == "fedavg":
+            cfg["protocol"]["fraction"] = 0.6
         cfg["transport"] = {"kind": kind}
         cfg["run"]["progress"] = False
-        cfg["adversary"] = {"kind": "gaussian", "ids": [2]}
-        cfg["privacy"] = {"mode": "local", "noise_multiplier": 0.1, "clip": 5.0}
-        res = runner.run(cfg, quiet=True)
-        assert res["reason"] == "finished", (kind, res)
-        shas[kind] = res["final_model_sha256"]
+        cfg.update(threats)
+        rec = runner.execute(cfg, quiet=True)
+        assert rec.result["reason"] == "finished", (kind, rec.result)
+        shas[kind] = rec.result["final_model_sha256"]
+        rows[kind] = [{k: v for k, v in r.items() if k not in ("t", "wall_s")}
+                      for r in rec.rows if r["name"] == "round"]
     assert shas["grpc"] == shas["ray"] == shas["inproc"] is not None
+    assert rows["grpc"] == rows["ray"] == rows["inproc"]
