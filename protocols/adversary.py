@@ -135,14 +135,15 @@ class Adversary:
         return out
 
     def collude(self, rnd: int, model: Mapping[str, np.ndarray],
-                replies: Sequence[tuple[int, tuple[float, Mapping[str, np.ndarray]]]]
+                replies: Sequence[tuple[int, float, Mapping[str, np.ndarray]]]
                 ) -> list[tuple[float, Mapping[str, np.ndarray]]]:
-        """(weight, model) items in sender order, the colluders' models replaced (alie, ipm)."""
+        """(weight, model) items from (sender, weight, model) replies in sender order, the
+        colluders' models replaced (alie, ipm)."""
         items: list[tuple[float, Mapping[str, np.ndarray]]] = [
-            (float(n), m) for _, (n, m) in replies]
+            (float(n), m) for _, n, m in replies]
         if self.kind not in COLLUDING:
             return items
-        bad = [i for i, (src, _) in enumerate(replies) if src in self.ids]
+        bad = [i for i, (src, _, _) in enumerate(replies) if src in self.ids]
         if not bad:
             return items
         good = [i for i in range(len(items)) if i not in bad] or bad

@@ -192,7 +192,7 @@ def _build(config: Mapping[str, Any], defaults: Mapping[str, Any],
     o = options("protocol", config.get("protocol", {}), defaults,
                 choices={"staleness": STALENESS})
     wl = learners.validate(config.get("workload", {}))
-    learner = learners.make(wl)
+    learner = learners.make(config)
     clients = wl["clients"]
     if not 0 <= o["concurrency"] <= clients:
         raise ConfigError(f"[protocol] concurrency = {o['concurrency']}; expected 0 (all) to "

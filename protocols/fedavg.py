@@ -5,7 +5,11 @@ Server = node 0, clients = nodes 1..N (node i+1 trains on client i's data). Each
 server samples clients with its seeded rng, multicasts the global model, and aggregates the
 replies (models + sample counts) in sender-id order once all arrive or the deadline passes.
 Replies for an older round are counted as late and discarded (metric rows "late"; a second
-copy of a reply in its own round is a "duplicate"). Clients keep no state.
+copy of a reply in its own round is a "duplicate"). Clients keep no state; each reply carries
+the local loss, steps and any extra training metrics, averaged (by samples) into the round row
+as `train_loss`, `train_<metric>`. The server also scores the global model on clients'
+held-out splits as `[eval]` says (protocols.learning.evaluation): `client_eval` rows and the
+spread of client accuracy per round. Extra metrics `evaluate` returns appear as `test_<name>`.
 """
 
 from __future__ import annotations
@@ -22,6 +26,7 @@ from kernel.messages import Message
 from kernel.options import ConfigError, options
 from protocols import learners, threats
 from protocols.common import Aggregate, Gather, Tensors, aggregator, derive_rng, sample
+from protocols.learning import evaluation
 
 DEFAULTS: dict[str, Any] = {
     "name": "fedavg", "fraction": None, "clients_per_round": None,
@@ -113,8 +118,11 @@ class Server(Protocol):
     """Node 0: samples, broadcasts, gathers, aggregates, evaluates, finishes."""
 
     def __init__(self, opts: Options, learner: learners.Learner, rounds: int,
+                 ev: evaluation.EvalOptions | None = None, seed: int = 0,
                  guard: threats.Guard | None = None) -> None:
         self.o, self.learner, self.rounds = opts, learner, rounds
+        self.ev, self.seed = ev or evaluation.EvalOptions(), seed
+        self.client_summary: dict[str, Any] = {}
         self.guard = guard or threats.Guard()
         self.aggregate: Aggregate = aggregator(opts.aggregator, opts.aggregator_args)
         self.opt = ServerOpt(opts)
@@ -133,6 +141,7 @@ class Server(Protocol):
             if self.evaluation is not None:
                 result.update(test_accuracy=self.evaluation["accuracy"],
                               test_loss=self.evaluation["loss"])
+            result.update(self.client_summary)
             ctx.finish({**result, **self.guard.result_fields()})
             return
         self.round += 1
@@ -148,7 +157,8 @@ class Server(Protocol):
         ctx.multicast(clients, "train", round=self.round, model=self.model)
 
     def on_message(self, ctx: Context, msg: Message) -> None:
-        if self.gather.offer(msg.src, msg.round, (msg.n_samples, msg.model)):
+        stats = msg.body.get("stats")
+        if self.gather.offer(msg.src, msg.round, (msg.n_samples, msg.model, stats)):
             if self.gather.complete:
                 self._end_round(ctx)
             return
@@ -165,20 +175,45 @@ class Server(Protocol):
         replies = self.gather.close(ctx)
         aggregated = len(replies) >= min(self.o.min_replies, self.gather.need)
         if aggregated:  # [adversary] and [privacy] act here (protocols.threats)
-            items = self.guard.collude(self.round, self.model, replies)
+            items = self.guard.collude(self.round, self.model,
+                                       [(src, n, model) for src, (n, model, _) in replies])
             agg = self.guard.aggregate(self.aggregate, self.model, items, self.round,
                                        self.gather.need)
             aggregated = agg is not None
             if agg is not None:
                 self.model = self.opt.step(self.model, agg)
         ev = None
-        if self.round % self.o.eval_every == 0 or self.round == self.rounds:
+        last = self.round == self.rounds
+        if self.round % self.o.eval_every == 0 or last:
             ev = self.evaluation = self.learner.evaluate(self.model)
+        extra = {f"test_{k}": v for k, v in (ev or {}).items() if k not in ("accuracy", "loss")}
+        extra.update(_train_means([(n, st) for _, (n, _, st) in replies]))
+        if self.ev.clients > 0 and (self.round % self.ev.every == 0 or last):
+            self.client_summary = self._evaluate_clients(ctx)
+            extra.update(self.client_summary)
         ctx.emit("round", self.round, accuracy=ev and ev["accuracy"], loss=ev and ev["loss"],
                  clients=len(replies), sampled=self.gather.need, late=self.gather.late,
-                 aggregated=aggregated,
+                 aggregated=aggregated, **extra,
                  **self.guard.end_round([src for src, _ in replies] if aggregated else []))
         self._next_round(ctx)
+
+    def _evaluate_clients(self, ctx: Context) -> dict[str, Any]:
+        """Score the global model on a seeded sample of clients' held-out splits: one
+        `client_eval` row each, and the summary for the round row."""
+        n = ctx.n_nodes - 1
+        fraction = None if self.ev.clients >= 1 else self.ev.clients
+        # Its own stream (seed, server, round, 1): the training sample's rng is untouched.
+        chosen = sample(derive_rng(self.seed, 0, self.round, 1), range(n), fraction=fraction)
+        accs = []
+        for client in chosen:
+            res = self.learner.evaluate(self.model, client=client)
+            if res is None:  # nothing held out on this client
+                continue
+            accs.append(float(res["accuracy"]))
+            fields = {k: v for k, v in res.items() if k != "accuracy"}
+            ctx.emit("client_eval", float(res["accuracy"]), round=self.round, client=client,
+                     **fields)
+        return evaluation.summary(accs)
 
 
 class Client(Protocol):
@@ -195,16 +230,19 @@ class Client(Protocol):
         if work:
             ctx.compute(work=work, label="train")
         rng = derive_rng(self.seed, ctx.id, msg.round)
-        model = self.guard.client_train(self.learner, msg.model, client, rng, msg.round, self.mu)
-        ctx.send(msg.src, "update", round=msg.round, model=model,
-                 n_samples=self.learner.samples(client))
+        res = self.guard.client_train(self.learner, msg.model, client, rng, msg.round, self.mu)
+        stats = {"loss": float(res.loss), "steps": int(res.steps),
+                 **{k: float(v) for k, v in res.metrics.items()}}
+        ctx.send(msg.src, "update", round=msg.round, model=res.model,
+                 n_samples=self.learner.samples(client), stats=stats)
 
 
 def build(config: Mapping[str, Any]) -> Deployment:
     """The FedAvg deployment for a validated run config (cheap: nothing heavy is made here)."""
     run = config.get("run", {})
-    learner = learners.make(config.get("workload", {}))
+    learner = learners.make(config)
     opts = Options.from_config(config.get("protocol", {}), learner.clients)
+    ev = evaluation.validate(config.get("eval", {}), learner)
     if "rounds" not in run or type(run["rounds"]) is not int or run["rounds"] < 1:
         raise ConfigError(f"[run] rounds = {run.get('rounds')!r}; expected an integer >= 1")
     seed = int(run.get("seed", 0))
@@ -214,10 +252,25 @@ def build(config: Mapping[str, Any]) -> Deployment:
     client = Client(opts, learner, seed, guard)  # stateless: one object serves every client
     return Deployment(
         node_ids=list(range(learner.clients + 1)),
-        make_node=lambda i: Server(opts, learner, rounds, copy.deepcopy(guard)) if i == 0
-        else client,
+        make_node=lambda i: (Server(opts, learner, rounds, ev, seed, copy.deepcopy(guard))
+                             if i == 0 else client),
         describe=f"fedavg: server 0, clients 1..{learner.clients}, {rounds} rounds",
     )
+
+
+def _train_means(items: list[tuple[float, Mapping[str, float] | None]]
+                 ) -> dict[str, float | int]:
+    """Sample-weighted means of the clients' training stats, as `train_<name>` (steps summed)."""
+    got = [(float(n), st) for n, st in items if st]
+    total = sum(n for n, _ in got)
+    out: dict[str, float | int] = {}
+    for name in sorted({k for _, st in got for k in st}):
+        pairs = [(n, float(st[name])) for n, st in got if name in st]
+        if name == "steps":
+            out["train_steps"] = int(sum(v for _, v in pairs))
+        elif total > 0:
+            out[f"train_{name}"] = sum(n * v for n, v in pairs) / total
+    return out
 
 
 build.honours = ("adversary", "privacy")  # type: ignore[attr-defined]

@@ -572,7 +572,7 @@ def build_dsgd(config: Mapping[str, Any]) -> Deployment:
     if o["eval_every"] < 0:
         raise ConfigError(f"[protocol] eval_every = {o['eval_every']}; expected an integer >= 0")
     wl = learners.validate(config.get("workload", {}))
-    learner = learners.make(wl)
+    learner = learners.make(config)
     g, rule = _graph(o, wl["clients"], seed, directed_ok=False)
     plan = _Plan(g, rule, rounds, o["track"])
     every = o["eval_every"]

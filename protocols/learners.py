@@ -73,17 +73,56 @@ DEFAULTS: dict[str, Any] = {
     "flat_step": 0.001,
     "torch_threads": 1,
     "data_cache": 64,  # clients whose data stays in memory (LRU)
+    # The generic torch learner (protocols.learning.torch_learner) and user learners:
+    "learner": "auto",  # "auto" | "torch" | "module:factory"
+    "device": "auto",  # "auto" | "cpu" | "cuda" | "cuda:N"
+    "optimizer": "sgd",  # "sgd" | "adam"
+    "momentum": 0.0,
+    "nesterov": False,
+    "weight_decay": 0.0,
+    "betas": [0.9, 0.999],
+    "loss": "cross_entropy",  # "cross_entropy" | "nll" | "mse"
+    "eval_batch": 1024,
 }
-MODELS = ("mlp", "linear", "flat")
+# mlp, linear and flat are the original learners; cnn, logreg and "module:function" models
+# run on the generic torch learner, as does mlp with `learner = "torch"` or a [data] section.
+MODELS = ("mlp", "linear", "flat", "cnn", "logreg")
+LEGACY = ("mlp", "linear", "flat")
+# A table with any of these keys is a whole run config, not a [workload] table.
+SECTIONS = ("run", "transport", "protocol", "workload", "data", "eval", "network", "codec",
+            "output", "perf")
 
 CENTRE_SEED, CLIENT_SEED_BASE, TEST_SEED, CENTRE_SCALE = 7, 1000, 999, 0.2
 
 
 def validate(workload: Mapping[str, Any]) -> dict[str, Any]:
     """The `[workload]` table merged over DEFAULTS; ConfigError names any bad key or value."""
-    opts = options("workload", workload, DEFAULTS, choices={"model": MODELS})
+    opts = options("workload", workload, DEFAULTS,
+                   choices={"optimizer": ("sgd", "adam"),
+                            "loss": ("cross_entropy", "nll", "mse")})
+    model, learner, device = opts["model"], opts["learner"], opts["device"]
+    if model not in MODELS and ":" not in model:
+        raise ConfigError(f"[workload] model = {model!r} is not allowed; choose one of "
+                          f"{', '.join(MODELS)} (or give 'module:function')")
+    if learner not in ("auto", "torch") and ":" not in learner:
+        raise ConfigError(f"[workload] learner = {learner!r} is not allowed; choose 'auto', "
+                          f"'torch' (the generic torch learner) or give 'module:factory'")
+    if learner == "torch" and model in ("linear", "flat"):
+        raise ConfigError(f"[workload] model = {model!r} is not a torch model; with learner = "
+                          f"'torch' choose mlp, cnn, logreg or 'module:function'")
+    if device not in ("auto", "cpu", "cuda") and not (
+            device.startswith("cuda:") and device[5:].isdigit()):
+        raise ConfigError(f"[workload] device = {device!r} is not allowed; choose 'auto', "
+                          f"'cpu', 'cuda' or 'cuda:N'")
+    b = opts["betas"]
+    if len(b) != 2 or not all(isinstance(v, int | float) and 0 <= v < 1 for v in b):
+        raise ConfigError(f"[workload] betas = {b!r}; expected two numbers in [0, 1)")
+    opts["betas"] = (float(b[0]), float(b[1]))
+    for key in ("momentum", "weight_decay"):
+        if not opts[key] >= 0:
+            raise ConfigError(f"[workload] {key} = {opts[key]!r}; expected a number >= 0")
     positive = ("clients", "samples_per_client", "batch_size", "epochs", "input_dim", "hidden",
-                "classes", "flat_size", "torch_threads", "data_cache")
+                "classes", "flat_size", "torch_threads", "data_cache", "eval_batch")
     for key in positive:
         if opts[key] < 1:
             raise ConfigError(f"[workload] {key} = {opts[key]!r}; expected an integer >= 1")
@@ -98,18 +137,87 @@ def validate(workload: Mapping[str, Any]) -> dict[str, Any]:
     return opts
 
 
-def make(workload: Mapping[str, Any]) -> Learner:
-    """The learner for a `[workload]` table; one per process per distinct table, so every node
-    of a shard shares one model object and one data cache."""
+def make(config: Mapping[str, Any]) -> Learner:
+    """The learner for a whole run config (its `[workload]` and `[data]`), or for a bare
+    `[workload]` table; one per process per distinct input, so every node of a shard shares
+    one model object and one dataset.
+
+    `learner = "auto"` keeps the original mlp/linear/flat learners when there is no `[data]`
+    section; `cnn`, `logreg`, `module:function` models, `learner = "torch"` or a `[data]`
+    section give the generic torch learner; `learner = "module:factory"` calls the user's
+    factory with the whole config (declared with `@declare("learners")`)."""
+    if any(k in SECTIONS for k in config):
+        workload, data = config.get("workload", {}), config.get("data")
+    else:
+        workload, data = config, None
     opts = validate(workload)
-    return _make(tuple(sorted(opts.items())))
+    if ":" in opts["learner"]:
+        return _user_learner(opts["learner"], config)
+    data_opts = None
+    if data is not None:
+        from protocols.learning import data as learning_data
+
+        data_opts = learning_data.validate(data)
+    return _make(_freeze(opts), _freeze(data_opts))
+
+
+def _freeze(x: Any) -> Any:
+    if isinstance(x, Mapping):
+        return tuple(sorted((k, _freeze(v)) for k, v in x.items()))
+    if isinstance(x, list | tuple):
+        return tuple(_freeze(v) for v in x)
+    return x
+
+
+def _thaw(x: Any) -> Any:
+    if isinstance(x, tuple) and all(isinstance(i, tuple) and len(i) == 2
+                                    and isinstance(i[0], str) for i in x) and x:
+        return {k: _thaw(v) for k, v in x}
+    return x
 
 
 @functools.lru_cache(maxsize=4)
-def _make(key: tuple[tuple[str, Any], ...]) -> Learner:
+def _make(key: tuple[tuple[str, Any], ...], data_key: Any) -> Learner:
     opts = dict(key)
-    cls = {"mlp": TorchMLP, "linear": NumpyLinear, "flat": Flat}[opts["model"]]
-    return cls(opts)
+    if data_key is None and opts["learner"] == "auto" and opts["model"] in LEGACY:
+        cls = {"mlp": TorchMLP, "linear": NumpyLinear, "flat": Flat}[opts["model"]]
+        return cls(opts)
+    if opts["model"] in ("linear", "flat"):
+        raise ConfigError(f"[workload] model = {opts['model']!r} works only without a [data] "
+                          f"section; choose mlp, cnn, logreg or 'module:function'")
+    from protocols.learning import data as learning_data
+    from protocols.learning.torch_learner import TorchLearner
+
+    dopts = {k: _thaw(v) for k, v in data_key} if data_key is not None else \
+        learning_data.validate({})
+    dopts["partition"] = dict(dopts["partition"]) if dopts["partition"] else {"kind": "iid"}
+    if dopts["dataset"] == "mixture":
+        data: Any = learning_data.MixtureData(Mixture(opts), dopts["holdout"])
+    else:
+        data = learning_data.PooledData(dopts, opts["clients"])
+    return TorchLearner(opts, data)
+
+
+LEARNER_METHODS = ("init", "samples", "work", "train", "evaluate")
+
+
+def _user_learner(name: str, config: Mapping[str, Any]) -> Learner:
+    from protocols.learning.names import resolve
+
+    factory = resolve("learners", name, "[workload] learner", ("auto", "torch"))
+    if not callable(factory):
+        raise ConfigError(f"[workload] learner = {name!r} is {type(factory).__name__}; "
+                          f"expected a factory: a function of the run config returning a learner")
+    learner = factory(config)
+    missing = [m for m in LEARNER_METHODS if not callable(getattr(learner, m, None))]
+    clients = getattr(learner, "clients", None)
+    if missing or type(clients) is not int or clients < 1:
+        what = (f"lacks {', '.join(missing)}" if missing
+                else f"has clients = {clients!r}, not an integer >= 1")
+        raise ConfigError(f"[workload] learner = {name!r} returned {type(learner).__name__}, "
+                          f"which {what}; a learner offers init, samples, work, train, "
+                          f"evaluate and an integer clients")
+    return learner  # type: ignore[no-any-return]
 
 
 class Mixture:
@@ -173,7 +281,7 @@ class Learner:
         self.epochs: int = opts["epochs"]
         self.batch: int = opts["batch_size"]
         self.lr: float = opts["lr"]
-        self.data = Mixture(opts)
+        self.data: Any = Mixture(opts)
 
     def init(self) -> Tensors:
         """The initial global model (a fresh copy each call)."""

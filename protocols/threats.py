@@ -43,28 +43,30 @@ class Guard:
 
     def client_train(self, learner: learners.Learner, model: Mapping[str, np.ndarray],
                      client: int, rng: np.random.Generator, rnd: int, mu: float = 0.0,
-                     hooks: learners.Hooks | None = None) -> Tensors:
-        """Client `client`'s reply model for round `rnd`: trained (FedProx `mu` or `hooks`),
-        then attacked if it is malicious, then clipped and noised under local DP."""
+                     hooks: learners.Hooks | None = None) -> learners.TrainResult:
+        """Client `client`'s training for round `rnd` (FedProx `mu` or `hooks`); its model is
+        what the client replies: attacked if it is malicious, clipped and noised under local
+        DP (steps, loss and metrics stay those of the training itself)."""
         if hooks is None and mu:
             hooks = learners.Hooks(prox_mu=mu)
         node = client + 1
         lrn = learner
         if self.attack is not None and self.attack.flips(node):
             lrn = self.attack.flipped(learner)
-        trained = lrn.train(model, client, rng, hooks).model
+        res = lrn.train(model, client, rng, hooks)
         if self.attack is not None and self.attack.attacks(node):
-            trained = self.attack.poison(model, trained, node, rnd)
+            res.model = self.attack.poison(model, res.model, node, rnd)
         if self.dp is not None:
-            trained = self.dp.local(model, trained, node, rnd)
-        return trained
+            res.model = self.dp.local(model, res.model, node, rnd)
+        return res
 
     def collude(self, rnd: int, model: Mapping[str, np.ndarray],
-                replies: Sequence[tuple[int, tuple[float, Mapping[str, np.ndarray]]]]) -> Items:
-        """The (weight, model) items to aggregate, sender order kept; colluding attackers'
-        models replaced by what they craft from the benign replies of the round."""
+                replies: Sequence[tuple[int, float, Mapping[str, np.ndarray]]]) -> Items:
+        """The (weight, model) items to aggregate from (sender, weight, model) replies in
+        sender order; colluding attackers' models replaced by what they craft from the
+        benign replies of the round."""
         if self.attack is None:
-            return [(float(n), m) for _, (n, m) in replies]
+            return [(float(n), m) for _, n, m in replies]
         return self.attack.collude(rnd, model, replies)
 
     def aggregate(self, agg: Callable[[Items], Tensors], model: Mapping[str, np.ndarray],

@@ -5,6 +5,7 @@
     fedloom run --resume DIR [--checkpoint-every N] [--out DIR2]
     fedloom perf compare|micro ...     (implemented by perf.cli)
     fedloom inspect DIR                (implemented by perf.cli)
+    fedloom data CONFIG [--out DIR]    (implemented by protocols.learning.cli)
 
 `fedloom run` without CONFIG runs the built-in default (workload W1: FedAvg, 10 clients,
 5 rounds, mlp, inproc). Outputs go to `--out`, else `[output] dir`, else `runs/<config stem>`
@@ -23,6 +24,7 @@ limit, nothing left to do) before any node called `finish`; 130 interrupted.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import traceback
 from collections.abc import Mapping, Sequence
@@ -41,7 +43,7 @@ EXIT_OK, EXIT_ERROR, EXIT_USAGE, EXIT_UNFINISHED, EXIT_INTERRUPTED = 0, 1, 2, 3,
 # Subcommands another package implements: `fedloom perf X ...` calls perf.cli.main(["X", ...]),
 # `fedloom inspect DIR` calls perf.cli.main(["inspect", DIR]). Imported only when used, so the
 # kernel does not depend on perf.
-DELEGATED = {"perf": "perf.cli", "inspect": "perf.cli"}
+DELEGATED = {"perf": "perf.cli", "inspect": "perf.cli", "data": "protocols.learning.cli"}
 # Errors a user can fix from the message alone: shown without a traceback.
 USER_ERRORS = (ConfigError, RunError, UnknownName, OSError)
 
@@ -49,6 +51,7 @@ USER_ERRORS = (ConfigError, RunError, UnknownName, OSError)
 def main(argv: Sequence[str] | None = None) -> int:
     """Run the command line `argv` (default sys.argv[1:]) and return the exit code."""
     args = list(sys.argv[1:] if argv is None else argv)
+    _import_from_cwd()
     if args and args[0] in DELEGATED:
         return _delegate(args[0], args[1:])
     parser = _parser()
@@ -100,6 +103,8 @@ def _parser() -> argparse.ArgumentParser:
                    add_help=False)
     sub.add_parser("inspect", help="summarise a run directory: fedloom inspect DIR",
                    add_help=False)
+    sub.add_parser("data", help="show a config's data partition: fedloom data CONFIG "
+                   "[--out DIR]", add_help=False)
     return parser
 
 
@@ -169,6 +174,15 @@ def summary(result: Mapping[str, Any], out_dir: Path) -> str:
         lines.append(f"  checkpoint     {ck['path']} ({ck['written']} written"
                      + (f", resumed from round {resumed}" if resumed is not None else "") + ")")
     return "\n".join(lines)
+
+
+def _import_from_cwd() -> None:
+    """Let configs name `module:attr` from the current directory, as `python -m` does (a
+    console script's sys.path starts at its own bin/ folder instead). Ray workers and gRPC
+    shard processes get the same directory on their paths."""
+    cwd = os.getcwd()
+    if cwd not in sys.path and "" not in sys.path:
+        sys.path.insert(0, cwd)
 
 
 def _delegate(command: str, rest: list[str]) -> int:

@@ -14,7 +14,8 @@ A run config is a TOML file with these top-level sections (each a table):
 - `[output]` (validated here): `dir` (string; where `fedloom run` writes when `--out` is not
   given; default "" meaning `runs/<config file stem>`), `save_model` (bool, default true:
   write final_model.npz).
-- `[workload]`, `[network]`, `[codec]`, `[perf]`: validated by their owners (the protocol,
+- `[workload]`, `[data]` (with `[data.partition]`), `[eval]`, `[network]`, `[codec]`,
+  `[perf]`: validated by their owners (the learner, protocols.learning.data and .evaluation,
   the network model, the codec, the perf harness); `[adversary]` and `[privacy]` by
   `protocols.adversary` and `protocols.privacy` (through the FedAvg-family protocols).
 
@@ -34,8 +35,8 @@ from typing import Any
 from kernel import registry
 from kernel.options import ConfigError, _type_name, options
 
-SECTIONS = ("run", "transport", "protocol", "workload", "network", "codec", "output", "perf",
-            "adversary", "privacy")
+SECTIONS = ("run", "transport", "protocol", "workload", "data", "eval", "network", "codec",
+            "output", "perf", "adversary", "privacy")
 
 # Defaults for [run]; None marks a key that is unset unless given (and then absent from the
 # validated config).

@@ -442,7 +442,7 @@ def client_vector(o: Options, learner: learners.Learner, guard: threats.Guard, s
         if work:
             ctx.compute(work=work, label="train")
     trained = guard.client_train(learner, model, client, derive_rng(seed, node, rnd), rnd,
-                                 o.fed.mu)
+                                 o.fed.mu).model
     delta = flatten(trained).astype(np.float64) - flatten(model)
     weight = learner.samples(client) if o.weighted else 1
     q = crypto.quantise(delta, o.frac_bits, o.clip_range)

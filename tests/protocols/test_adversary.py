@@ -64,9 +64,9 @@ def test_round_rows_name_the_attackers_among_the_sampled() -> None:
     assert run(cfg)[1] == rows  # seeded: the same rows again
 
 
-def _replies(n: int = 7, dim: int = 5, seed: int = 0) -> list[tuple[int, tuple[float, Any]]]:
+def _replies(n: int = 7, dim: int = 5, seed: int = 0) -> list[tuple[int, float, Any]]:
     rng = np.random.default_rng(seed)
-    return [(i, (1.0, {"w": rng.standard_normal(dim).astype(np.float32)}))
+    return [(i, 1.0, {"w": rng.standard_normal(dim).astype(np.float32)})
             for i in range(1, n + 1)]
 
 
@@ -74,7 +74,7 @@ def test_alie_sends_mean_minus_z_std_of_the_benign() -> None:
     a = adversary.Adversary("alie", (2, 5), seed=0)
     replies = _replies()
     items = a.collude(1, {"w": np.zeros(5, np.float32)}, replies)
-    benign = np.stack([m["w"] for i, (_, m) in replies if i not in (2, 5)]).astype(np.float64)
+    benign = np.stack([m["w"] for i, _, m in replies if i not in (2, 5)]).astype(np.float64)
     n, m = 7, 2
     z = statistics.NormalDist().inv_cdf((n - (n // 2 + 1 - m)) / n)
     want = benign.mean(0) - z * benign.std(0)
@@ -82,7 +82,7 @@ def test_alie_sends_mean_minus_z_std_of_the_benign() -> None:
         if i in (2, 5):
             np.testing.assert_allclose(model["w"], want, rtol=1e-6)
         else:
-            assert model["w"] is replies[i - 1][1][1]["w"]  # benign replies untouched
+            assert model["w"] is replies[i - 1][2]["w"]  # benign replies untouched
 
 
 def test_ipm_reverses_the_benign_mean_update() -> None:
@@ -90,7 +90,7 @@ def test_ipm_reverses_the_benign_mean_update() -> None:
     g = {"w": np.ones(5, np.float32)}
     replies = _replies()
     items = a.collude(1, g, replies)
-    benign_delta = np.mean([m["w"] - 1 for i, (_, m) in replies if i != 1], axis=0)
+    benign_delta = np.mean([m["w"] - 1 for i, _, m in replies if i != 1], axis=0)
     np.testing.assert_allclose(items[0][1]["w"] - 1, -2.0 * benign_delta, rtol=1e-5)
     assert float(np.dot(items[0][1]["w"] - 1, benign_delta)) < 0
 

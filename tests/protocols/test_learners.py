@@ -150,7 +150,7 @@ def test_same_table_same_learner():
 
 @pytest.mark.parametrize(("table", "message"), [
     ({"modle": "mlp"}, r"\[workload\] has no key 'modle'; did you mean 'model'"),
-    ({"model": "cnn"}, r"\[workload\] model = 'cnn' is not allowed"),
+    ({"model": "resnet"}, r"\[workload\] model = 'resnet' is not allowed"),
     ({"clients": 0}, r"\[workload\] clients = 0; expected an integer >= 1"),
     ({"lr": "fast"}, r"\[workload\] lr = 'fast' is a string; expected a number"),
     ({"samples_min": 300}, r"\[workload\] samples_min = 300 exceeds samples_per_client"),
