@@ -33,6 +33,11 @@ def keypair(seed: bytes) -> tuple[bytes, bytes]:
 
 def agree(private: bytes, public: bytes, purpose: bytes) -> bytes:
     """A 32-byte key both ends derive: HKDF(X25519(private, public), info=purpose)."""
+    return agree_many(private, [public], purpose)[0]
+
+
+def agree_many(private: bytes, publics: list[bytes], purpose: bytes) -> list[bytes]:
+    """`agree` with each of `publics`, rebuilding the private key object once."""
     from cryptography.hazmat.primitives import hashes
     from cryptography.hazmat.primitives.asymmetric.x25519 import (
         X25519PrivateKey,
@@ -40,10 +45,10 @@ def agree(private: bytes, public: bytes, purpose: bytes) -> bytes:
     )
     from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
-    shared = X25519PrivateKey.from_private_bytes(private).exchange(
-        X25519PublicKey.from_public_bytes(public))
-    return HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None,
-                info=b"fedloom-secagg-" + purpose).derive(shared)
+    sk = X25519PrivateKey.from_private_bytes(private)
+    info = b"fedloom-secagg-" + purpose
+    return [HKDF(algorithm=hashes.SHA256(), length=KEY_BYTES, salt=None, info=info)
+            .derive(sk.exchange(X25519PublicKey.from_public_bytes(pub))) for pub in publics]
 
 
 def seal(key: bytes, src: int, dst: int, rnd: int, plaintext: bytes) -> bytes:

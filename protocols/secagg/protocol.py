@@ -287,10 +287,10 @@ class Server(Protocol):
                 raise SecAggFailed(f"{len(got)} shares of dropped client {u}'s key, "
                                    f"threshold {t}")
             sk = shamir.combine(got, t, crypto.KEY_BYTES)
-            for v in nbrs[u]:
-                if v in survivors:  # v added sign(v, u) PRG(s_vu); take it away
-                    seed = crypto.agree(sk, self.keys[v][1], b"mask")
-                    crypto.add_mask(acc, seed, -1 if v < u else 1)
+            peers = [v for v in nbrs[u] if v in survivors]
+            seeds = crypto.agree_many(sk, [self.keys[v][1] for v in peers], b"mask")
+            for v, seed in zip(peers, seeds):  # v added sign(v, u) PRG(s_vu): take it away
+                crypto.add_mask(acc, seed, -1 if v < u else 1)
         self._end_round(ctx, acc)
 
     def _end_round(self, ctx: Context, acc: np.ndarray | None) -> None:
@@ -333,6 +333,7 @@ class Client(Protocol):
         self.nbrs: list[int] = []
         self.c_sk = self.s_sk = self.b = b""
         self.pub: dict[int, tuple[bytes, bytes]] = {}
+        self.enc: dict[int, bytes] = {}  # neighbour -> agreed share-transport key
         self.shares: dict[int, tuple[bytes, bytes]] = {}  # holder slot: u -> (b, key) shares
         self.t = 0
 
@@ -359,7 +360,7 @@ class Client(Protocol):
         self.c_sk, c_pk = crypto.keypair(rng.bytes(crypto.KEY_BYTES))
         self.s_sk, s_pk = crypto.keypair(rng.bytes(crypto.KEY_BYTES))
         self.b = rng.bytes(crypto.KEY_BYTES)
-        self.pub, self.shares = {}, {}
+        self.pub, self.shares, self.enc = {}, {}, {}
         ctx.send(msg.src, "sa_keys", round=msg.round, c_pk=c_pk, s_pk=s_pk)
 
     def _share(self, ctx: Context, msg: Message) -> None:
@@ -374,14 +375,16 @@ class Client(Protocol):
         rng = derive_rng(self.seed, me, self.round, SHARES_TAG)
         b_sh = shamir.split(self.b, holders, self.t, rng)
         s_sh = shamir.split(self.s_sk, holders, self.t, rng)
+        others = [v for v in holders if v != me]
+        self.enc = dict(zip(others, crypto.agree_many(self.c_sk, [self.pub[v][0] for v in others],
+                                                      b"enc")))
         to, cts = [], []
         for v, bs, ss in zip(holders, b_sh, s_sh):
             if v == me:
                 self.shares[me] = (bs, ss)
                 continue
-            key = crypto.agree(self.c_sk, self.pub[v][0], b"enc")
             to.append(v)
-            cts.append(crypto.seal(key, me, v, self.round, bs + ss))
+            cts.append(crypto.seal(self.enc[v], me, v, self.round, bs + ss))
         ctx.send(msg.src, "sa_shares", round=self.round, to=to, ct=cts)
 
     def _mask(self, ctx: Context, msg: Message) -> None:
@@ -390,20 +393,19 @@ class Client(Protocol):
         peers = []
         for u, ct in zip(msg.frm, msg.ct):
             u = int(u)
-            if u not in self.pub:
+            if u not in self.enc:
                 return  # a sender that is no neighbour: refuse the round
-            key = crypto.agree(self.c_sk, self.pub[u][0], b"enc")
-            pt = crypto.unseal(key, u, me, self.round, ct)
+            pt = crypto.unseal(self.enc[u], u, me, self.round, ct)
             if pt is None or len(pt) != 2 * n:
                 return  # tampered or misrouted: refuse the round
             self.shares[u] = (pt[:n], pt[n:])
             peers.append(u)
         y = self._input(ctx)
         crypto.add_mask(y, self.b, 1)
-        for u in peers:
-            crypto.add_mask(y, crypto.agree(self.s_sk, self.pub[u][1], b"mask"),
-                            1 if me < u else -1)
-        self.model = {}
+        seeds = crypto.agree_many(self.s_sk, [self.pub[u][1] for u in peers], b"mask")
+        for u, seed in zip(peers, seeds):
+            crypto.add_mask(y, seed, 1 if me < u else -1)
+        self.model, self.enc = {}, {}
         ctx.send(msg.src, "sa_masked", round=self.round, y=y)
 
     def _input(self, ctx: Context) -> np.ndarray:
