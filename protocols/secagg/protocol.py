@@ -17,8 +17,9 @@ optimiser keys (`fraction`, `clients_per_round`, `eval_every`, `mu`, `server_opt
 One round, after the server samples clients and draws the graph (nodes 1..N are clients):
 
 1. `sa_setup` (model, sampled ids, graph seed) -> each client makes two X25519 key pairs and
-   a self-mask seed b, and sends its public keys (`sa_keys`). The server forwards all keys
-   (`sa_roster`) to the clients that answered (U1).
+   a self-mask seed b, and sends its public keys (`sa_keys`). The server forwards to each
+   client that answered (U1) its graph neighbours' keys (`sa_roster`; one multicast of all
+   keys on a complete graph).
 2. Each client Shamir-shares b and its masking private key among its holders (itself and its
    graph neighbours in U1, threshold t), seals each share pair for its holder with
    ChaCha20-Poly1305 under an X25519-agreed key, and sends them via the server (`sa_shares`).
@@ -138,17 +139,26 @@ def degree(o: Options, n: int) -> int:
 def graph(clients: Sequence[int], k: int, seed: int) -> dict[int, list[int]]:
     """A random k-regular graph (Harary graph on a seeded permutation: each client joins the
     k/2 nearest on each side of a ring); complete when k >= n - 1. Sorted neighbour lists."""
+    order = _ring(clients, k, seed)
+    return {c: neighbours(clients, k, seed, c, order) for c in clients}
+
+
+def _ring(clients: Sequence[int], k: int, seed: int) -> list[int]:
+    if k >= len(clients) - 1:
+        return list(clients)
+    return [clients[int(i)] for i in np.random.default_rng(seed).permutation(len(clients))]
+
+
+def neighbours(clients: Sequence[int], k: int, seed: int, node: int,
+               order: list[int] | None = None) -> list[int]:
+    """`node`'s sorted neighbours in `graph(clients, k, seed)`, in O(n) (each client works
+    out its own)."""
     n = len(clients)
     if k >= n - 1:
-        return {c: [d for d in clients if d != c] for c in clients}
-    order = [clients[int(i)] for i in np.random.default_rng(seed).permutation(n)]
-    nbrs: dict[int, set[int]] = {c: set() for c in clients}
-    for i, c in enumerate(order):
-        for j in range(1, k // 2 + 1):
-            d = order[(i + j) % n]
-            nbrs[c].add(d)
-            nbrs[d].add(c)
-    return {c: sorted(v) for c, v in nbrs.items()}
+        return [d for d in clients if d != node]
+    order = order if order is not None else _ring(clients, k, seed)
+    pos = order.index(node)
+    return sorted({order[(pos + j) % n] for j in range(-(k // 2), k // 2 + 1) if j})
 
 
 class SecAggFailed(RuntimeError):
@@ -168,6 +178,7 @@ class Server(Protocol):
         self.sampled: list[int] = []
         self.graph_seed = 0
         self.k = 0
+        self.nbrs: dict[int, list[int]] = {}  # this round's communication graph
         self.stage = ""
         self.gather = Gather(0, ())
         self.keys: dict[int, tuple[bytes, bytes]] = {}  # U1: id -> (enc public, mask public)
@@ -196,6 +207,7 @@ class Server(Protocol):
                               count=fo.clients_per_round)
         self.graph_seed = int(ctx.rng.integers(2**62))
         self.k = degree(self.o, len(self.sampled))
+        self.nbrs = graph(self.sampled, self.k, self.graph_seed)
         self.counts = []
         self._expect(ctx, "sa_keys", self.sampled)
         ctx.multicast(self.sampled, "sa_setup", round=self.round, model=self.model,
@@ -232,9 +244,16 @@ class Server(Protocol):
                 self.keys = {i: (bytes(replies[i]["c_pk"]), bytes(replies[i]["s_pk"]))
                              for i in ids}
                 self._expect(ctx, "sa_shares", ids)
-                ctx.multicast(ids, "sa_roster", round=self.round, ids=ids,
-                              c_pk=[self.keys[i][0] for i in ids],
-                              s_pk=[self.keys[i][1] for i in ids])
+                if self.k >= len(self.sampled) - 1:  # complete graph: one body for all
+                    ctx.multicast(ids, "sa_roster", round=self.round, ids=ids,
+                                  c_pk=[self.keys[i][0] for i in ids],
+                                  s_pk=[self.keys[i][1] for i in ids])
+                    return
+                for v in ids:  # each client gets its neighbours' keys only
+                    mine = [u for u in sorted([v, *self.nbrs[v]]) if u in self.keys]
+                    ctx.send(v, "sa_roster", round=self.round, ids=mine,
+                             c_pk=[self.keys[i][0] for i in mine],
+                             s_pk=[self.keys[i][1] for i in mine])
             elif self.stage == "sa_shares":
                 self.u2 = sorted(replies)
                 inbox: dict[int, tuple[list[int], list[bytes]]] = {v: ([], []) for v in self.u2}
@@ -263,7 +282,7 @@ class Server(Protocol):
             self._end_round(ctx, None)
 
     def _unmask(self, ctx: Context, replies: Mapping[int, Any], t: int) -> None:
-        nbrs = graph(self.sampled, self.k, self.graph_seed)
+        nbrs = self.nbrs
         b_shares: dict[int, list[tuple[int, bytes]]] = {}
         s_shares: dict[int, list[tuple[int, bytes]]] = {}
         for v in sorted(replies):
@@ -317,6 +336,7 @@ class Server(Protocol):
                  stages=list(self.counts), included=list(self.u3) if aggregated else [],
                  **extra, **self.guard.end_round(self.u3 if aggregated else []))
         self.keys, self.u2, self.u3, self.acc = {}, [], [], np.zeros(0, np.uint64)
+        self.nbrs = {}
         self._next_round(ctx)
 
 
@@ -354,7 +374,7 @@ class Client(Protocol):
     def _setup(self, ctx: Context, msg: Message) -> None:
         self.round, self.done = msg.round, ["sa_setup"]
         self.model = dict(msg.model)
-        self.nbrs = graph(list(msg.clients), msg.k, msg.graph_seed)[ctx.id]
+        self.nbrs = neighbours(list(msg.clients), msg.k, msg.graph_seed, ctx.id)
         self.t = self.o.holders_threshold(msg.k + 1)
         rng = derive_rng(self.seed, ctx.id, msg.round, KEYS_TAG)
         self.c_sk, c_pk = crypto.keypair(rng.bytes(crypto.KEY_BYTES))
