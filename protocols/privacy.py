@@ -122,6 +122,11 @@ class Privacy:
             raise ConfigError("[privacy] accountant = 'pld' accounts Poisson sampling only; set "
                               "sampling = 'poisson' or accountant = 'rdp'")
         proto = config.get("protocol", {})
+        agg = proto.get("aggregator", "weighted_mean")
+        if central and agg not in ("weighted_mean", "mean"):
+            raise ConfigError(f"[privacy] mode = 'central' replaces the aggregator by a noised "
+                              f"mean of clipped updates; [protocol] aggregator = {agg!r} would "
+                              f"be ignored (use 'weighted_mean', or mode = 'local')")
         fr, k = proto.get("fraction"), proto.get("clients_per_round")
         num = (int, float)
         if poisson:

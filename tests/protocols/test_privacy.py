@@ -148,3 +148,9 @@ def test_epsilon_in_metrics_and_result_json(tmp_path: Path) -> None:
 def test_bad_privacy_is_refused_naming_the_key(bad: dict[str, Any], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         build(config(bad))
+
+
+def test_central_dp_refuses_a_robust_aggregator_it_would_replace() -> None:
+    with pytest.raises(ConfigError, match="aggregator = 'median'"):
+        build(config({"mode": "central"}, aggregator="median"))
+    build(config({"mode": "local"}, aggregator="median"))  # local noise, then any rule
