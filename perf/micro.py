@@ -31,7 +31,7 @@ from typing import IO, Any
 
 from perf.procs import machine_info
 
-BENCHES = ("kernel", "codec", "stages", "ray", "grpc", "fedavg", "gossip")
+BENCHES = ("kernel", "codec", "stages", "ray", "grpc", "fedavg", "gossip", "secagg")
 # Other spellings bench modules may use for the standard keys.
 _ALIASES = {
     "value": ("value", "median", "ours", "ours_median"),

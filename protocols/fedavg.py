@@ -19,6 +19,7 @@ what a discarded reply still means) and build through `deploy`.
 
 from __future__ import annotations
 
+import copy
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
@@ -28,7 +29,7 @@ import numpy as np
 from kernel.api import Context, Deployment, Protocol
 from kernel.messages import Message
 from kernel.options import ConfigError, options
-from protocols import learners
+from protocols import learners, threats
 from protocols.common import Aggregate, Gather, Tensors, aggregator, derive_rng, sample
 from protocols.learning import evaluation
 
@@ -143,10 +144,12 @@ class Server(Protocol):
     """Node 0: samples, broadcasts, gathers, aggregates, evaluates, finishes."""
 
     def __init__(self, opts: Options, learner: learners.Learner, rounds: int,
-                 ev: evaluation.EvalOptions | None = None, seed: int = 0) -> None:
+                 ev: evaluation.EvalOptions | None = None, seed: int = 0,
+                 guard: threats.Guard | None = None) -> None:
         self.o, self.learner, self.rounds = opts, learner, rounds
         self.ev, self.seed = ev or evaluation.EvalOptions(), seed
         self.client_summary: dict[str, Any] = {}
+        self.guard = guard or threats.Guard()
         self.aggregate: Aggregate = aggregator(opts.aggregator, opts.aggregator_args)
         self.opt = ServerOpt(opts)
         self.round, self.late = 0, 0
@@ -165,12 +168,17 @@ class Server(Protocol):
                 result.update(test_accuracy=self.evaluation["accuracy"],
                               test_loss=self.evaluation["loss"])
             result.update(self.client_summary)
-            ctx.finish(result)
+            ctx.finish({**result, **self.guard.result_fields()})
             return
         self.round += 1
-        clients = sample(ctx.rng, range(1, ctx.n_nodes), fraction=self.o.fraction,
-                         count=self.o.clients_per_round)
+        pop, fr, k = range(1, ctx.n_nodes), self.o.fraction, self.o.clients_per_round
+        clients = self.guard.sample(ctx.rng, pop, fr, k)  # Poisson sampling under [privacy]
+        if clients is None:
+            clients = sample(ctx.rng, pop, fraction=fr, count=k)
         self.gather = Gather(self.round, clients)
+        if not clients:
+            self._end_round(ctx)
+            return
         self.gather.arm(ctx, self.o.round_timeout)
         ctx.multicast(clients, "train", round=self.round, **self.request())
 
@@ -183,11 +191,15 @@ class Server(Protocol):
         subclasses append what their replies add."""
         return (msg.n_samples, msg.model, msg.body.get("stats"))
 
-    def combine(self, replies: Sequence[tuple[int, Any]]) -> Tensors:
+    def combine(self, replies: Sequence[tuple[int, Any]]) -> Tensors | None:
         """The next global model from the round's kept replies, sorted by sender id: the
-        aggregate of the models weighted by sample count, through the server optimiser."""
-        agg = self.aggregate([(float(item[0]), item[1]) for _, item in replies])
-        return self.opt.step(self.model, agg)
+        aggregate of the models weighted by sample count, through the server optimiser; None
+        when `[privacy]` or `[adversary]` handling refuses the round."""
+        items = self.guard.collude(self.round, self.model,
+                                   [(src, item[0], item[1]) for src, item in replies])
+        agg = self.guard.aggregate(self.aggregate, self.model, items, self.round,
+                                   self.gather.need)
+        return None if agg is None else self.opt.step(self.model, agg)
 
     def closed(self, replies: Sequence[tuple[int, Any]]) -> None:
         """The round's gather has closed with `replies` (aggregated or not); nothing here."""
@@ -214,8 +226,11 @@ class Server(Protocol):
         replies = self.gather.close(ctx)
         self.closed(replies)
         aggregated = len(replies) >= min(self.o.min_replies, self.gather.need)
-        if aggregated:
-            self.model = self.combine(replies)
+        if aggregated:  # [adversary] and [privacy] act in combine (protocols.threats)
+            combined = self.combine(replies)
+            aggregated = combined is not None
+            if combined is not None:
+                self.model = combined
         ev = None
         last = self.round == self.rounds
         if self.round % self.o.eval_every == 0 or last:
@@ -227,7 +242,8 @@ class Server(Protocol):
             extra.update(self.client_summary)
         ctx.emit("round", self.round, accuracy=ev and ev["accuracy"], loss=ev and ev["loss"],
                  clients=len(replies), sampled=self.gather.need, late=self.gather.late,
-                 aggregated=aggregated, **extra)
+                 aggregated=aggregated, **extra,
+                 **self.guard.end_round([src for src, _ in replies] if aggregated else []))
         self._next_round(ctx)
 
     def _evaluate_clients(self, ctx: Context) -> dict[str, Any]:
@@ -289,8 +305,10 @@ class StatefulServer(Server):
 class Client(Protocol):
     """Nodes 1..N: train on the received model, reply with the result; hold nothing between."""
 
-    def __init__(self, opts: Options, learner: learners.Learner, seed: int) -> None:
+    def __init__(self, opts: Options, learner: learners.Learner, seed: int,
+                 guard: threats.Guard | None = None) -> None:
         self.mu, self.learner, self.seed = opts.mu, learner, seed
+        self.guard = guard or threats.Guard()
 
     def on_message(self, ctx: Context, msg: Message) -> None:
         client = ctx.id - 1
@@ -301,9 +319,9 @@ class Client(Protocol):
         ctx.send(msg.src, "update", round=msg.round, **self.local(client, msg, rng))
 
     def local(self, client: int, msg: Message, rng: np.random.Generator) -> dict[str, Any]:
-        """Train on `msg`'s request and return the reply body: model and sample count."""
-        hooks = learners.Hooks(prox_mu=self.mu) if self.mu else None
-        res = self.learner.train(msg.model, client, rng, hooks)
+        """Train on `msg`'s request and return the reply body: model and sample count
+        ([adversary] clients train and reply as their attack says)."""
+        res = self.guard.client_train(self.learner, msg.model, client, rng, msg.round, self.mu)
         return self.body(client, res)
 
     def body(self, client: int, res: learners.TrainResult, **extra: Any) -> dict[str, Any]:
@@ -345,12 +363,23 @@ def deploy(config: Mapping[str, Any], name: str, opts_cls: type[Options] = Optio
     seed = int(run.get("seed", 0))
     aggregator(opts.aggregator, opts.aggregator_args)  # fail on a bad name now, not mid-run
     rounds = run["rounds"]
-    shared = None if issubclass(client_cls, StatefulClient) else client_cls(opts, learner, seed)
+    # [adversary] and [privacy] (protocols.threats): honoured by the protocols whose build
+    # lists them in `honours`; the runner refuses the sections for the others.
+    guard = threats.Guard.from_config(config, learner, seed, sampled=opts.clients_per_round)
+
+    def client() -> Client:
+        c = client_cls(opts, learner, seed)
+        c.guard = guard
+        return c
+
+    shared = None if issubclass(client_cls, StatefulClient) else client()
 
     def make_node(i: int) -> Protocol:
         if i == 0:
-            return server_cls(opts, learner, rounds, ev, seed)
-        return shared if shared is not None else client_cls(opts, learner, seed)
+            server = server_cls(opts, learner, rounds, ev, seed)
+            server.guard = copy.deepcopy(guard)  # the server's own: it keeps adaptive state
+            return server
+        return shared if shared is not None else client()
 
     return Deployment(
         node_ids=list(range(learner.clients + 1)),
@@ -377,3 +406,6 @@ def _train_means(items: list[tuple[float, Mapping[str, float] | None]]
         elif total > 0:
             out[f"train_{name}"] = sum(n * v for n, v in pairs) / total
     return out
+
+
+build.honours = ("adversary", "privacy")  # type: ignore[attr-defined]

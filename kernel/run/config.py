@@ -16,7 +16,8 @@ A run config is a TOML file with these top-level sections (each a table):
   write final_model.npz).
 - `[workload]`, `[data]` (with `[data.partition]`), `[eval]`, `[network]`, `[codec]`,
   `[perf]`: validated by their owners (the learner, protocols.learning.data and .evaluation,
-  the network model, the codec, the perf harness).
+  the network model, the codec, the perf harness); `[adversary]` and `[privacy]` by
+  `protocols.adversary` and `protocols.privacy` (through the FedAvg-family protocols).
 
 Config files are read only when they are regular files of at most `MAX_CONFIG_BYTES`; any
 failure of the TOML parser (syntax, a 100,000-digit integer, 5,000-deep nesting) is one
@@ -42,7 +43,7 @@ from kernel.run.files import InputError, read_regular
 MAX_CONFIG_BYTES = 1 << 22  # 4 MiB: configs are written by people
 MAX_NESTING = 32  # tables and arrays inside each other
 SECTIONS = ("run", "transport", "protocol", "workload", "data", "eval", "network", "codec",
-            "output", "perf")
+            "output", "perf", "adversary", "privacy")
 
 # Defaults for [run]; None marks a key that is unset unless given (and then absent from the
 # validated config).

@@ -247,6 +247,7 @@ def execute(
 
     t = time.perf_counter()
     build = _load("protocols", name, "protocol")
+    _check_honoured(cfg, build, name)
     deployment = build(cfg)
     build_s = time.perf_counter() - t
     n_nodes = len(deployment.node_ids)
@@ -414,6 +415,19 @@ def _checked_config(loaded: ckpt.Loaded) -> dict[str, Any]:
         raise ckpt.CheckpointError(f"{loaded.path} holds a config this fedloom refuses: "
                                    f"{exc}") from None
     return cfg
+
+
+# Sections only some protocols act on; a protocol's build lists those it honours in its
+# `honours` attribute, so that a run never silently ignores an attack or a privacy setting.
+OPTIONAL_SECTIONS = ("adversary", "privacy")
+
+
+def _check_honoured(cfg: Mapping[str, Any], build: Any, name: str) -> None:
+    honours = getattr(build, "honours", ())
+    for section in OPTIONAL_SECTIONS:
+        if section in cfg and section not in honours:
+            raise ConfigError(f"[{section}] is not honoured by protocol {name!r}; the "
+                              f"FedAvg family (fedavg, fedavg_ef, secaggplus) honours it")
 
 
 def _load(group: str, name: str, what: str) -> Any:
