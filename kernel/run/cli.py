@@ -227,7 +227,7 @@ def _delegate(command: str, rest: list[str]) -> int:
                   f"installed", file=sys.stderr)
             return EXIT_ERROR
         raise
-    argv = [command, *rest] if command == "inspect" else rest
+    argv = rest if command in ("perf", "tune") else [command, *rest]
     code = module.main(argv)
     return int(code or 0)
 
