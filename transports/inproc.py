@@ -66,7 +66,7 @@ class InprocTransport(Transport):
             sizer=body_nbytes,
         )
         if plan is not None and plan.resume is not None:
-            checkpoint.restore(host, network, plan.resume.state)
+            checkpoint.restore(host, network, plan.resume.state, plan.fresh())
         else:
             host.start()
         reason = "finished" if host.result is not None else ""

@@ -292,8 +292,10 @@ class NetworkModel:
         """Continue from `state()` of a model made from the same config and seed; ValueError
         names what does not fit (and nothing is changed then)."""
         try:
-            u = np.asarray(state["u"], np.float64).tolist()
-            z = np.asarray(state["z"], np.float64).tolist()
+            u_arr, z_arr = np.asarray(state["u"], np.float64), np.asarray(state["z"], np.float64)
+            if u_arr.ndim != 1 or z_arr.ndim != 1:
+                raise ValueError("u and z must be 1-D arrays")
+            u, z = u_arr.tolist(), z_arr.tolist()
             ui, zi = int(state["ui"]), int(state["zi"])
             free: dict[Any, float] = {}
             for pipe, t in state["free"]:

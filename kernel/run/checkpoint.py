@@ -318,14 +318,16 @@ def capture(host: Host, network: Any, fresh: Callable[[int], Any]) -> dict[str, 
         raise CheckpointError(f"cannot checkpoint: {exc}") from None
 
 
-def restore(host: Host, network: Any, state: Mapping[str, Any]) -> None:
+def restore(host: Host, network: Any, state: Mapping[str, Any], probe: Deployment) -> None:
     """Load `state` (from `capture`) into `host`, freshly made for a deployment built from the
     same config and not started (and into `network`, made from the same config). Protocol
     objects are restored into nodes the deployment makes now, so what it shares between them
-    stays shared. Everything is decoded and checked first: on a CheckpointError neither `host`
-    nor `network` has changed."""
+    stays shared. `probe` is a second deployment built from the same config: what its nodes
+    share with `host`'s (process-wide caches) is never written into. Everything is decoded and
+    checked first: on a CheckpointError neither `host`, `network` nor anything shared has
+    changed."""
     try:
-        apply = _plan_restore(host, network, state)
+        apply = _plan_restore(host, network, state, probe)
     except objstate.StateError as exc:
         raise CheckpointError(f"cannot restore the checkpoint: {exc}") from None
     except Exception as exc:
@@ -336,7 +338,8 @@ def restore(host: Host, network: Any, state: Mapping[str, Any]) -> None:
     apply()
 
 
-def _plan_restore(host: Host, network: Any, state: Mapping[str, Any]) -> Callable[[], None]:
+def _plan_restore(host: Host, network: Any, state: Mapping[str, Any],
+                  probe: Deployment) -> Callable[[], None]:
     bad = objstate.StateError
     ctxs = host.ctxs
     n = len(ctxs)
@@ -346,8 +349,16 @@ def _plan_restore(host: Host, network: Any, state: Mapping[str, Any]) -> Callabl
         raise bad(f"the checkpoint's nodes are not this run's {n} nodes")
     loader = objstate.Loader()
     dep = host.deployment
-    protos = [loader.load(t, dep.make_node(node)) if t is not None else None
-              for node, t in zip(ids.tolist(), trees)]
+    protos = []
+    for node, t in zip(ids.tolist(), trees):
+        if t is None:
+            protos.append(None)
+            continue
+        shared = probe.make_node(node)  # kept alive while loading, so its ids stay its own
+        loader.frozen = objstate.reachable(shared)
+        protos.append(loader.load(t, dep.make_node(node)))
+        del shared
+    loader.frozen = frozenset()
     for node, proto in zip(ids.tolist(), protos):
         if proto is not None and not callable(getattr(proto, "on_message", None)):
             raise bad(f"node {node}'s protocol object has no on_message")
@@ -524,15 +535,21 @@ class CheckpointPlan:
         """Capture the paused `host` (and `network`) and write the checkpoint; `write_s`
         counts both."""
         t = time.perf_counter()
+        self.fresh()
+        table = capture(host, network, self._fresh_node)
+        path = self.save(table, host.sched.now, host._events)
+        self.write_s += time.perf_counter() - t
+        return path
+
+    def fresh(self) -> Deployment:
+        """The deployment rebuilt from the config, never run: what saving compares with and
+        what restoring probes for shared objects."""
         if self._fresh is None:
             if self.rebuild is None:
                 raise CheckpointError("cannot checkpoint: the plan has no way to rebuild the "
                                       "deployment from its config")
             self._fresh = self.rebuild()
-        table = capture(host, network, self._fresh_node)
-        path = self.save(table, host.sched.now, host._events)
-        self.write_s += time.perf_counter() - t
-        return path
+        return self._fresh
 
     def _fresh_node(self, node: int) -> Any:
         # Made once per node and never run, so every checkpoint compares with the same.

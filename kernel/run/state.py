@@ -273,10 +273,15 @@ def _what(v: Any) -> str:
 
 
 class Loader:
-    """Reads what `Dumper` wrote back, root by root (`load`), into fresh counterparts."""
+    """Reads what `Dumper` wrote back, root by root (`load`), into fresh counterparts.
 
-    def __init__(self) -> None:
+    Objects whose ids are in `frozen` (those every fresh build shares, such as a learner cached
+    for the process: see `reachable`) are never written into; a snapshot may refer to them only
+    as "the fresh one", so a crafted file cannot change what later builds in the process get."""
+
+    def __init__(self, frozen: set[int] | frozenset[int] = frozenset()) -> None:
         self.objs: list[Any] = []
+        self.frozen = frozen
 
     def load(self, x: Any, fresh: Any = NONE) -> Any:
         """The value `x` (one root of a snapshot) stands for, written into `fresh` where it
@@ -360,6 +365,11 @@ class Loader:
         out: Any
         old: Any
         bg: Any
+        if f is not NONE and id(f) in self.frozen:
+            if tag in ("o", "S", "dd"):
+                raise self._bad(f"would write into a {type(f).__name__} that every fresh build "
+                                f"shares (configuration); a snapshot may only refer to it")
+            f = NONE  # a container or generator: restored as a new one, the shared one untouched
         n = len(self.objs)
         self.objs.append(None)
         if tag == "a":
@@ -454,6 +464,30 @@ class Loader:
             for name in [k for k in extra if k not in names]:
                 del extra[name]  # restored in place: attributes the saved object lacked go
         return f
+
+
+def reachable(root: Any) -> set[int]:
+    """The ids of every container, instance and array reachable from `root` (through
+    attributes, items, keys and values; not into array contents)."""
+    seen: set[int] = set()
+    stack = [root]
+    while stack:
+        obj = stack.pop()
+        if isinstance(obj, _SCALARS) or isinstance(obj, _CODE) or id(obj) in seen:
+            continue
+        seen.add(id(obj))
+        if isinstance(obj, np.ndarray | np.generic):
+            continue
+        if isinstance(obj, dict):
+            stack.extend(obj.keys())
+            stack.extend(obj.values())
+        elif isinstance(obj, list | tuple | set | frozenset | deque):
+            stack.extend(obj)
+        elif isinstance(obj, np.random.Generator):
+            stack.append(obj.bit_generator)
+        if _has_fields(obj):
+            stack.extend(fields(obj).values())
+    return seen
 
 
 def snapshot_roundtrip(value: Any, fresh: Any = NONE,

@@ -39,7 +39,8 @@ class CtrlCAt(Progress):
     def update(self, row: Mapping[str, Any]) -> None:
         if row.get("name") != "round":
             return
-        self.on_disk.append(len(read_metrics(self.out / "metrics.jsonl")))
+        rows = read_metrics(self.out / "metrics.jsonl")
+        self.on_disk.append(sum(r.get("name") == "round" for r in rows))
         if row.get("value") == self.r:
             raise KeyboardInterrupt
 

@@ -33,7 +33,8 @@ def test_a_failed_ray_run_leaves_the_reason_the_error_and_the_rows(tmp_path: Pat
         run(config("ray", 3), tmp_path, quiet=True)
     result = json.loads((tmp_path / "result.json").read_text())
     assert result["reason"].startswith("failed: ") and "boom at round 3" in result["error"]
-    rounds = [r["value"] for r in read_metrics(tmp_path / "metrics.jsonl")]
+    rows = read_metrics(tmp_path / "metrics.jsonl")
+    rounds = [r["value"] for r in rows if r.get("name") == "round"]
     assert rounds == [1, 2][:len(rounds)]
 
 

@@ -381,7 +381,7 @@ def test_loading_a_mutated_and_rechecksummed_checkpoint_raises_only_the_checkpoi
         global AUDIT
         AUDIT = []
         try:
-            ckpt.restore(host, net, ckpt.read(d).state)
+            ckpt.restore(host, net, ckpt.read(d).state, fresh_host()()[0].deployment)
         except ckpt.CheckpointError:
             pass
         finally:
