@@ -349,7 +349,7 @@ def _plan_restore(host: Host, network: Any, state: Mapping[str, Any],
         raise bad(f"the checkpoint's nodes are not this run's {n} nodes")
     loader = objstate.Loader()
     dep = host.deployment
-    protos = []
+    protos: list[Any] = []
     for node, t in zip(ids.tolist(), trees):
         if t is None:
             protos.append(None)

@@ -473,7 +473,7 @@ def reachable(root: Any) -> set[int]:
     stack = [root]
     while stack:
         obj = stack.pop()
-        if isinstance(obj, _SCALARS) or isinstance(obj, _CODE) or id(obj) in seen:
+        if isinstance(obj, (*_SCALARS, *_CODE)) or id(obj) in seen:
             continue
         seen.add(id(obj))
         if isinstance(obj, np.ndarray | np.generic):
