@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q torch==2.13.0
-	$(BIN)/pip install -q -e '.[torch,ray,grpc,plot,dev]'
+	$(BIN)/pip install -q -e '.[torch,ray,grpc,plot,data,secagg,privacy,tune,dev]'
 	touch $@
 
 .PHONY: setup run test lint bench
