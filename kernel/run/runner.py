@@ -346,12 +346,12 @@ def _checked_config(loaded: ckpt.Loaded) -> dict[str, Any]:
     else reads it."""
     try:
         cfg = validate(loaded.config)
-        registry.load("protocols", cfg["protocol"]["name"])
-        registry.load("transports", cfg["transport"]["kind"])
+        _load("protocols", cfg["protocol"]["name"], "protocol")
+        _load("transports", cfg["transport"]["kind"], "transport")
         agg = cfg["protocol"].get("aggregator")
         if isinstance(agg, str):
-            registry.load("aggregators", agg)
-    except (ConfigError, registry.UnknownName, ImportError, AttributeError) as exc:
+            _load("aggregators", agg, "aggregator")
+    except (ConfigError, registry.UnknownName, RunError) as exc:
         raise ckpt.CheckpointError(f"{loaded.path} holds a config this fedloom refuses: "
                                    f"{exc}") from None
     return cfg
@@ -360,8 +360,13 @@ def _checked_config(loaded: ckpt.Loaded) -> dict[str, Any]:
 def _load(group: str, name: str, what: str) -> Any:
     try:
         return registry.load(group, name)
+    except registry.UnknownName:
+        raise
     except (ImportError, AttributeError) as exc:
         raise RunError(f"{what} {name!r} cannot be imported: {exc}") from exc
+    except Exception as exc:  # the module raised while being imported (--debug shows where)
+        raise RunError(f"{what} {name!r} cannot be imported: importing it raised "
+                       f"{type(exc).__name__}: {exc}") from exc
 
 
 def process_start_time() -> float:
