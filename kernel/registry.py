@@ -77,7 +77,9 @@ def names(group: str) -> list[str]:
 
 
 def load(group: str, name: str) -> Any:
-    """The object registered as `name` in `group`; importing its module only now."""
+    """The object registered as `name` in `group` (importing its module only now): a name
+    `register()` or an entry point gave, or a "package.module:attr" whose object is declared
+    for `group`; UnknownName (NotDeclared) otherwise, before anything is called."""
     _check_group(group)
     if name in _registered[group]:
         return _registered[group][name]
@@ -91,7 +93,7 @@ def load(group: str, name: str) -> Any:
         )
     declared = name in _entries(group) or target in _entries(group).values()
     module, _, attr = target.partition(":")
-    if not module or not attr or not all(p.isidentifier() for p in attr.split(".")):
+    if not all(p.isidentifier() for p in [*module.split("."), *attr.split(".")]):
         raise UnknownName(f"{group[:-1]} {name!r} is not 'package.module:attribute'")
     if not declared and module.partition(".")[0] in sys.stdlib_module_names:
         # Not even imported: importing some runs code (antigravity opens a browser).

@@ -1,10 +1,14 @@
-"""What a run leaves on disk: metrics.jsonl, result.json, final_model.npz, config.toml; and the
-canonical model hash that says two runs ended with the same model."""
+"""What a run leaves on disk: metrics.jsonl, result.json, final_model.npz, config.toml (each
+written atomically, never through a symlink, without secrets); the record a failed or
+interrupted run leaves (`MetricsStream`); and the canonical model hash that says two runs
+ended with the same model."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
+import os
 import zipfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
@@ -170,3 +174,66 @@ def write_outputs(
     write_atomic(path, [toml_dumps(without_secrets(config))])
     written.append(path)
     return written
+
+
+class MetricsStream:
+    """metrics.jsonl written as rows arrive (for transports without checkpoints), so a run
+    that dies keeps what it had; and the result.json of a run that failed or was interrupted."""
+
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.started = False
+        self.rows: list[dict[str, Any]] = []
+        self._file: Any = None
+        self._streaming = False
+        self.config: Mapping[str, Any] = {}
+
+    def begin(self, config: Mapping[str, Any], streaming: bool) -> None:
+        """The run of (validated) `config` starts: from now on a failure is recorded; with
+        `streaming`, rows go to metrics.jsonl as they come (a new file: a symlink there is
+        replaced, not followed)."""
+        self.started = True
+        self.config = config
+        self._streaming = streaming
+        if streaming:
+            self.out.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.out / "metrics.jsonl", [])
+            fd = os.open(self.out / "metrics.jsonl",
+                         os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0))
+            self._file = os.fdopen(fd, "w", encoding="utf-8")
+
+    def row(self, row: dict[str, Any]) -> None:
+        """One metric row (already plain)."""
+        self.rows.append(row)
+        if self._file is not None:
+            self._file.write(dump_json(row) + "\n")
+            self._file.flush()
+
+    def fail(self, exc: BaseException) -> None:
+        """Write result.json (and, unless streamed, metrics.jsonl) for a run that ended by
+        `exc`. Never raises: the original error is what the user must see."""
+        interrupted = isinstance(exc, KeyboardInterrupt)
+        message = str(exc) or type(exc).__name__
+        cfg = self.config
+        done = [r.get("value") for r in self.rows if r.get("name") == "round"]
+        result = {
+            "protocol": cfg.get("protocol", {}).get("name"),
+            "transport": cfg.get("transport", {}).get("kind", "inproc"),
+            "seed": cfg.get("run", {}).get("seed"),
+            "rounds": done[-1] if done else 0,
+            "reason": "interrupted" if interrupted else f"failed: {message.splitlines()[0]}",
+            "error": None if interrupted else f"{type(exc).__name__}: {message}",
+            "final_model_sha256": None,
+        }
+        with contextlib.suppress(Exception):
+            self.close()
+            if not self._streaming:
+                write_atomic(self.out / "metrics.jsonl",
+                             [dump_json(r) + "\n" for r in self.rows])
+            write_atomic(self.out / "result.json", [dump_json(result, indent=2), "\n"])
+
+    def close(self) -> None:
+        """Close metrics.jsonl (write_outputs then rewrites it whole)."""
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -43,9 +43,14 @@ from kernel.api import RunError
 from kernel.options import NODE_BYTES, ConfigError, require_memory
 from kernel.run import checkpoint as ckpt
 from kernel.run.config import WALL_TIME_LIMIT_S, validate
-from kernel.run.files import write_atomic
 from kernel.run.job import Job
-from kernel.run.outputs import dump_json, jsonable, model_sha256, named_arrays, write_outputs
+from kernel.run.outputs import (
+    MetricsStream,
+    jsonable,
+    model_sha256,
+    named_arrays,
+    write_outputs,
+)
 from kernel.run.progress import Progress
 
 RSS_INTERVAL_S = 0.2
@@ -131,69 +136,6 @@ def check_out_dir(out: Path, *, resuming: bool, force: bool) -> None:
         raise ConfigError(f"{out} holds the checkpoint of a run that has not finished; resume "
                           f"it with `fedloom run --resume {out}`, or pass --force to start a "
                           f"new run there (its checkpoint will be replaced)")
-
-
-class MetricsStream:
-    """metrics.jsonl written as rows arrive (for transports without checkpoints), so a run
-    that dies keeps what it had; and the result.json of a run that failed or was interrupted."""
-
-    def __init__(self, out: Path) -> None:
-        self.out = out
-        self.started = False
-        self.rows: list[dict[str, Any]] = []
-        self._file: Any = None
-        self._streaming = False
-        self.config: Mapping[str, Any] = {}
-
-    def begin(self, config: Mapping[str, Any], streaming: bool) -> None:
-        """The run of (validated) `config` starts: from now on a failure is recorded; with
-        `streaming`, rows go to metrics.jsonl as they come (a new file: a symlink there is
-        replaced, not followed)."""
-        self.started = True
-        self.config = config
-        self._streaming = streaming
-        if streaming:
-            self.out.mkdir(parents=True, exist_ok=True)
-            write_atomic(self.out / "metrics.jsonl", [])
-            fd = os.open(self.out / "metrics.jsonl",
-                         os.O_WRONLY | os.O_APPEND | getattr(os, "O_NOFOLLOW", 0))
-            self._file = os.fdopen(fd, "w", encoding="utf-8")
-
-    def row(self, row: dict[str, Any]) -> None:
-        """One metric row (already plain)."""
-        self.rows.append(row)
-        if self._file is not None:
-            self._file.write(dump_json(row) + "\n")
-            self._file.flush()
-
-    def fail(self, exc: BaseException) -> None:
-        """Write result.json (and, unless streamed, metrics.jsonl) for a run that ended by
-        `exc`. Never raises: the original error is what the user must see."""
-        interrupted = isinstance(exc, KeyboardInterrupt)
-        message = str(exc) or type(exc).__name__
-        cfg = self.config
-        done = [r.get("value") for r in self.rows if r.get("name") == "round"]
-        result = {
-            "protocol": cfg.get("protocol", {}).get("name"),
-            "transport": cfg.get("transport", {}).get("kind", "inproc"),
-            "seed": cfg.get("run", {}).get("seed"),
-            "rounds": done[-1] if done else 0,
-            "reason": "interrupted" if interrupted else f"failed: {message.splitlines()[0]}",
-            "error": None if interrupted else f"{type(exc).__name__}: {message}",
-            "final_model_sha256": None,
-        }
-        with contextlib.suppress(Exception):
-            self.close()
-            if not self._streaming:
-                write_atomic(self.out / "metrics.jsonl",
-                             [dump_json(r) + "\n" for r in self.rows])
-            write_atomic(self.out / "result.json", [dump_json(result, indent=2), "\n"])
-
-    def close(self) -> None:
-        """Close metrics.jsonl (write_outputs then rewrites it whole)."""
-        if self._file is not None:
-            self._file.close()
-            self._file = None
 
 
 def execute(
@@ -406,12 +348,12 @@ def _checked_config(loaded: ckpt.Loaded) -> dict[str, Any]:
     else reads it."""
     try:
         cfg = validate(loaded.config)
-        registry.load("protocols", cfg["protocol"]["name"])
-        registry.load("transports", cfg["transport"]["kind"])
+        _load("protocols", cfg["protocol"]["name"], "protocol")
+        _load("transports", cfg["transport"]["kind"], "transport")
         agg = cfg["protocol"].get("aggregator")
         if isinstance(agg, str):
-            registry.load("aggregators", agg)
-    except (ConfigError, registry.UnknownName, ImportError, AttributeError) as exc:
+            _load("aggregators", agg, "aggregator")
+    except (ConfigError, registry.UnknownName, RunError) as exc:
         raise ckpt.CheckpointError(f"{loaded.path} holds a config this fedloom refuses: "
                                    f"{exc}") from None
     return cfg
@@ -433,8 +375,13 @@ def _check_honoured(cfg: Mapping[str, Any], build: Any, name: str) -> None:
 def _load(group: str, name: str, what: str) -> Any:
     try:
         return registry.load(group, name)
+    except registry.UnknownName:
+        raise
     except (ImportError, AttributeError) as exc:
         raise RunError(f"{what} {name!r} cannot be imported: {exc}") from exc
+    except Exception as exc:  # the module raised while being imported (--debug shows where)
+        raise RunError(f"{what} {name!r} cannot be imported: importing it raised "
+                       f"{type(exc).__name__}: {exc}") from exc
 
 
 def process_start_time() -> float:

@@ -3,6 +3,7 @@ else is refused with one line before it is called, for every group."""
 
 from __future__ import annotations
 
+import contextlib
 import sys
 from collections.abc import Iterator
 from typing import Any
@@ -106,7 +107,9 @@ def test_entry_point_targets_count_as_declared() -> None:
     assert registry.load("protocols", "fedavg_ef") is compression.fedavg_ef
 
 
-@pytest.mark.parametrize("name", ["os:", ":system", "os:a b", "os:__import__('x')"])
+@pytest.mark.parametrize("name", ["os:", ":system", "os:a b", "os:__import__('x')", ".evil:x",
+                                  "a..b:x", "protocols.:build", "protocols.fedavg:build.",
+                                  "pro tocols:x"])
 def test_malformed_names_are_refused(name: str) -> None:
     with pytest.raises(UnknownName):
         registry.load("protocols", name)
@@ -121,3 +124,13 @@ def test_the_cli_refuses_an_undeclared_protocol_in_one_line(
     assert main(["run", str(cfg), "--out", str(tmp_path / "o"), "--quiet"]) == EXIT_ERROR
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "is not declared as one" in err
+
+
+@settings(max_examples=200)
+@given(st.text(alphabet=st.sampled_from(list(".:_ab1 ()'-")), max_size=12)
+       | st.sampled_from(["os", "sys", "kernel"]).map(lambda m: m + ":" + "x"))
+def test_any_name_is_a_loaded_object_or_one_of_the_errors_the_runner_reports(name: str) -> None:
+    # The runner turns UnknownName (one line), ImportError and AttributeError into messages;
+    # anything else would be a traceback.
+    with contextlib.suppress(UnknownName, ImportError, AttributeError):
+        registry.load("protocols", name)
