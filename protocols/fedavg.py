@@ -34,6 +34,7 @@ DEFAULTS: dict[str, Any] = {
     "server_opt": "none", "server_lr": None, "momentum": 0.9, "betas": [0.9, 0.99], "tau": 1e-3,
 }
 SERVER_OPTS = ("none", "avgm", "adam")
+_ROW_FIELDS = ("name", "value", "node", "t", "round", "client", "wall_s")
 
 
 @dataclass(frozen=True)
@@ -196,7 +197,9 @@ class Server(Protocol):
             if res is None:  # nothing held out on this client
                 continue
             accs.append(float(res["accuracy"]))
-            fields = {k: v for k, v in res.items() if k != "accuracy"}
+            # A learner's own metric named like a row field is kept under a prefix.
+            fields = {(f"metric_{k}" if k in _ROW_FIELDS else k): v
+                      for k, v in res.items() if k != "accuracy"}
             ctx.emit("client_eval", float(res["accuracy"]), round=self.round, client=client,
                      **fields)
         return evaluation.summary(accs)
