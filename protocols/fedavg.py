@@ -42,6 +42,7 @@ DEFAULTS: dict[str, Any] = {
 SERVER_OPTS = ("none", "avgm", "adam", "yogi", "adagrad")
 # The adaptive optimisers take small steps: their update is about server_lr per coordinate.
 ADAPTIVE = ("adam", "yogi", "adagrad")
+_ROW_FIELDS = ("name", "value", "node", "t", "round", "client", "wall_s")
 
 
 @dataclass(frozen=True)
@@ -259,7 +260,9 @@ class Server(Protocol):
             if res is None:  # nothing held out on this client
                 continue
             accs.append(float(res["accuracy"]))
-            fields = {k: v for k, v in res.items() if k != "accuracy"}
+            # A learner's own metric named like a row field is kept under a prefix.
+            fields = {(f"metric_{k}" if k in _ROW_FIELDS else k): v
+                      for k, v in res.items() if k != "accuracy"}
             ctx.emit("client_eval", float(res["accuracy"]), round=self.round, client=client,
                      **fields)
         return evaluation.summary(accs)

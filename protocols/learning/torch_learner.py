@@ -37,7 +37,9 @@ class TorchLearner(Learner):
         self.epochs, self.batch, self.lr = opts["epochs"], opts["batch_size"], opts["lr"]
         self.data = data
         self._net: Any = None
-        import torch  # noqa: F401  (at start-up, not in the first round)
+        # Built now, on the cpu, so a bad model is a config error before the run starts;
+        # it moves to its device on first use (a ray driver may have no GPU).
+        self._built = self._build()
 
     # -- set-up --------------------------------------------------------------------------
 
@@ -63,11 +65,10 @@ class TorchLearner(Learner):
             torch.backends.cudnn.deterministic = True
         return torch.device(want)
 
-    def _setup(self) -> None:
+    def _build(self) -> Any:
         import torch
 
         set_torch_threads(self.opts["torch_threads"])
-        self.device = self._device()
         with torch.random.fork_rng(devices=[]):  # the caller's torch RNG state stays as it was
             torch.manual_seed(0)
             net = models.build(self.opts["model"], tuple(self.data.shape),
@@ -76,7 +77,12 @@ class TorchLearner(Learner):
             if p.dtype != torch.float32:
                 raise ConfigError(f"[workload] model = {self.opts['model']!r}: parameter "
                                   f"{name!r} is {p.dtype}; models travel as float32")
-        net = net.to(self.device)
+        return net
+
+    def _setup(self) -> None:
+        set_torch_threads(self.opts["torch_threads"])
+        self.device = self._device()
+        net, self._built = self._built.to(self.device), None
         self._names = [name for name, _ in net.named_parameters()]
         self._params = [p for _, p in net.named_parameters()]
         self._initial = {n: p.detach().cpu().numpy().copy()

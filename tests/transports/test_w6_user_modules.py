@@ -54,8 +54,8 @@ def test_w6_same_model_on_every_transport_with_a_model_from_the_cwd(tmp_path):
 
 def test_missing_user_module_says_where_it_looked(tmp_path):
     proc = subprocess.run(
-        [str(FEDLOOM), "run", str(ROOT / "perf/workloads/w6.toml"), "--quiet",
-         "--out", str(tmp_path / "o"), "--set", "workload.model=nomodule_here:net"],
+        [str(FEDLOOM), "run", "--quiet", "--out", str(tmp_path / "o"),
+         "--set", "workload.model=nomodule_here:net"],
         cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1
     assert "no module named 'nomodule_here' (looked in" in proc.stderr

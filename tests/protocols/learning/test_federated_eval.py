@@ -110,3 +110,17 @@ def test_w1_run_imports_nothing_heavy(tmp_path):
     assert proc.stdout.split("\n")[-2] == "0 []"
     res = json.loads((tmp_path / "result.json").read_text())
     assert res["test_accuracy"] == pytest.approx(0.863, abs=0.01)  # W1 learns as documented
+
+
+def test_w7_config_runs_at_10000_clients(tmp_path):
+    from perf.bench_learning import w7_data
+
+    path = w7_data(tmp_path / "w7.npz", n=20_000)
+    cfg = kconfig.load(ROOT / "perf/workloads/w7.toml",
+                       [f"data.dataset=npz:{path}", "run.rounds=1", "run.progress=false"])
+    result = runner.run(cfg, quiet=True)
+    assert result["reason"] == "finished" and result["messages"] == 200
+    learner = learners.make(cfg)
+    train = learner.data.train
+    assert train.clients == 10_000 and train.sizes.sum() == len(learner.data.y) - 667
+    assert train.indices.nbytes + train.bounds.nbytes < 300_000  # clients are index arrays
