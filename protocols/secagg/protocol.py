@@ -63,7 +63,7 @@ SECAGG_DEFAULTS: dict[str, Any] = {
 # FedAvg keys that make no sense here: the server sees no single update to aggregate robustly.
 REFUSED = {"aggregator_args": "secaggplus only sums", "min_replies": "use threshold"}
 COMPLETE_UP_TO = 64
-KEYS_TAG, SHARES_TAG = 1, 2  # rng streams of a client's round, apart from training's
+KEYS_TAG, SHARES_TAG, GRAPH_TAG = 1, 2, 3  # rng streams apart from training's and sampling's
 
 
 @dataclass(frozen=True)
@@ -168,9 +168,10 @@ class SecAggFailed(RuntimeError):
 class Server(Protocol):
     """Node 0: samples, drives the four stages, unmasks the sum, steps the global model."""
 
-    def __init__(self, o: Options, learner: learners.Learner, rounds: int,
+    def __init__(self, o: Options, learner: learners.Learner, rounds: int, seed: int,
                  guard: threats.Guard) -> None:
         self.o, self.learner, self.rounds, self.guard = o, learner, rounds, guard
+        self.seed = seed
         self.opt = fedavg.ServerOpt(o.fed)
         self.round = 0
         self.model: Tensors = {}
@@ -205,7 +206,8 @@ class Server(Protocol):
         fo = self.o.fed
         self.sampled = sample(ctx.rng, range(1, ctx.n_nodes), fraction=fo.fraction,
                               count=fo.clients_per_round)
-        self.graph_seed = int(ctx.rng.integers(2**62))
+        # Its own stream, so that the server samples the same clients as FedAvg would.
+        self.graph_seed = int(derive_rng(self.seed, 0, self.round, GRAPH_TAG).integers(2**62))
         self.k = degree(self.o, len(self.sampled))
         self.nbrs = graph(self.sampled, self.k, self.graph_seed)
         self.counts = []
@@ -484,7 +486,7 @@ def build(config: Mapping[str, Any]) -> Deployment:
     guard = threats.Guard.from_config(config, learner, seed, server_sees_updates=False)
     return Deployment(
         node_ids=list(range(learner.clients + 1)),
-        make_node=lambda i: (Server(o, learner, rounds, copy.deepcopy(guard)) if i == 0
+        make_node=lambda i: (Server(o, learner, rounds, seed, copy.deepcopy(guard)) if i == 0
                              else Client(o, learner, seed, guard)),
         describe=f"secaggplus: server 0, clients 1..{learner.clients}, {rounds} rounds",
     )

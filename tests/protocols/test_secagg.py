@@ -122,10 +122,10 @@ def test_sparse_graph_recovers_dropped_neighbours_exactly() -> None:
 
 
 def test_without_dropouts_it_is_fedavg_up_to_quantisation() -> None:
-    cfg = config(5, rounds=3)
+    cfg = config(8, rounds=3, clients_per_round=5)  # the same clients sampled as FedAvg's
     result, rows = run(cfg)
-    fcfg = config(5, rounds=3)
-    fcfg["protocol"] = {"name": "fedavg"}
+    fcfg = config(8, rounds=3)
+    fcfg["protocol"] = {"name": "fedavg", "clients_per_round": 5}
     fres = []
     job = Job(config=fcfg, deployment=fedavg.build(fcfg), seed=0, until=1e6,
               on_metric=fres.append)
