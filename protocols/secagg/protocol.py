@@ -113,7 +113,17 @@ class Options:
                 f"[protocol] frac_bits = {o['frac_bits']} with clip_range = {o['clip_range']} "
                 f"can overflow the 64-bit ring ({learner.clients} clients x weight up to "
                 f"{wmax}); lower frac_bits or clip_range")
-        return cls(fo, weighted, float(t), k, o["frac_bits"], o["clip_range"])
+        n = fo.clients_per_round or (learner.clients if fo.fraction is None else
+                                     max(1, math.ceil(fo.fraction * learner.clients - 1e-9)))
+        if isinstance(t, int) and t > n:
+            raise ConfigError(f"[protocol] threshold = {t} exceeds the {n} clients sampled per "
+                              f"round: every round would fail")
+        out = cls(fo, weighted, float(t), k, o["frac_bits"], o["clip_range"])
+        holders = degree(out, n) + 1
+        if isinstance(t, int) and t > holders:
+            raise ConfigError(f"[protocol] threshold = {t} exceeds the {holders} share holders "
+                              f"of a client (itself + neighbours = {k}); every round would fail")
+        return out
 
     def holders_threshold(self, holders: int) -> int:
         """t for a client with `holders` share holders (itself + neighbours)."""

@@ -192,6 +192,8 @@ def test_a_masked_input_is_uniform_on_the_ring() -> None:
     ({"neighbours": 3}, "neighbours"), ({"aggregator": "median"}, "aggregator"),
     ({"min_replies": 2}, "min_replies"), ({"frac_bits": 60}, "frac_bits"),
     ({"clip_range": 0.0}, "clip_range"), ({"thresold": 2}, "thresold"),
+    ({"threshold": 7}, "threshold = 7 exceeds the 6 clients"),
+    ({"threshold": 4, "neighbours": 2}, "exceeds the 3 share holders"),
 ])
 def test_bad_options_are_refused_naming_the_key(bad: dict[str, Any], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
