@@ -67,8 +67,9 @@ def rounds(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 # -- the protocol ----------------------------------------------------------------------------
 
-# Latency 1 s: setup arrives at 1, keys at 2 ... a client sends its masked input at 5 and its
-# shares for unmasking at 7, so crash times between pick the stage a client drops out in.
+# Latency 1 s: setup arrives at 1, keys at 2 ... without waits a client sends its masked input
+# at 5 and its unmasking shares at 7; a stage that waits for a crashed client until its
+# deadline delays the later ones. Crash times pick the stage a client drops out in.
 @settings(max_examples=12, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(n=st.integers(3, 7), data=st.data())
 def test_crashes_sum_is_exact_whenever_threshold_survive(n: int, data: Any) -> None:
@@ -82,9 +83,11 @@ def test_crashes_sum_is_exact_whenever_threshold_survive(n: int, data: Any) -> N
     survivors = n - len(crashed)
     assert row["aggregated"] == (survivors >= t)
     if row["aggregated"]:
-        # Clients that sent their masked input (crashing only later) are in the sum.
-        inc = sorted(set(range(1, n + 1)) - {c for c in crashed if at[c] < 5})
-        assert row["included"] == inc
+        # Every client that never crashed is in the sum, and so may be one that crashed after
+        # sending its masked input (when, depends on how long earlier stages waited).
+        inc = row["included"]
+        assert set(range(1, n + 1)) - set(crashed) <= set(inc)
+        assert all(at[c] > 4 for c in inc if c in at)
         assert row["sum_sha256"] == expected_sha(cfg, inc)
     else:
         fails = [r for r in rows if r["name"] == "secagg_failed"]
@@ -281,3 +284,16 @@ def test_same_model_on_inproc_ray_and_grpc(protocol: str, threats: dict[str, Any
                       for r in rec.rows if r["name"] == "round"]
     assert shas["grpc"] == shas["ray"] == shas["inproc"] is not None
     assert rows["grpc"] == rows["ray"] == rows["inproc"]
+
+
+@settings(max_examples=30, deadline=None)
+@given(vals=st.lists(st.floats(-1e3, 1e3, allow_nan=False), min_size=1, max_size=300),
+       bits=st.integers(1, 30), block=st.sampled_from([1, 7, 64, 1 << 15]))
+def test_quantise_is_round_of_clipped_scaled_values(vals: list[float], bits: int,
+                                                    block: int) -> None:
+    v = np.array(vals, np.float64)
+    want = np.rint(np.clip(v, -64.0, 64.0) * 2.0**bits).astype(np.int64)
+    got = crypto.quantise(v, bits, 64.0, block=block)
+    np.testing.assert_array_equal(got.view(np.int64), want)
+    np.testing.assert_allclose(crypto.dequantise(got, bits), np.clip(v, -64, 64),
+                               atol=2.0 ** -bits)
