@@ -8,7 +8,8 @@ optimiser keys (`fraction`, `clients_per_round`, `eval_every`, `mu`, `server_opt
     round_timeout = 30.0     # seconds each of the four stages waits (virtual on inproc); unset:
                              # wait for every expected client (a crashed one then stalls the run)
     threshold = 0        # shares that recover a secret: an int >= 2, a fraction in (0, 1) of
-                         # a client's share holders (itself + neighbours), or 0 = a majority
+                         # a client's share holders (itself + neighbours), or 0 / unset = a
+                         # majority of them
     neighbours = 0       # k of the k-regular communication graph (even); 0: complete graph
                          # up to 64 sampled clients, else the even k >= 3 log2(n) (SecAgg+)
     frac_bits = 20       # fixed point: updates are round(delta * 2**frac_bits) in Z/2**64
@@ -58,7 +59,7 @@ from protocols.common import Gather, Tensors, derive_rng, flatten, sample, unfla
 from protocols.secagg import crypto, shamir
 
 SECAGG_DEFAULTS: dict[str, Any] = {
-    "threshold": 0, "neighbours": 0, "frac_bits": 20, "clip_range": 64.0,
+    "threshold": None, "neighbours": 0, "frac_bits": 20, "clip_range": 64.0,
 }
 # FedAvg keys that make no sense here: the server sees no single update to aggregate robustly.
 REFUSED = {"aggregator_args": "secaggplus only sums", "min_replies": "use threshold"}
@@ -91,11 +92,11 @@ class Options:
         fed["name"] = "fedavg"
         fo = fedavg.Options.from_config(fed, learner.clients)
         o = options("protocol", {**sec}, SECAGG_DEFAULTS)
-        t = o["threshold"]
+        t = 0 if o["threshold"] is None else o["threshold"]
         if isinstance(t, bool) or not isinstance(t, int | float) or t < 0 or (
                 isinstance(t, float) and t >= 1) or t == 1:
             raise ConfigError(f"[protocol] threshold = {t!r}; expected an integer >= 2, a "
-                              f"fraction in (0, 1), or 0 for a majority")
+                              f"fraction in (0, 1), or 0 (or unset) for a majority")
         k = o["neighbours"]
         if k < 0 or k % 2:
             raise ConfigError(f"[protocol] neighbours = {k!r}; expected an even integer >= 2, "

@@ -192,6 +192,7 @@ def test_a_masked_input_is_uniform_on_the_ring() -> None:
 
 @pytest.mark.parametrize("bad, named", [
     ({"threshold": 1}, "threshold"), ({"threshold": 1.5}, "threshold"),
+    ({"threshold": "half"}, "threshold"), ({"threshold": -0.5}, "threshold"),
     ({"neighbours": 3}, "neighbours"), ({"aggregator": "median"}, "aggregator"),
     ({"min_replies": 2}, "min_replies"), ({"frac_bits": 60}, "frac_bits"),
     ({"clip_range": 0.0}, "clip_range"), ({"thresold": 2}, "thresold"),
@@ -201,6 +202,16 @@ def test_a_masked_input_is_uniform_on_the_ring() -> None:
 def test_bad_options_are_refused_naming_the_key(bad: dict[str, Any], named: str) -> None:
     with pytest.raises(ConfigError, match=named):
         build(config(**bad))
+
+
+def test_threshold_as_a_fraction_of_holders() -> None:
+    learner = learners.make(dict(LINEAR, clients=10))
+    o = Options.from_config({"threshold": 0.5}, learner)
+    assert [o.holders_threshold(h) for h in (4, 5, 10)] == [2, 3, 5]
+    o = Options.from_config({}, learner)
+    assert [o.holders_threshold(h) for h in (4, 5, 10)] == [3, 3, 6]  # a majority
+    _, rows = run(config(6, threshold=0.5))
+    assert rounds(rows)[0]["aggregated"]
 
 
 def test_colluding_attacks_and_central_dp_are_refused() -> None:
