@@ -99,7 +99,8 @@ def test_crashes_sum_is_exact_whenever_threshold_survive(n: int, data: Any) -> N
        k=st.sampled_from([0, 2]))
 def test_losses_never_hang_and_an_unmasked_sum_is_exact(n: int, loss: float, seed: int,
                                                         k: int) -> None:
-    net = {"latency": 1.0, "loss": loss}
+    net = {"latency": {"kind": "uniform", "low": 0.5, "high": 1.5}, "loss": loss,
+           "duplicate": 0.1}
     cfg = config(n, rounds=2, network=net, threshold=2, neighbours=k, round_timeout=3.0)
     cfg["run"]["seed"] = seed
     _, rows = run(cfg)
