@@ -118,6 +118,9 @@ class Privacy:
         if type(seed) is not int or seed < 0:
             raise bad("seed", "an integer >= 0")
         poisson = o["sampling"] == "poisson"
+        if poisson and not central:
+            raise ConfigError("[privacy] sampling = 'poisson' is for mode = 'central' (local "
+                              "mode accounts each client's own releases, whoever samples)")
         if o["accountant"] == "pld" and not poisson:
             raise ConfigError("[privacy] accountant = 'pld' accounts Poisson sampling only; set "
                               "sampling = 'poisson' or accountant = 'rdp'")

@@ -90,13 +90,23 @@ def add_mask(acc: np.ndarray, seed: bytes, sign: int, block: int = 1 << 15) -> N
             np.subtract(acc[lo:hi], m, out=acc[lo:hi])
 
 
-def quantise(vec: np.ndarray, frac_bits: int, clip: float) -> np.ndarray:
-    """Fixed point: round(clip(vec, +-clip) * 2**frac_bits) as two's complement uint64."""
-    a = np.array(vec, np.float64)
-    np.clip(a, -clip, clip, out=a)
-    a *= float(1 << frac_bits)
-    np.rint(a, out=a)
-    return a.astype(np.int64).view(np.uint64)
+def quantise(vec: np.ndarray, frac_bits: int, clip: float, block: int = 1 << 15) -> np.ndarray:
+    """Fixed point: round(clip(vec, +-clip) * 2**frac_bits) as two's complement uint64. Works
+    in cache-sized float64 blocks (4x faster than whole-array passes, perf/bench_secagg.py);
+    scaling by a power of two is exact, so clipping after it is the same."""
+    flat = np.ravel(vec)
+    scale = float(1 << frac_bits)
+    lim = clip * scale
+    out = np.empty(flat.size, np.int64)
+    buf = np.empty(min(block, flat.size))
+    for lo in range(0, flat.size, block):
+        hi = min(lo + block, flat.size)
+        a = buf[:hi - lo]
+        np.multiply(flat[lo:hi], scale, out=a, dtype=np.float64)
+        np.clip(a, -lim, lim, out=a)
+        np.rint(a, out=a)
+        np.copyto(out[lo:hi], a, casting="unsafe")
+    return out.view(np.uint64)
 
 
 def dequantise(ring: np.ndarray, frac_bits: int) -> np.ndarray:

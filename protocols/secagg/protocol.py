@@ -8,7 +8,8 @@ optimiser keys (`fraction`, `clients_per_round`, `eval_every`, `mu`, `server_opt
     round_timeout = 30.0     # seconds each of the four stages waits (virtual on inproc); unset:
                              # wait for every expected client (a crashed one then stalls the run)
     threshold = 0        # shares that recover a secret: an int >= 2, a fraction in (0, 1) of
-                         # a client's share holders (itself + neighbours), or 0 = a majority
+                         # a client's share holders (itself + neighbours), or 0 / unset = a
+                         # majority of them
     neighbours = 0       # k of the k-regular communication graph (even); 0: complete graph
                          # up to 64 sampled clients, else the even k >= 3 log2(n) (SecAgg+)
     frac_bits = 20       # fixed point: updates are round(delta * 2**frac_bits) in Z/2**64
@@ -58,12 +59,12 @@ from protocols.common import Gather, Tensors, derive_rng, flatten, sample, unfla
 from protocols.secagg import crypto, shamir
 
 SECAGG_DEFAULTS: dict[str, Any] = {
-    "threshold": 0, "neighbours": 0, "frac_bits": 20, "clip_range": 64.0,
+    "threshold": None, "neighbours": 0, "frac_bits": 20, "clip_range": 64.0,
 }
 # FedAvg keys that make no sense here: the server sees no single update to aggregate robustly.
 REFUSED = {"aggregator_args": "secaggplus only sums", "min_replies": "use threshold"}
 COMPLETE_UP_TO = 64
-KEYS_TAG, SHARES_TAG = 1, 2  # rng streams of a client's round, apart from training's
+KEYS_TAG, SHARES_TAG, GRAPH_TAG = 1, 2, 3  # rng streams apart from training's and sampling's
 
 
 @dataclass(frozen=True)
@@ -91,11 +92,11 @@ class Options:
         fed["name"] = "fedavg"
         fo = fedavg.Options.from_config(fed, learner.clients)
         o = options("protocol", {**sec}, SECAGG_DEFAULTS)
-        t = o["threshold"]
+        t = 0 if o["threshold"] is None else o["threshold"]
         if isinstance(t, bool) or not isinstance(t, int | float) or t < 0 or (
                 isinstance(t, float) and t >= 1) or t == 1:
             raise ConfigError(f"[protocol] threshold = {t!r}; expected an integer >= 2, a "
-                              f"fraction in (0, 1), or 0 for a majority")
+                              f"fraction in (0, 1), or 0 (or unset) for a majority")
         k = o["neighbours"]
         if k < 0 or k % 2:
             raise ConfigError(f"[protocol] neighbours = {k!r}; expected an even integer >= 2, "
@@ -113,7 +114,17 @@ class Options:
                 f"[protocol] frac_bits = {o['frac_bits']} with clip_range = {o['clip_range']} "
                 f"can overflow the 64-bit ring ({learner.clients} clients x weight up to "
                 f"{wmax}); lower frac_bits or clip_range")
-        return cls(fo, weighted, float(t), k, o["frac_bits"], o["clip_range"])
+        n = fo.clients_per_round or (learner.clients if fo.fraction is None else
+                                     max(1, math.ceil(fo.fraction * learner.clients - 1e-9)))
+        if isinstance(t, int) and t > n:
+            raise ConfigError(f"[protocol] threshold = {t} exceeds the {n} clients sampled per "
+                              f"round: every round would fail")
+        out = cls(fo, weighted, float(t), k, o["frac_bits"], o["clip_range"])
+        holders = degree(out, n) + 1
+        if isinstance(t, int) and t > holders:
+            raise ConfigError(f"[protocol] threshold = {t} exceeds the {holders} share holders "
+                              f"of a client (itself + neighbours = {k}); every round would fail")
+        return out
 
     def holders_threshold(self, holders: int) -> int:
         """t for a client with `holders` share holders (itself + neighbours)."""
@@ -168,9 +179,10 @@ class SecAggFailed(RuntimeError):
 class Server(Protocol):
     """Node 0: samples, drives the four stages, unmasks the sum, steps the global model."""
 
-    def __init__(self, o: Options, learner: learners.Learner, rounds: int,
+    def __init__(self, o: Options, learner: learners.Learner, rounds: int, seed: int,
                  guard: threats.Guard) -> None:
         self.o, self.learner, self.rounds, self.guard = o, learner, rounds, guard
+        self.seed = seed
         self.opt = fedavg.ServerOpt(o.fed)
         self.round = 0
         self.model: Tensors = {}
@@ -205,7 +217,8 @@ class Server(Protocol):
         fo = self.o.fed
         self.sampled = sample(ctx.rng, range(1, ctx.n_nodes), fraction=fo.fraction,
                               count=fo.clients_per_round)
-        self.graph_seed = int(ctx.rng.integers(2**62))
+        # Its own stream, so that the server samples the same clients as FedAvg would.
+        self.graph_seed = int(derive_rng(self.seed, 0, self.round, GRAPH_TAG).integers(2**62))
         self.k = degree(self.o, len(self.sampled))
         self.nbrs = graph(self.sampled, self.k, self.graph_seed)
         self.counts = []
@@ -484,7 +497,7 @@ def build(config: Mapping[str, Any]) -> Deployment:
     guard = threats.Guard.from_config(config, learner, seed, server_sees_updates=False)
     return Deployment(
         node_ids=list(range(learner.clients + 1)),
-        make_node=lambda i: (Server(o, learner, rounds, copy.deepcopy(guard)) if i == 0
+        make_node=lambda i: (Server(o, learner, rounds, seed, copy.deepcopy(guard)) if i == 0
                              else Client(o, learner, seed, guard)),
         describe=f"secaggplus: server 0, clients 1..{learner.clients}, {rounds} rounds",
     )

@@ -154,3 +154,23 @@ def test_a_protocol_that_ignores_the_section_refuses_it() -> None:
            "adversary": {"kind": "sign_flip", "fraction": 0.3}}
     with pytest.raises(ConfigError, match=r"\[adversary\] is not honoured by protocol"):
         runner.run(cfg, quiet=True)
+
+
+@pytest.mark.parametrize("protocol", [
+    {"name": "fedavg", "mu": 0.1, "server_opt": "avgm"},
+    {"name": "fedavg", "server_opt": "adam", "aggregator": "trimmed_mean",
+     "aggregator_args": {"f": 2}},
+    {"name": "fedavg_ef"},
+])
+def test_every_fedavg_variant_is_attacked_and_reports_it(protocol: dict[str, Any]) -> None:
+    cfg = config({"kind": "ipm", "fraction": 0.3, "epsilon": 5.0}, rounds=2)
+    cfg["protocol"] = dict(protocol, clients_per_round=6)
+    cfg["run"]["progress"] = False
+    if protocol["name"] == "fedavg_ef":
+        cfg["codec"] = {"stages": {"update": ["topk"]}}
+    clean = dict(cfg)
+    del clean["adversary"]
+    hit, want = runner.execute(cfg, quiet=True), runner.execute(clean, quiet=True)
+    rows = [r for r in hit.rows if r["name"] == "round"]
+    assert any(r["attackers"] for r in rows)
+    assert hit.result["final_model_sha256"] != want.result["final_model_sha256"]

@@ -141,6 +141,7 @@ def test_epsilon_in_metrics_and_result_json(tmp_path: Path) -> None:
     ({"mode": "central", "delta": 1.5}, "delta"),
     ({"mode": "central", "accountant": "pld"}, "accountant"),
     ({"mode": "central", "sampling": "poisson"}, "sampling"),
+    ({"mode": "local", "sampling": "poisson"}, "sampling"),
     ({"mode": "central", "adaptive": True, "noise_multiplier": 5.0, "count_stddev": 1.0},
      "count_stddev"),
     ({"mode": "central", "epsilon": 1.0}, "epsilon"),
