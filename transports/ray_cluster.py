@@ -188,7 +188,8 @@ def explain(exc: BaseException, address: str, opts: Mapping[str, Any]) -> str:
         fix = (f"this process runs Ray {ray.__version__} on Python "
                f"{sys.version.split()[0]}; the cluster must run the same (see the message), "
                "so install matching versions on every node and the driver")
-        return f"ray transport could not {where}: version mismatch: {str(exc)[:600]}. Fix: {fix}"
+        said = " ".join(str(exc).split())[:600]  # Ray's text spans lines; one line here
+        return f"ray transport could not {where}: version mismatch: {said}. Fix: {fix}"
     if ("auth" in low and ("token" in low or "unauthenticated" in low)):
         return f"ray transport could not {where}: {text}; " + auth_advice()
     return f"ray transport could not {where}: {text}. Fix: {fix}"
