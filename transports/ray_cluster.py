@@ -76,8 +76,10 @@ def auth_mode() -> str:
     return "token" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else "disabled"
 
 
-def init(opts: Mapping[str, Any]) -> tuple[str, bool]:
-    """Join or start Ray as `opts` say; returns (the address given to ray.init, started)."""
+def init(opts: Mapping[str, Any], *, runtime_env: Mapping[str, Any] | None = None
+         ) -> tuple[str, bool]:
+    """Join or start Ray as `opts` say (with a job-wide `runtime_env`, where given); returns
+    (the address given to ray.init, started)."""
     address = target(opts["address"])
     log = opts["log_to_driver"]
     kw: dict[str, Any] = {"log_to_driver": log is not False, "logging_level": logging.ERROR}
@@ -98,6 +100,8 @@ def init(opts: Mapping[str, Any]) -> tuple[str, bool]:
     else:
         kw["address"] = address
         probe(address, opts["address"])
+    if runtime_env:
+        kw["runtime_env"] = dict(runtime_env)
     try:
         ray.init(**kw)
     except Exception as exc:
@@ -397,13 +401,24 @@ def not_installed(module: str) -> Path | None:
         where = Path(spec.origin)
         if where.name == "__init__.py":
             where = where.parent
-    if any(part in ("site-packages", "dist-packages") for part in where.parts):
-        return None
+    if any(part in ("site-packages", "dist-packages", "runtime_resources")
+           for part in where.parts):
+        return None  # installed, or already shipped to this Ray worker by a runtime_env
     if where.is_relative_to(Path(sys.prefix)) or where.is_relative_to(Path(sys.base_prefix)):
         return None
     if top in ("kernel", "transports", "protocols", "perf"):
         return None  # fedloom itself: every node must have it installed (docs/ray-cluster.md)
     return where
+
+
+def user_modules(config: Mapping[str, Any]) -> list[str]:
+    """Folders (or files) of the user's own modules a config names, to ship to a cluster."""
+    out: list[str] = []
+    for mod in named_modules(config):
+        where = not_installed(mod)
+        if where is not None and str(where) not in out:
+            out.append(str(where))
+    return out
 
 
 def runtime_env(given: Mapping[str, Any], config: Mapping[str, Any], *,
@@ -415,10 +430,7 @@ def runtime_env(given: Mapping[str, Any], config: Mapping[str, Any], *,
     env: dict[str, Any] = {k: v for k, v in given.items()}
     shipped = list(env.get("py_modules", []))
     if auto:
-        for mod in named_modules(config):
-            where = not_installed(mod)
-            if where is not None and str(where) not in shipped:
-                shipped.append(str(where))
+        shipped += [m for m in user_modules(config) if m not in shipped]
     if shipped:
         env["py_modules"] = shipped
     if not env:
