@@ -240,9 +240,13 @@ def test_status_rows_show_on_the_progress_line() -> None:
     assert stream.getvalue().splitlines()[0] == "ray: waiting for 2 shards"
     stream = io.StringIO()
     bar = Progress(2, stream, bar=True)
+    bar.update({"name": "status", "value": "ray: started"})
+    bar.update({"name": "round", "value": 1})
     bar.update({"name": "status", "value": "ray: waiting"})
     bar.close()
-    assert stream.getvalue() == "\rray: waiting\x1b[K\n"
+    lines = stream.getvalue().split("\n")
+    assert lines[0] == "ray: started" and "round 1/2" in lines[1]  # the bar stays above
+    assert lines[2] == "ray: waiting" and lines[3] == ""
 
 
 # -- the model hash ----------------------------------------------------------------------------
