@@ -308,7 +308,7 @@ def shortfall(bundle: Mapping[str, float], shards: int, strategy: str,
     if strategy == "STRICT_PACK":
         need = {k: v * shards for k, v in bundle.items()}
         if not any(fits(n["total"], need) for n in nodes):
-            return f"STRICT_PACK needs {_fmt(need)} on one node and no alive node has that"
+            return f"STRICT_PACK needs {fmt(need)} on one node and no alive node has that"
     per_node = [_count_fits(n["total"], bundle, shards) for n in nodes]
     if strategy == "STRICT_SPREAD":
         able = sum(1 for c in per_node if c >= 1)
@@ -316,7 +316,7 @@ def shortfall(bundle: Mapping[str, float], shards: int, strategy: str,
             return (f"STRICT_SPREAD needs {shards} distinct nodes that each fit a shard; "
                     f"{able} alive node(s) do")
     elif sum(per_node) < shards:
-        return (f"{shards} shards of {_fmt(bundle)} need more than the alive nodes hold in "
+        return (f"{shards} shards of {fmt(bundle)} need more than the alive nodes hold in "
                 f"total (room for {sum(per_node)})")
     return None
 
@@ -327,7 +327,8 @@ def _count_fits(total: Mapping[str, float], bundle: Mapping[str, float], cap: in
     return min([cap, *counts])
 
 
-def _fmt(res: Mapping[str, float]) -> str:
+def fmt(res: Mapping[str, float]) -> str:
+    """{CPU: 1, GPU: 0.5}: resources as messages show them."""
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(res.items())) + "}"
 
 
@@ -356,7 +357,7 @@ def check_placement(bundle: Mapping[str, float], shards: int, strategy: str) -> 
         fix.append("use placement = 'PACK'")
     fix.append("or add nodes with the missing resources")
     raise PlacementError(
-        f"ray transport: {shards} shards of {_fmt(bundle)} with placement {strategy} can never "
+        f"ray transport: {shards} shards of {fmt(bundle)} with placement {strategy} can never "
         f"be placed: {why}; the cluster has {resources_line(nodes, keys)}. Fix: "
         + ", ".join(fix))
 
@@ -499,5 +500,5 @@ def wait_line(bundle: Mapping[str, float], shards: int, strategy: str, waited: f
     """The progress line while a placement waits for resources to free up."""
     nodes = alive_nodes()
     keys = sorted({"CPU", *bundle})
-    return (f"ray: waiting for {shards} shards of {_fmt(bundle)} ({strategy}) to fit: "
+    return (f"ray: waiting for {shards} shards of {fmt(bundle)} ({strategy}) to fit: "
             f"{resources_line(nodes, keys)}; {waited:.0f}/{timeout:g} s (placement_timeout)")
