@@ -228,17 +228,10 @@ def info(address: str, started: bool) -> dict[str, Any]:
         from ray._private import worker as ray_worker
 
         node = ray_worker._global_node
-        if node is not None:
+        if node is not None:  # a joined node reads the head's dashboard URL from the GCS
             out["logs"] = node.get_logs_dir_path()
             url = getattr(node, "webui_url", None) or getattr(node, "address_info", {}).get(
                 "webui_url")
-            if url:
-                out["dashboard"] = url if "://" in url else f"http://{url}"
-    if out["dashboard"] is None and not started:
-        with contextlib.suppress(Exception):
-            from ray._private import worker as ray_worker
-
-            url = ray_worker.get_dashboard_url()
             if url:
                 out["dashboard"] = url if "://" in url else f"http://{url}"
     with contextlib.suppress(Exception):
