@@ -309,8 +309,8 @@ def shortfall(bundle: Mapping[str, float], shards: int, strategy: str,
             return (f"STRICT_SPREAD needs {shards} distinct nodes that each fit a shard; "
                     f"{able} alive node(s) do")
     elif sum(per_node) < shards:
-        return (f"{shards} shards of {fmt(bundle)} need more than the alive nodes hold in "
-                f"total (room for {sum(per_node)})")
+        return (f"{plural(shards, 'shard')} of {fmt(bundle)} need more than the alive nodes "
+                f"hold in total (room for {sum(per_node)})")
     return None
 
 
@@ -318,6 +318,11 @@ def _count_fits(total: Mapping[str, float], bundle: Mapping[str, float], cap: in
     """How many bundles fit one node's totals (at most `cap`)."""
     counts = [int(total.get(k, 0.0) / v + 1e-9) for k, v in bundle.items() if v > 0]
     return min([cap, *counts])
+
+
+def plural(n: int, word: str) -> str:
+    """'1 shard', '2 shards'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def fmt(res: Mapping[str, float]) -> str:
@@ -350,8 +355,8 @@ def check_placement(bundle: Mapping[str, float], shards: int, strategy: str) -> 
         fix.append("use placement = 'PACK'")
     fix.append("or add nodes with the missing resources")
     raise PlacementError(
-        f"ray transport: {shards} shards of {fmt(bundle)} with placement {strategy} can never "
-        f"be placed: {why}; the cluster has {resources_line(nodes, keys)}. Fix: "
+        f"ray transport: {plural(shards, 'shard')} of {fmt(bundle)} with placement {strategy} "
+        f"can never be placed: {why}; the cluster has {resources_line(nodes, keys)}. Fix: "
         + ", ".join(fix))
 
 
@@ -493,5 +498,5 @@ def wait_line(bundle: Mapping[str, float], shards: int, strategy: str, waited: f
     """The progress line while a placement waits for resources to free up."""
     nodes = alive_nodes()
     keys = sorted({"CPU", *bundle})
-    return (f"ray: waiting for {shards} shards of {fmt(bundle)} ({strategy}) to fit: "
-            f"{resources_line(nodes, keys)}; {waited:.0f}/{timeout:g} s (placement_timeout)")
+    return (f"ray: waiting for {plural(shards, 'shard')} of {fmt(bundle)} ({strategy}) to "
+            f"fit: {resources_line(nodes, keys)}; {waited:.0f}/{timeout:g} s (placement_timeout)")
