@@ -305,9 +305,13 @@ def _tune(ns: argparse.Namespace) -> int:
     rounds = int(base["run"]["rounds"])
     started = False
     if not ray.is_initialized():
-        _, started = ray_cluster.init(check_options({"address": ns.address,
-                                                     "num_cpus": ns.num_cpus,
-                                                     "log_to_driver": "errors"}))
+        opts = check_options({"address": ns.address, "num_cpus": ns.num_cpus,
+                              "log_to_driver": "errors"})
+        # Trials on a cluster import the user's modules the config names: ship them job-wide.
+        shipped = (ray_cluster.user_modules(base)
+                   if ray_cluster.target(ns.address) != "local" else [])
+        ray_cluster.init(opts, runtime_env={"py_modules": shipped} if shipped else None)
+        started = True  # ours to stop (local) or disconnect from (a cluster)
     try:
         need = _trial_cpus(base, ns.cpus_per_trial)
         have = float(ray.cluster_resources().get("CPU", 0.0))

@@ -149,7 +149,8 @@ class RayTransport(Transport):
             if waited >= timeout:
                 nodes = ray_cluster.alive_nodes()
                 raise PlacementError(
-                    f"ray transport: {shards} shards of {bundle} ({strategy}) fit the cluster "
+                    f"ray transport: {ray_cluster.plural(shards, 'shard')} of "
+                    f"{ray_cluster.fmt(bundle)} ({strategy}) fit the cluster "
                     f"but its resources did not free up within placement_timeout = "
                     f"{timeout:g} s: {ray_cluster.resources_line(nodes, sorted({'CPU', *bundle}))}"
                     ". Other jobs hold them: wait, raise placement_timeout, or lower "

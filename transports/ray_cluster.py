@@ -76,8 +76,10 @@ def auth_mode() -> str:
     return "token" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else "disabled"
 
 
-def init(opts: Mapping[str, Any]) -> tuple[str, bool]:
-    """Join or start Ray as `opts` say; returns (the address given to ray.init, started)."""
+def init(opts: Mapping[str, Any], *, runtime_env: Mapping[str, Any] | None = None
+         ) -> tuple[str, bool]:
+    """Join or start Ray as `opts` say (with a job-wide `runtime_env`, where given); returns
+    (the address given to ray.init, started)."""
     address = target(opts["address"])
     log = opts["log_to_driver"]
     kw: dict[str, Any] = {"log_to_driver": log is not False, "logging_level": logging.ERROR}
@@ -98,6 +100,8 @@ def init(opts: Mapping[str, Any]) -> tuple[str, bool]:
     else:
         kw["address"] = address
         probe(address, opts["address"])
+    if runtime_env:
+        kw["runtime_env"] = dict(runtime_env)
     try:
         ray.init(**kw)
     except Exception as exc:
@@ -188,7 +192,8 @@ def explain(exc: BaseException, address: str, opts: Mapping[str, Any]) -> str:
         fix = (f"this process runs Ray {ray.__version__} on Python "
                f"{sys.version.split()[0]}; the cluster must run the same (see the message), "
                "so install matching versions on every node and the driver")
-        return f"ray transport could not {where}: version mismatch: {str(exc)[:600]}. Fix: {fix}"
+        said = " ".join(str(exc).split())[:600]  # Ray's text spans lines; one line here
+        return f"ray transport could not {where}: version mismatch: {said}. Fix: {fix}"
     if ("auth" in low and ("token" in low or "unauthenticated" in low)):
         return f"ray transport could not {where}: {text}; " + auth_advice()
     return f"ray transport could not {where}: {text}. Fix: {fix}"
@@ -223,17 +228,10 @@ def info(address: str, started: bool) -> dict[str, Any]:
         from ray._private import worker as ray_worker
 
         node = ray_worker._global_node
-        if node is not None:
+        if node is not None:  # a joined node reads the head's dashboard URL from the GCS
             out["logs"] = node.get_logs_dir_path()
             url = getattr(node, "webui_url", None) or getattr(node, "address_info", {}).get(
                 "webui_url")
-            if url:
-                out["dashboard"] = url if "://" in url else f"http://{url}"
-    if out["dashboard"] is None and not started:
-        with contextlib.suppress(Exception):
-            from ray._private import worker as ray_worker
-
-            url = ray_worker.get_dashboard_url()
             if url:
                 out["dashboard"] = url if "://" in url else f"http://{url}"
     with contextlib.suppress(Exception):
@@ -303,7 +301,7 @@ def shortfall(bundle: Mapping[str, float], shards: int, strategy: str,
     if strategy == "STRICT_PACK":
         need = {k: v * shards for k, v in bundle.items()}
         if not any(fits(n["total"], need) for n in nodes):
-            return f"STRICT_PACK needs {_fmt(need)} on one node and no alive node has that"
+            return f"STRICT_PACK needs {fmt(need)} on one node and no alive node has that"
     per_node = [_count_fits(n["total"], bundle, shards) for n in nodes]
     if strategy == "STRICT_SPREAD":
         able = sum(1 for c in per_node if c >= 1)
@@ -311,8 +309,8 @@ def shortfall(bundle: Mapping[str, float], shards: int, strategy: str,
             return (f"STRICT_SPREAD needs {shards} distinct nodes that each fit a shard; "
                     f"{able} alive node(s) do")
     elif sum(per_node) < shards:
-        return (f"{shards} shards of {_fmt(bundle)} need more than the alive nodes hold in "
-                f"total (room for {sum(per_node)})")
+        return (f"{plural(shards, 'shard')} of {fmt(bundle)} need more than the alive nodes "
+                f"hold in total (room for {sum(per_node)})")
     return None
 
 
@@ -322,7 +320,13 @@ def _count_fits(total: Mapping[str, float], bundle: Mapping[str, float], cap: in
     return min([cap, *counts])
 
 
-def _fmt(res: Mapping[str, float]) -> str:
+def plural(n: int, word: str) -> str:
+    """'1 shard', '2 shards'."""
+    return f"{n} {word}{'' if n == 1 else 's'}"
+
+
+def fmt(res: Mapping[str, float]) -> str:
+    """{CPU: 1, GPU: 0.5}: resources as messages show them."""
     return "{" + ", ".join(f"{k}: {v:g}" for k, v in sorted(res.items())) + "}"
 
 
@@ -351,8 +355,8 @@ def check_placement(bundle: Mapping[str, float], shards: int, strategy: str) -> 
         fix.append("use placement = 'PACK'")
     fix.append("or add nodes with the missing resources")
     raise PlacementError(
-        f"ray transport: {shards} shards of {_fmt(bundle)} with placement {strategy} can never "
-        f"be placed: {why}; the cluster has {resources_line(nodes, keys)}. Fix: "
+        f"ray transport: {plural(shards, 'shard')} of {fmt(bundle)} with placement {strategy} "
+        f"can never be placed: {why}; the cluster has {resources_line(nodes, keys)}. Fix: "
         + ", ".join(fix))
 
 
@@ -396,13 +400,24 @@ def not_installed(module: str) -> Path | None:
         where = Path(spec.origin)
         if where.name == "__init__.py":
             where = where.parent
-    if any(part in ("site-packages", "dist-packages") for part in where.parts):
-        return None
+    if any(part in ("site-packages", "dist-packages", "runtime_resources")
+           for part in where.parts):
+        return None  # installed, or already shipped to this Ray worker by a runtime_env
     if where.is_relative_to(Path(sys.prefix)) or where.is_relative_to(Path(sys.base_prefix)):
         return None
     if top in ("kernel", "transports", "protocols", "perf"):
         return None  # fedloom itself: every node must have it installed (docs/ray-cluster.md)
     return where
+
+
+def user_modules(config: Mapping[str, Any]) -> list[str]:
+    """Folders (or files) of the user's own modules a config names, to ship to a cluster."""
+    out: list[str] = []
+    for mod in named_modules(config):
+        where = not_installed(mod)
+        if where is not None and str(where) not in out:
+            out.append(str(where))
+    return out
 
 
 def runtime_env(given: Mapping[str, Any], config: Mapping[str, Any], *,
@@ -414,10 +429,7 @@ def runtime_env(given: Mapping[str, Any], config: Mapping[str, Any], *,
     env: dict[str, Any] = {k: v for k, v in given.items()}
     shipped = list(env.get("py_modules", []))
     if auto:
-        for mod in named_modules(config):
-            where = not_installed(mod)
-            if where is not None and str(where) not in shipped:
-                shipped.append(str(where))
+        shipped += [m for m in user_modules(config) if m not in shipped]
     if shipped:
         env["py_modules"] = shipped
     if not env:
@@ -486,5 +498,5 @@ def wait_line(bundle: Mapping[str, float], shards: int, strategy: str, waited: f
     """The progress line while a placement waits for resources to free up."""
     nodes = alive_nodes()
     keys = sorted({"CPU", *bundle})
-    return (f"ray: waiting for {shards} shards of {_fmt(bundle)} ({strategy}) to fit: "
-            f"{resources_line(nodes, keys)}; {waited:.0f}/{timeout:g} s (placement_timeout)")
+    return (f"ray: waiting for {plural(shards, 'shard')} of {fmt(bundle)} ({strategy}) to "
+            f"fit: {resources_line(nodes, keys)}; {waited:.0f}/{timeout:g} s (placement_timeout)")

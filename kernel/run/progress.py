@@ -44,9 +44,10 @@ class Progress:
         "status" row (a transport saying what it waits for, value = the text)."""
         if row.get("name") == "status":
             with self._lock:
-                self.stream.write(("\r" if self.bar else "") + str(row.get("value")) +
-                                  ("\x1b[K" if self.bar else "\n"))
-                self._drawn = self.bar
+                # A line of its own (rare, and worth keeping on screen): after a drawn bar,
+                # which the next round redraws below it.
+                self.stream.write(("\n" if self._drawn else "") + str(row.get("value")) + "\n")
+                self._drawn = False
                 self.stream.flush()
             return
         if row.get("name") != "round":

@@ -70,7 +70,8 @@ def test_asha_stops_the_bad_trial_and_the_best_config_reproduces(tmp_path: Path,
                                                                  capsys: Any) -> None:
     pytest.importorskip("ray.tune")
     sets = ["--set", "workload.clients=2", "--set", "run.rounds=3",
-            "--set", "workload.samples_per_client=64", "--set", "workload.test_samples=200"]
+            "--set", "workload.model=linear", "--set", "workload.samples_per_client=64",
+            "--set", "workload.test_samples=200"]
     code = ft.main([str(ROOT / "perf/workloads/w1.toml"),
                     "--param", "workload.lr=grid(0.1, 0.0001)", "--samples", "1",
                     "--max-concurrent", "1", "--num-cpus", "1", "--metric", "test_accuracy",

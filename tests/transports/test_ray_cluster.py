@@ -131,7 +131,7 @@ def test_join_failures_name_the_cause_and_never_advise_ray_stop(
     monkeypatch.delenv("RAY_AUTH_MODE", raising=False)
     opts = check_options({"address": "10.0.0.9:6379"})
     text = rc.explain(RuntimeError(message), "10.0.0.9:6379", opts)
-    assert names in text and "Fix" in text
+    assert names in text and "Fix" in text and "\n" not in text
     assert "ray stop`" not in text.replace("never `ray stop`", "")
     local = rc.explain(OSError("No space left on device"), "local", check_options({}))
     assert "never `ray stop`" in local and "transport.temp_dir" in local

@@ -194,15 +194,41 @@ def test_the_guides_commands_run_w1_on_a_two_node_cluster(tmp_path: Path, ray_di
         "@declare('protocols')\ndef build(config):\n"
         "    dep = fedavg.build(config)\n"
         "    return dataclasses.replace(dep, make_node=lambda i: make(dep, i))\n")
+    # (the numpy `linear` model: shards that need no torch start faster)
+    linear = ["run.progress=false", "workload.model=linear"]
     own = _fedloom(["perf/workloads/w1.toml", "--set", "transport.kind=ray", "--set",
-                    "protocol.name=myfed_guide:build", "--out", str(tmp_path / "own"),
-                    "--quiet"], {**env, "RAY_ADDRESS": address, "PYTHONPATH": str(mods)})
+                    "protocol.name=myfed_guide:build", *[x for s in linear for x in ("--set", s)],
+                    "--out", str(tmp_path / "own"), "--quiet"],
+                   {**env, "RAY_ADDRESS": address, "PYTHONPATH": str(mods)})
     assert own.returncode == 0, own.stderr[-3000:]
     shipped: dict[str, Any] = json.loads((tmp_path / "own" / "result.json").read_text())
-    assert shipped["final_model_sha256"] == want
+    assert shipped["final_model_sha256"] == runner.execute(
+        load(ROOT / "perf/workloads/w1.toml", linear), quiet=True).result["final_model_sha256"]
     assert shipped["transport_info"]["runtime_env"]["py_modules"][0].startswith("gcs://")
     # log_to_driver = "errors" (default): the shard's stderr reaches this terminal, prefixed
     # with the shard; its stdout stays in the log folder.
     said = [ln for ln in own.stderr.splitlines() if "myfed_guide: warning" in ln]
     assert said and "(shard 0 pid=" in said[0], own.stderr[-2000:]
     assert "chatter on stdout" not in own.stderr + own.stdout
+
+    # Last (it leaves the cluster claiming another Ray version): a version mismatch is named,
+    # with both versions and the fix.
+    claim = (
+        "import json, sys, ray\n"
+        "from ray._common.usage import usage_constants as usage_constant\n"
+        "from ray._private import ray_constants\n"
+        f"ray.init(address={address!r}, logging_level='ERROR')\n"
+        "gcs = ray._private.worker.global_worker.gcs_client\n"
+        "key, ns = usage_constant.CLUSTER_METADATA_KEY, ray_constants.KV_NAMESPACE_CLUSTER\n"
+        "meta = json.loads(gcs.internal_kv_get(key, namespace=ns))\n"
+        "meta['ray_version'] = '2.0.0'\n"
+        "gcs.internal_kv_put(key, json.dumps(meta).encode(), True, namespace=ns)\n"
+        "ray.shutdown()\n"
+        "from kernel.run.cli import main\n"
+        "sys.exit(main(['run', 'perf/workloads/w1.toml', '--set', 'transport.kind=ray', "
+        f"'--quiet', '--out', {str(tmp_path / 'old')!r}]))\n")
+    old = subprocess.run([sys.executable, "-c", claim], env={**env, "RAY_ADDRESS": address},
+                         cwd=ROOT, capture_output=True, text=True, timeout=RUN_TIMEOUT_S)
+    assert old.returncode == 1, old.stderr[-2000:]
+    assert "version mismatch" in old.stderr and "2.0.0" in old.stderr
+    assert "this process runs Ray 2." in old.stderr and "ray stop" not in old.stderr

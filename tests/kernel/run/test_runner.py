@@ -233,6 +233,24 @@ def test_progress_bar_redraws_one_line_on_a_terminal() -> None:
     assert "ETA 4s" in second and "ETA 2s" in third  # 2 s then 1.5 s per round since round 1
 
 
+def test_status_rows_show_on_the_progress_line() -> None:
+    """A transport saying what it waits for (a "status" row) is shown between rounds."""
+    stream = io.StringIO()
+    plain = Progress(2, stream, bar=False)
+    plain.update({"name": "status", "value": "ray: waiting for 2 shards"})
+    plain.update({"name": "round", "value": 1})
+    assert stream.getvalue().splitlines()[0] == "ray: waiting for 2 shards"
+    stream = io.StringIO()
+    bar = Progress(2, stream, bar=True)
+    bar.update({"name": "status", "value": "ray: started"})
+    bar.update({"name": "round", "value": 1})
+    bar.update({"name": "status", "value": "ray: waiting"})
+    bar.close()
+    lines = stream.getvalue().split("\n")
+    assert lines[0] == "ray: started" and "round 1/2" in lines[1]  # the bar stays above
+    assert lines[2] == "ray: waiting" and lines[3] == ""
+
+
 # -- the model hash ----------------------------------------------------------------------------
 
 arrays = hnp.arrays(
