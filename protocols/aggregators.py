@@ -7,7 +7,8 @@ sorted by sender id (never arrival order); that order is the only one results de
 ties (Krum scores) go to the earlier item. `mean` and `weighted_mean` sum exactly
 (`protocols.exactsum`): their result does not depend on the items' order or grouping at all,
 and is within 1 float32 ulp of the exact mean. Only `weighted_mean` uses the weights (sample
-counts, say); the robust ones treat all items alike. Registered by name in the "aggregators" group (pyproject entry points).
+counts, say); the robust ones treat all items alike. Registered by name in the "aggregators"
+group (pyproject entry points).
 """
 
 from __future__ import annotations
