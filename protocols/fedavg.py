@@ -3,7 +3,10 @@ and FedAvgM / FedAdam server optimisers (Reddi et al. 2021).
 
 Server = node 0, clients = nodes 1..N (node i+1 trains on client i's data). Each round the
 server samples clients with its seeded rng, multicasts the global model, and aggregates the
-replies (models + sample counts) in sender-id order once all arrive or the deadline passes.
+replies (models + sample counts) once all arrive or the deadline passes. With a (weighted)
+mean, the exact sum of `protocols.exactsum`, each reply is added as it arrives and dropped, so
+the server holds one sum, not every reply, and arrival order cannot change a bit; other
+aggregators (median, Krum, ...) gather the replies and get them in sender-id order.
 Replies for an older round are counted as late and discarded (metric rows "late"; a second
 copy of a reply in its own round is a "duplicate"). Clients keep no state.
 """
@@ -19,7 +22,7 @@ import numpy as np
 from kernel.api import Context, Deployment, Protocol
 from kernel.messages import Message
 from kernel.options import ConfigError, options
-from protocols import learners
+from protocols import aggregators, learners
 from protocols.common import Aggregate, Gather, Tensors, aggregator, derive_rng, sample
 
 DEFAULTS: dict[str, Any] = {
@@ -114,6 +117,10 @@ class Server(Protocol):
     def __init__(self, opts: Options, learner: learners.Learner, rounds: int) -> None:
         self.o, self.learner, self.rounds = opts, learner, rounds
         self.aggregate: Aggregate = aggregator(opts.aggregator, opts.aggregator_args)
+        # A mean sums replies as they come (see the module docstring).
+        self.stream = aggregators.streaming(self.aggregate)
+        self.weighted = self.aggregate is not aggregators.mean
+        self.acc: aggregators.Accumulator | None = None
         self.opt = ServerOpt(opts)
         self.round, self.late = 0, 0
         self.model: Tensors = {}
@@ -136,11 +143,16 @@ class Server(Protocol):
         clients = sample(ctx.rng, range(1, ctx.n_nodes), fraction=self.o.fraction,
                          count=self.o.clients_per_round)
         self.gather = Gather(self.round, clients)
+        self.acc = self.stream() if self.stream is not None else None
         self.gather.arm(ctx, self.o.round_timeout)
         ctx.multicast(clients, "train", round=self.round, model=self.model)
 
     def on_message(self, ctx: Context, msg: Message) -> None:
-        if self.gather.offer(msg.src, msg.round, (msg.n_samples, msg.model)):
+        acc = self.acc
+        item = msg.n_samples if acc is not None else (msg.n_samples, msg.model)
+        if self.gather.offer(msg.src, msg.round, item):
+            if acc is not None:
+                acc.add(float(msg.n_samples) if self.weighted else 1.0, msg.model)
             if self.gather.complete:
                 self._end_round(ctx)
             return
@@ -157,7 +169,12 @@ class Server(Protocol):
         replies = self.gather.close(ctx)
         aggregated = len(replies) >= min(self.o.min_replies, self.gather.need)
         if aggregated:
-            agg = self.aggregate([(float(n), model) for _, (n, model) in replies])
+            if self.acc is not None:
+                if self.weighted:
+                    aggregators.check_weights(self.acc.weights)
+                agg = self.acc.mean(self.weighted)
+            else:
+                agg = self.aggregate([(float(n), model) for _, (n, model) in replies])
             self.model = self.opt.step(self.model, agg)
         ev = None
         if self.round % self.o.eval_every == 0 or self.round == self.rounds:
