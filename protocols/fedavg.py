@@ -218,4 +218,5 @@ def build(config: Mapping[str, Any]) -> Deployment:
         node_ids=list(range(learner.clients + 1)),
         make_node=lambda i: Server(opts, learner, rounds) if i == 0 else client,
         describe=f"fedavg: server 0, clients 1..{learner.clients}, {rounds} rounds",
+        prepare=learner.prepare,
     )
