@@ -91,6 +91,9 @@ class Deployment:
     params: Mapping[str, Any] = field(default_factory=dict)
     # A one-line description for logs and `fedloom inspect`.
     describe: str = ""
+    # Heavy set-up only a process that runs nodes needs (importing torch, say): transports call
+    # it where nodes run, before starting them, never in a driver that only places them.
+    prepare: Callable[[], None] | None = None
 
 
 class Network(_TypingProtocol):

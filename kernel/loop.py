@@ -82,6 +82,11 @@ class Scheduler:
             self._seq += 1
             heapq.heappush(self._heap, (t, self._seq, etype, node, payload))
 
+    def push_front(self, etype: int, node: int, payload: Any) -> None:
+        """Run an event next, before everything already due (from the loop's thread only:
+        a transport's flush of what the running event sent, say)."""
+        self._fifo.appendleft((etype, node, payload))
+
     def push_threadsafe(self, etype: int, node: int, payload: Any) -> None:
         """Hand an event in from another thread; it runs as soon as the loop sees it."""
         self._inbox.append((etype, node, payload))

@@ -4,17 +4,21 @@ Every aggregator has the signature `fn(items, **params) -> Tensors`, where `item
 sequence of `(weight, {name: float32 array})` with identical names and shapes, and returns
 fresh float32 arrays (inputs are never modified and may be read-only). Callers pass `items`
 sorted by sender id (never arrival order); that order is the only one results depend on:
-ties (Krum scores) go to the earlier item, and sums run in that order. Means accumulate in
-float64 and round once to float32, so the result is the exactly rounded mean up to float64
-error. Only `weighted_mean` uses the weights (sample counts, say); the robust ones treat all
-items alike. Registered by name in the "aggregators" group (pyproject entry points).
+ties (Krum scores) go to the earlier item. `mean` and `weighted_mean` sum exactly
+(`protocols.exactsum`): their result does not depend on the items' order or grouping at all,
+and is within 1 float32 ulp of the exact mean. Only `weighted_mean` uses the weights (sample
+counts, say); the robust ones treat all items alike. Registered by name in the "aggregators"
+group (pyproject entry points).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
+
+from protocols.exactsum import Accumulator
 
 Tensors = dict[str, np.ndarray]
 Items = Sequence[tuple[float, Mapping[str, np.ndarray]]]
@@ -30,53 +34,41 @@ def _names(items: Items, what: str) -> list[str]:
     return names
 
 
-# Elements per block of a weighted sum: the float64 accumulator and scratch (2 x 512 KiB)
-# stay in cache while every item's slice is added, so big tensors stream through once.
-BLOCK = 1 << 16
-
-
-def _weighted_sum(items: Items, names: list[str], weights: Sequence[float]) -> Tensors:
-    """sum_i weights[i] * items[i] per tensor, in item order, accumulated in float64."""
-    w64 = [np.float64(w) for w in weights]  # a Python float would multiply in float32
-    out: Tensors = {}
-    for name in names:
-        arrays = [np.asarray(t[name]) for _, t in items]
-        shape = arrays[0].shape
-        for arr in arrays:
-            if arr.shape != shape:
-                raise ValueError(f"tensor {name!r} has shape {arr.shape} in one item and "
-                                 f"{shape} in another")
-        flat = [arr.ravel() for arr in arrays]
-        size = flat[0].size
-        res = np.empty(size, np.float32)
-        acc, tmp = np.empty(min(size, BLOCK)), np.empty(min(size, BLOCK))
-        for lo in range(0, size, BLOCK):
-            hi = min(lo + BLOCK, size)
-            a, t = acc[:hi - lo], tmp[:hi - lo]
-            np.multiply(flat[0][lo:hi], w64[0], out=a, dtype=np.float64)
-            for w, f in zip(w64[1:], flat[1:]):
-                np.multiply(f[lo:hi], w, out=t, dtype=np.float64)
-                a += t
-            res[lo:hi] = a
-        out[name] = res.reshape(shape)
-    return out
-
-
 def mean(items: Items) -> Tensors:
-    """The unweighted mean of the items."""
-    names = _names(items, "mean")
-    return _weighted_sum(items, names, [1.0 / len(items)] * len(items))
+    """The unweighted mean of the items (exact sum, see `protocols.exactsum`)."""
+    _names(items, "mean")
+    acc = Accumulator()
+    for _, t in items:
+        acc.add(1.0, t)
+    return acc.mean(weighted=False)
+
+
+def check_weights(weights: Sequence[float], what: str = "weighted_mean") -> None:
+    """ValueError unless the weights are finite, >= 0 and not all 0."""
+    w = np.array([float(x) for x in weights], np.float64)
+    if (w < 0).any() or not np.isfinite(w).all() or not w.sum() > 0:
+        raise ValueError(f"{what}: weights must be finite, >= 0 and not all 0; got "
+                         f"{w.tolist()}")
 
 
 def weighted_mean(items: Items) -> Tensors:
     """The mean weighted by each item's weight (FedAvg: sample counts); weights must be >= 0
-    with a positive sum."""
-    names = _names(items, "weighted_mean")
-    w = np.array([float(w) for w, _ in items], np.float64)
-    if (w < 0).any() or not np.isfinite(w).all() or w.sum() <= 0:
-        raise ValueError(f"weighted_mean: weights must be finite, >= 0 and not all 0; got "
-                         f"{w.tolist()}")
-    return _weighted_sum(items, names, list(w / w.sum()))
+    with a positive sum. The sum is exact (`protocols.exactsum`), so the result does not
+    depend on the items' order."""
+    _names(items, "weighted_mean")
+    check_weights([w for w, _ in items])
+    acc = Accumulator()
+    for w, t in items:
+        acc.add(w, t)
+    return acc.mean()
+
+
+def streaming(fn: Any) -> Callable[[], Accumulator] | None:
+    """For an aggregator that is a (weighted) mean, a factory of accumulators that give the
+    same result (`acc.mean(weighted)` after `acc.add(w, t)` per item, in any order): a
+    caller may then sum replies as they arrive instead of holding them. None for the others
+    (median, Krum, ...), which need every item at once."""
+    return Accumulator if fn in (mean, weighted_mean) else None
 
 
 def median(items: Items) -> Tensors:
@@ -141,5 +133,5 @@ def multi_krum(items: Items, f: int = 0, m: int | None = None) -> Tensors:
     return mean([items[i] for i in chosen])
 
 
-__all__ = ["Items", "Tensors", "krum", "mean", "median", "multi_krum", "trimmed_mean",
-           "weighted_mean"]
+__all__ = ["Accumulator", "Items", "Tensors", "check_weights", "krum", "mean", "median",
+           "multi_krum", "streaming", "trimmed_mean", "weighted_mean"]

@@ -213,7 +213,8 @@ def _build(config: Mapping[str, Any], defaults: Mapping[str, Any],
 
     return Deployment(node_ids=tuple(range(clients + 1)), make_node=make,
                       params={"seed": seed, "rounds": rounds},
-                      describe=f"{o['name']}: server 0, {clients} clients of {wl['model']}")
+                      describe=f"{o['name']}: server 0, {clients} clients of {wl['model']}",
+                      prepare=learner.prepare)
 
 
 def build_fedasync(config: Mapping[str, Any]) -> Deployment:

@@ -264,7 +264,8 @@ def fedavg_ef(config: Mapping[str, Any]) -> Deployment:
 
     return Deployment(node_ids=dep.node_ids, make_node=make_node, neighbours=dep.neighbours,
                       params=dep.params,
-                      describe=f"{dep.describe}; clients send error-fed deltas")
+                      describe=f"{dep.describe}; clients send error-fed deltas",
+                      prepare=dep.prepare)
 
 
 fedavg_ef.honours = fedavg.build.honours  # type: ignore[attr-defined]

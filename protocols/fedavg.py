@@ -3,7 +3,10 @@ and FedAvgM / FedAdam / FedYogi / FedAdagrad server optimisers (Reddi et al. 202
 
 Server = node 0, clients = nodes 1..N (node i+1 trains on client i's data). Each round the
 server samples clients with its seeded rng, multicasts the global model, and aggregates the
-replies (models + sample counts) in sender-id order once all arrive or the deadline passes.
+replies (models + sample counts) once all arrive or the deadline passes. With a (weighted)
+mean, the exact sum of `protocols.exactsum`, each reply is added as it arrives and dropped, so
+the server holds one sum, not every reply, and arrival order cannot change a bit; other
+aggregators (median, Krum, ...) gather the replies and get them in sender-id order.
 Replies for an older round are counted as late and discarded (metric rows "late"; a second
 copy of a reply in its own round is a "duplicate"). Clients keep no state; each reply carries
 the local loss, steps and any extra training metrics, averaged (by samples) into the round row
@@ -29,7 +32,7 @@ import numpy as np
 from kernel.api import Context, Deployment, Protocol
 from kernel.messages import Message
 from kernel.options import ConfigError, options
-from protocols import learners, threats
+from protocols import aggregators, learners, threats
 from protocols.common import Aggregate, Gather, Tensors, aggregator, derive_rng, sample
 from protocols.learning import evaluation
 
@@ -152,6 +155,10 @@ class Server(Protocol):
         self.client_summary: dict[str, Any] = {}
         self.guard = guard or threats.Guard()
         self.aggregate: Aggregate = aggregator(opts.aggregator, opts.aggregator_args)
+        # A mean sums replies as they come (see the module docstring).
+        self.stream = aggregators.streaming(self.aggregate)
+        self.weighted = self.aggregate is not aggregators.mean
+        self.acc: aggregators.Accumulator | None = None
         self.opt = ServerOpt(opts)
         self.round, self.late = 0, 0
         self.model: Tensors = {}
@@ -177,6 +184,7 @@ class Server(Protocol):
         if clients is None:
             clients = sample(ctx.rng, pop, fraction=fr, count=k)
         self.gather = Gather(self.round, clients)
+        self.acc = self.stream() if self.stream is not None and self._streams() else None
         if not clients:
             self._end_round(ctx)
             return
@@ -202,6 +210,21 @@ class Server(Protocol):
                                    self.gather.need)
         return None if agg is None else self.opt.step(self.model, agg)
 
+    def _streams(self) -> bool:
+        """Whether this round sums replies as they arrive: a (weighted) mean, FedAvg's own
+        reply and combine, and no [adversary] or [privacy] handling (which needs each update)."""
+        return (self.stream is not None and type(self).combine is Server.combine
+                and type(self).reply is Server.reply
+                and self.guard.attack is None and self.guard.dp is None)
+
+    def _streamed(self) -> Tensors:
+        """The next global model from the round's running sum (see `_streams`): the same bits
+        `combine` gives, since both sum exactly."""
+        assert self.acc is not None
+        if self.weighted:
+            aggregators.check_weights(self.acc.weights)
+        return self.opt.step(self.model, self.acc.mean(self.weighted))
+
     def closed(self, replies: Sequence[tuple[int, Any]]) -> None:
         """The round's gather has closed with `replies` (aggregated or not); nothing here."""
 
@@ -209,7 +232,13 @@ class Server(Protocol):
         """A reply the round did not take ("late" or "duplicate"); FedAvg forgets it."""
 
     def on_message(self, ctx: Context, msg: Message) -> None:
-        if self.gather.offer(msg.src, msg.round, self.reply(msg)):
+        acc = self.acc
+        item = self.reply(msg)
+        if acc is not None:  # the model goes into the round's sum, not into the gather
+            item = (item[0], None, *item[2:])
+        if self.gather.offer(msg.src, msg.round, item):
+            if acc is not None:
+                acc.add(float(msg.n_samples) if self.weighted else 1.0, msg.model)
             if self.gather.complete:
                 self._end_round(ctx)
             return
@@ -228,7 +257,7 @@ class Server(Protocol):
         self.closed(replies)
         aggregated = len(replies) >= min(self.o.min_replies, self.gather.need)
         if aggregated:  # [adversary] and [privacy] act in combine (protocols.threats)
-            combined = self.combine(replies)
+            combined = self._streamed() if self.acc is not None else self.combine(replies)
             aggregated = combined is not None
             if combined is not None:
                 self.model = combined
@@ -388,6 +417,7 @@ def deploy(config: Mapping[str, Any], name: str, opts_cls: type[Options] = Optio
         node_ids=list(range(learner.clients + 1)),
         make_node=make_node,
         describe=f"{name}: server 0, clients 1..{learner.clients}, {rounds} rounds",
+        prepare=getattr(learner, "prepare", None),  # a user's learner may have none
     )
 
 

@@ -678,5 +678,6 @@ def build_dsgd(config: Mapping[str, Any]) -> Deployment:
 
     return Deployment(node_ids=tuple(range(g.n)), make_node=make, neighbours=g.neighbours,
                       params={"seed": seed, "rounds": rounds},
-                      describe=f"dsgd on {o['topology']}, {wl['model']} x {g.n}")
+                      describe=f"dsgd on {o['topology']}, {wl['model']} x {g.n}",
+                      prepare=learner.prepare)
 

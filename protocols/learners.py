@@ -326,6 +326,9 @@ class Learner:
         None without one."""
         raise NotImplementedError
 
+    def prepare(self) -> None:
+        """Heavy set-up (imports) worth doing before the first round, where nodes run."""
+
     def _check(self, model: Mapping[str, np.ndarray], like: Mapping[str, np.ndarray]) -> None:
         if model.keys() != like.keys():
             raise ValueError(f"model has tensors {sorted(model)}; the {self.opts['model']!r} "
@@ -358,7 +361,10 @@ class TorchMLP(Learner):
     def __init__(self, opts: Mapping[str, Any]) -> None:
         super().__init__(opts)
         self._net: Any = None
-        # Imported here (1-2 s) so that a run's start-up pays it, not its first round.
+
+    def prepare(self) -> None:
+        # Imported here (1-2 s) so that start-up pays it, not the first round; only where
+        # nodes run (a ray or grpc driver never trains).
         import torch  # noqa: F401
 
     def _setup(self) -> None:

@@ -238,6 +238,8 @@ class Shard:
         self.codec = Codec.from_config(self.config.get("codec", {}))
         build = registry.load("protocols", self.config["protocol"]["name"])
         self.deployment = build(self.config)
+        if self.deployment.prepare is not None:
+            self.deployment.prepare()
         self.placement = place(self.deployment.node_ids, int(self.opts["shards"]))
         self.local_set = frozenset(self.local)
         self.links: dict[int, PeerLink] = {}

@@ -101,8 +101,10 @@ class ShardOutbox:
             if sh.tick > 0:
                 host.sched.push(host.sched.now + sh.tick, CALL, -1, self.flush)
             else:
-                # Runs after the events already due: one flush per look at the clock.
-                host.call_soon_threadsafe(self.flush)
+                # Next, before the events already due: a remote node waiting for this (a client
+                # for its "train") must not wait while this shard's own nodes train first. All
+                # the sends of the running event still go in one call per destination shard.
+                host.sched.push_front(CALL, -1, self.flush)
 
     def _buffer(self, n: int) -> np.ndarray:
         # The batch is serialised (copied into the object store, or inlined) inside `.remote()`
@@ -200,6 +202,8 @@ class ShardCore:
         config = Codec.from_config({}).decode_body(config_frame)
         self.codec = Codec.from_config(config.get("codec", {}))
         dep = load("protocols", config["protocol"]["name"])(config)
+        if dep.prepare is not None:
+            dep.prepare()
         self.placement = place(dep.node_ids, n_shards)
         self.local = [n for n, sh in sorted(self.placement.items()) if sh == shard_id]
         self.stats = {"wire_bytes": 0, "batches": 0, "stored_batches": 0, "puts": 0,

@@ -11,6 +11,7 @@ from hypothesis import strategies as st
 
 from kernel import registry
 from protocols import aggregators as agg
+from protocols import exactsum
 
 
 def _items(seed: int, n: int, shape: tuple[int, ...] = (3, 4), weights: bool = True):
@@ -167,7 +168,7 @@ def test_registered_by_name():
 
 def test_weighted_mean_of_tensors_spanning_several_blocks():
     rng = np.random.default_rng(1)
-    n = agg.BLOCK * 2 + 3
+    n = exactsum.BLOCK * 2 + 3
     items = [(float(w), {"x": rng.standard_normal(n).astype(np.float32).reshape(-1, 1)})
              for w in (1, 5, 2)]
     expect = np.average(np.stack([t["x"] for _, t in items]), axis=0, weights=[1, 5, 2])

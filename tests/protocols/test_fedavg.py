@@ -229,3 +229,27 @@ def test_rounds_must_be_given():
     del cfg["run"]["rounds"]
     with pytest.raises(ConfigError, match=r"\[run\] rounds = None"):
         build(cfg)
+
+
+@settings(max_examples=6, deadline=None)
+@given(seed=st.integers(0, 1000), spread=st.floats(0.0, 2.0))
+def test_streamed_mean_equals_gathered_mean_whatever_the_arrival_order(seed, spread):
+    """`mean` sums each reply as it arrives (in an order the jitter picks); multi_krum with
+    f = 0 keeps all replies and averages them at the end in its own order. Both are the exact
+    mean, so the models are the same bits."""
+    net = {"latency": {"kind": "uniform", "low": 0.0, "high": 0.01 + spread}}
+    streamed, _ = run(config(rounds=3, seed=seed, network=net, aggregator="mean"))
+    gathered, _ = run(config(rounds=3, seed=seed, network=net, aggregator="multi_krum",
+                             aggregator_args={"f": 0}))
+    assert common.digest(streamed["model"]) == common.digest(gathered["model"])
+
+
+def test_server_holds_a_sum_not_the_replies():
+    cfg = config(rounds=1, workload=dict(LINEAR, clients=6))
+    dep = build(cfg)
+    server = dep.make_node(0)
+    assert server.stream is not None  # weighted_mean: replies are summed as they come
+    result, rows = run(cfg)
+    assert rounds(rows)[0]["clients"] == 6
+    kept = build(config(rounds=1, aggregator="median")).make_node(0)
+    assert kept.stream is None

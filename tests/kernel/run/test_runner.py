@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import io
 import json
+import subprocess
+import sys
 import tomllib
 from collections.abc import Mapping
 from pathlib import Path
@@ -297,3 +299,21 @@ def test_sha_of_torch_tensors_equals_sha_of_numpy() -> None:
     torch = pytest.importorskip("torch")
     a = np.linspace(0, 1, 10, dtype=np.float32)
     assert model_sha256({"w": torch.from_numpy(a.copy())}) == model_sha256({"w": a})
+
+
+def test_building_imports_no_torch_until_prepare() -> None:
+    """A ray or grpc driver builds the deployment only to place nodes: no torch there. Where
+    nodes run, `prepare` imports it before the first round."""
+    code = (
+        "import sys, tomllib\n"
+        "from protocols import fedavg\n"
+        "cfg = tomllib.load(open('perf/workloads/w1.toml', 'rb'))\n"
+        "dep = fedavg.build(cfg)\n"
+        "assert 'torch' not in sys.modules, 'build imported torch'\n"
+        "dep.prepare()\n"
+        "assert 'torch' in sys.modules, 'prepare did not import torch'\n"
+    )
+    root = Path(__file__).resolve().parents[3]
+    out = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                         timeout=120, check=False)
+    assert out.returncode == 0, out.stderr[-2000:]

@@ -1,0 +1,229 @@
+"""Exact, order-independent weighted sums of float32 tensors.
+
+`Accumulator.add(w, tensors)` adds w * x for every element exactly: no rounding happens until
+the total is read, so the total is the same bits whatever order items arrive in and however
+they are grouped (accumulators of parts `merge` into the accumulator of the whole).
+
+How: a weight is split (Veltkamp) into at most two parts whose products with a float32 are
+exact float64s (one part for integer weights below 2^29, such as sample counts). Each product
+is cut into "limbs", float64 arrays holding integer multiples of u_k = 2^(40k - 180), limb k
+made only when a product reaches it. Limb 0 rounds a product to the nearest multiple of
+2^-180, the only rounding before the total is read, and one that never happens for a float32
+(whose lowest bit is at least 2^-149) times an integer weight. A limb gets under 2^40 units per
+item, so 2^12 items add exactly in float64 before the limbs are renormalised (carries passed
+up, exactly). Reading the total normalises the limbs to one canonical form of the exact sum
+(every limb but the top in [-u_{k+1}/2, u_{k+1}/2)), then adds them from the top in float64:
+a function of the exact sum alone. Non-finite products (inf, nan) are summed apart (a sum of
+infinities and nans does not depend on order either) and win where present.
+
+Error: the float32 result is within 1 float32 ulp of the exact weighted mean of the float32
+inputs (the float64 read-out and division cost a few float64 ulps, the cast half a float32
+ulp), wherever |sum_i w_i x_i| >= n 2^-155, which integer weights always meet unless the
+sum is exactly zero (then the result is exactly 0); below that the absolute error is at most
+2n 2^-181 / sum_i w_i. A float64 sequential mean (sum_i w_i x_i accumulated in input order,
+then divided) errs by up to ~n float64 ulps of sum_i |w_i x_i| / sum_i w_i: ours differs
+from it by at most that plus 1 float32 ulp (tests/protocols/test_exactsum.py checks both
+against rational arithmetic). Cost: about 5 passes over a tensor per limb a product needs
+(2 limbs for values of ordinary size), against 2 for a float64 sum.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+
+import numpy as np
+
+LIMB_BITS = 40
+BASE_EXP = -180  # limb 0's unit: below every float32 (2^-149) times an integer weight
+# Items between renormalisations: each adds < 2^40 units per limb, and float64 holds 2^53.
+RENORM_EVERY = 1 << 12
+# Elements per block: a block's float64 scratch stays in cache while its limbs are cut.
+BLOCK = 1 << 15
+_MAGIC = 1.5 * 2.0**52  # (v + M*u) - M*u rounds v to a multiple of u while |v| < 2^51 u
+
+
+def _unit(k: int) -> float:
+    return math.ldexp(1.0, BASE_EXP + LIMB_BITS * k)
+
+
+def _split_weight(w: float) -> tuple[float, ...]:
+    """Parts of `w` (summing to it exactly) whose products with any float32 are exact."""
+    m, e = math.frexp(w)
+    hi = math.ldexp(math.floor(math.ldexp(m, 29)), e - 29)  # the top 29 bits: 29 + 24 <= 53
+    lo = w - hi  # exact, and at most 24 significant bits
+    return (hi,) if lo == 0.0 else (hi, lo)
+
+
+def _carry(limbs: list[np.ndarray | None]) -> None:
+    for k in range(len(limbs) - 1):
+        limb = limbs[k]
+        if limb is None:
+            continue
+        up = _unit(k + 1)
+        # Exact: |limb / up| < 2^13 with bits down to 2^-40, so + 0.5 and floor do not round.
+        c = np.floor(limb / up + 0.5)
+        if c.any():
+            c *= up
+            limb -= c
+            nxt = limbs[k + 1]
+            if nxt is None:
+                limbs[k + 1] = c
+            else:
+                nxt += c
+
+
+class Accumulator:
+    """A weighted sum of named float32 tensors, exact until read: the same total for any
+    order or grouping of the same items."""
+
+    def __init__(self) -> None:
+        # Per tensor, limb k or None while nothing has reached it.
+        self.limbs: dict[str, list[np.ndarray | None]] = {}
+        self.special: dict[str, np.ndarray] = {}
+        self.shapes: dict[str, tuple[int, ...]] = {}
+        self.weights: list[float] = []
+        self._pending = 0  # items added since the limbs were last renormalised
+
+    def __len__(self) -> int:
+        return len(self.weights)
+
+    def add(self, weight: float, tensors: Mapping[str, np.ndarray]) -> None:
+        """Add `weight` * tensors (weight finite; tensors cast to float32 if they are not)."""
+        w = float(weight)
+        if not math.isfinite(w):
+            raise ValueError(f"weight {weight!r} is not finite")
+        names = sorted(tensors)
+        if not self.shapes:
+            self.shapes = {n: np.shape(tensors[n]) for n in names}
+        elif names != sorted(self.shapes):
+            raise ValueError(f"item has tensors {names}; the first had {sorted(self.shapes)}")
+        parts = _split_weight(w) if w != 0.0 else ()
+        for name in names:
+            x = np.asarray(tensors[name])
+            if x.shape != self.shapes[name]:
+                raise ValueError(f"tensor {name!r} has shape {x.shape} in one item and "
+                                 f"{self.shapes[name]} in another")
+            if x.dtype != np.float32:
+                x = x.astype(np.float32)
+            for p in parts:
+                self._add_product(name, x.ravel(), p)
+        self.weights.append(w)
+        self._pending += 1
+        if self._pending >= RENORM_EVERY:
+            self._renormalise()
+
+    def _limb(self, name: str, k: int) -> np.ndarray:
+        limbs = self.limbs.setdefault(name, [])
+        while len(limbs) <= k:
+            limbs.append(None)
+        limb = limbs[k]
+        if limb is None:
+            limb = limbs[k] = np.zeros(math.prod(self.shapes[name]))
+        return limb
+
+    def _add_product(self, name: str, x: np.ndarray, p: float) -> None:
+        size = x.size
+        buf, tmp = np.empty(min(size, BLOCK)), np.empty(min(size, BLOCK))
+        for lo in range(0, size, BLOCK):
+            hi = min(lo + BLOCK, size)
+            v, t = buf[:hi - lo], tmp[:hi - lo]
+            np.multiply(x[lo:hi], p, out=v, dtype=np.float64)  # exact: see _split_weight
+            finite = np.isfinite(v)
+            if not finite.all():
+                sp = self.special.get(name)
+                if sp is None:
+                    sp = self.special[name] = np.zeros(size)
+                with np.errstate(invalid="ignore"):  # inf + -inf is nan, as meant
+                    sp[lo:hi] += np.where(finite, 0.0, v)
+                v[~finite] = 0.0
+            peak = float(np.abs(v).max(initial=0.0))
+            if peak == 0.0:
+                continue
+            # The highest limb this block needs: its values stay below 2^39 of its units.
+            k = 0
+            while peak > math.ldexp(1.0, BASE_EXP + LIMB_BITS * k + LIMB_BITS - 1):
+                k += 1
+            while k >= 0:
+                u = _unit(k)
+                limb = self._limb(name, k)[lo:hi]
+                if k == 0:
+                    # The one rounding: to the nearest multiple of 2^BASE_EXP.
+                    np.add(v, _MAGIC * u, out=t)
+                    t -= _MAGIC * u
+                    limb += t
+                    break
+                np.multiply(v, 1.0 / u, out=t)  # exact: a power-of-two scaling
+                np.trunc(t, out=t)  # toward zero, so what is left is v's own low bits
+                t *= u
+                v -= t  # exact: the low part of v, now |v| < u
+                limb += t
+                if not v.any():
+                    break
+                k -= 1
+
+    def _renormalise(self) -> None:
+        """Carry each limb's excess to the next one up, exactly; afterwards every limb but the
+        top lies in [-u_{k+1}/2, u_{k+1}/2): one canonical form for each exact sum."""
+        for limbs in self.limbs.values():
+            _carry(limbs)
+            top = limbs[-1]
+            if top is not None and np.abs(top).max(initial=0.0) >= math.ldexp(
+                    1.0, BASE_EXP + LIMB_BITS * len(limbs)):
+                limbs.append(None)  # room for the top's carry
+                _carry(limbs)
+        self._pending = 0
+
+    def merge(self, other: Accumulator) -> None:
+        """Add everything `other` holds (an accumulator of other items of the same shapes)."""
+        if not other.weights:
+            return
+        if not self.shapes:
+            self.shapes = dict(other.shapes)
+        elif sorted(other.shapes) != sorted(self.shapes) or any(
+                other.shapes[n] != self.shapes[n] for n in self.shapes):
+            raise ValueError(f"cannot merge sums of {other.shapes} into sums of {self.shapes}")
+        self._renormalise()
+        other._renormalise()
+        for name, limbs in other.limbs.items():
+            for k, limb in enumerate(limbs):
+                if limb is not None:
+                    self._limb(name, k)[:] += limb
+        for name, sp in other.special.items():
+            mine = self.special.get(name)
+            if mine is None:
+                self.special[name] = sp.copy()
+            else:
+                mine += sp
+        self.weights.extend(other.weights)
+        self._pending = 1
+        self._renormalise()
+
+    def total(self) -> dict[str, np.ndarray]:
+        """The exact sums rounded to float64 (a function of the exact sums alone)."""
+        self._renormalise()
+        out: dict[str, np.ndarray] = {}
+        for name, shape in self.shapes.items():
+            limbs = self.limbs.get(name, [])
+            acc = np.zeros(math.prod(shape))
+            for limb in reversed(limbs):
+                if limb is not None:
+                    acc += limb
+            sp = self.special.get(name)
+            if sp is not None:
+                acc = np.where(sp != 0.0, sp, acc)  # inf or nan wherever one was added
+            out[name] = acc.reshape(shape)
+        return out
+
+    def weight(self) -> float:
+        """The sum of the weights, correctly rounded (so independent of order too)."""
+        return math.fsum(self.weights)
+
+    def mean(self, weighted: bool = True) -> dict[str, np.ndarray]:
+        """total / (sum of weights, or the item count) as float32."""
+        if not self.weights:
+            raise ValueError("nothing to average (no items)")
+        d = self.weight() if weighted else float(len(self.weights))
+        if not d > 0:
+            raise ValueError(f"the weights sum to {d}; a mean needs a positive sum")
+        return {n: (t / d).astype(np.float32) for n, t in self.total().items()}
