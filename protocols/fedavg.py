@@ -158,7 +158,9 @@ class Server(Protocol):
         # A mean sums replies as they come (see the module docstring).
         self.stream = aggregators.streaming(self.aggregate)
         self.weighted = self.aggregate is not aggregators.mean
-        self.acc: aggregators.Accumulator | None = None
+        # Made here, not per round only, so a checkpoint finds one in a fresh server.
+        self.acc: aggregators.Accumulator | None = self.stream() if self.stream else None
+        self.streaming = False  # this round sums replies as they arrive
         self.opt = ServerOpt(opts)
         self.round, self.late = 0, 0
         self.model: Tensors = {}
@@ -184,7 +186,9 @@ class Server(Protocol):
         if clients is None:
             clients = sample(ctx.rng, pop, fraction=fr, count=k)
         self.gather = Gather(self.round, clients)
-        self.acc = self.stream() if self.stream is not None and self._streams() else None
+        self.streaming = self.stream is not None and self._streams()
+        if self.stream is not None and self.streaming:
+            self.acc = self.stream()
         if not clients:
             self._end_round(ctx)
             return
@@ -232,7 +236,7 @@ class Server(Protocol):
         """A reply the round did not take ("late" or "duplicate"); FedAvg forgets it."""
 
     def on_message(self, ctx: Context, msg: Message) -> None:
-        acc = self.acc
+        acc = self.acc if self.streaming else None
         item = self.reply(msg)
         if acc is not None:  # the model goes into the round's sum, not into the gather
             item = (item[0], None, *item[2:])
@@ -257,7 +261,7 @@ class Server(Protocol):
         self.closed(replies)
         aggregated = len(replies) >= min(self.o.min_replies, self.gather.need)
         if aggregated:  # [adversary] and [privacy] act in combine (protocols.threats)
-            combined = self._streamed() if self.acc is not None else self.combine(replies)
+            combined = self._streamed() if self.streaming else self.combine(replies)
             aggregated = combined is not None
             if combined is not None:
                 self.model = combined
