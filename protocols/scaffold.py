@@ -7,15 +7,16 @@ learner's `Hooks.correction`), takes K steps at learning rate lr, and sets
 
     c_i+ = c_i - c + (x - y) / (K lr)        (option II)
 
-(K being ||a||_1 of protocols/localsgd.py where local SGD has momentum, weight decay or `mu`:
-the steps' effective number, so c_i still estimates the client's mean gradient)
-replying with its model y and dc_i = c_i+ - c_i. The server moves x as FedAvg would (the
-configured aggregator over the models, then the server optimiser; `server_lr` is the global
-step size) and c += (1/N) sum(dc_i) over the replies, N = all clients, so c stays the mean of
-every c_i. A reply the round did not take (late) still carries a c_i change the client has
-made, so its dc_i is added to c all the same; a client trains at most once per round, so a
-duplicated request cannot change c_i twice. With zero control variates (the first round) it is
-FedAvg exactly; it carries one extra model each way per sampled client.
+and replies with its model y and dc_i = c_i+ - c_i. K is ||a||_1 of protocols/localsgd.py,
+the effective number of steps (the step count for plain SGD; more with momentum, less with
+weight decay or `mu`), so c_i still estimates the client's mean gradient. The server moves x
+as FedAvg would (the configured aggregator over the models, then the server optimiser;
+`server_lr` is the global step size) and c += (1/N) sum(dc_i) over the replies, N = all
+clients, so c stays the mean of every c_i. A reply the round did not take (late) still carries
+a c_i change the client has made, so its dc_i is added to c all the same; a client trains at
+most once per round, so a duplicated request cannot change c_i twice. With zero control
+variates (the first round) it is FedAvg exactly; it carries one extra model each way per
+sampled client.
 
 `[protocol] name = "scaffold"` takes FedAvg's keys (protocols/fedavg.py) and:
     local_lr   the lr in option II's (x - y) / (K lr); default: the workload's lr. Set it
