@@ -303,15 +303,38 @@ class Server(Protocol):
 
 class StatefulServer(Server):
     """The server of a protocol whose clients keep state that the server mirrors (SCAFFOLD's
-    c = mean c_i, FedDyn's h): every reply's state change is `absorb`ed exactly once, whether
-    it came in time, after the deadline (the client has changed its state all the same), or
-    in a round that did not aggregate; network duplicates never are."""
+    c = sum p_i c_i, FedDyn's h = sum p_i g_i over all clients): every reply's state change is
+    `absorb`ed exactly once, whether it came in time, after the deadline (the client has
+    changed its state all the same), or in a round that did not aggregate; network duplicates
+    never are. The shares p_i are those of the global objective the aggregator averages:
+    sample shares (of all clients' samples) under `weighted_mean`, 1/N otherwise."""
 
     def __init__(self, opts: Options, learner: learners.Learner, rounds: int,
                  ev: evaluation.EvalOptions | None = None, seed: int = 0) -> None:
         super().__init__(opts, learner, rounds, ev, seed)
         # Per client, rounds it was asked to train in whose reply has not arrived yet.
         self.pending: dict[int, list[int]] = {}
+        self.total_samples = 0  # of all clients, once known (weighted_mean only)
+        self.weighted_sum = aggregator("weighted_mean")
+
+    def shares(self, srcs: Sequence[int]) -> list[float]:
+        """p_i of the senders `srcs` (node ids) in the global objective."""
+        n = self.learner.clients
+        if self.o.aggregator != "weighted_mean":
+            return [1.0 / n] * len(srcs)
+        if not self.total_samples:
+            self.total_samples = sum(self.learner.samples(i) for i in range(n))
+        return [self.learner.samples(src - 1) / max(self.total_samples, 1) for src in srcs]
+
+    def fold(self, state: Tensors, items: Sequence[tuple[int, Mapping[str, np.ndarray]]],
+             scale: float = 1.0) -> Tensors:
+        """state + scale * sum_i p_i t_i over (sender, tensors) items, in float32."""
+        p = self.shares([src for src, _ in items])
+        if sum(p) <= 0:
+            return state
+        mean = self.weighted_sum([(pi, t) for pi, (_, t) in zip(p, items)])
+        f = np.float32(scale * sum(p))
+        return {k: (state[k] + f * mean[k]).astype(np.float32) for k in sorted(state)}
 
     def absorb(self, replies: Sequence[tuple[int, Any]]) -> None:
         """Fold replies' state changes (sender, kept reply) into the server's state."""

@@ -4,13 +4,13 @@ Client i keeps g_i, the gradient of its local loss at its last model (zero at fi
 again after a crash). It trains from the server model x on L_i(w) - <g_i, w> + alpha/2
 ||w - x||^2, i.e. every local gradient gets -g_i + alpha (w - x) (the learner's
 `Hooks(correction=-g_i, prox_mu=alpha)`), then sets g_i <- g_i - alpha (y_i - x) and replies with
-y_i. The server keeps h (= the mean of every client's g_i) and
+y_i. The server keeps h (= sum p_i g_i over all clients) and
 
-    h <- h - alpha / N * sum_i (y_i - x)      over the replies, N = all clients
+    h <- h - alpha * sum_i p_i (y_i - x)      over the replies
     x <- aggregate(y_i) - h / alpha
 
-(the aggregate is FedAvg's: the configured aggregator, sample-weighted by default; the paper's
-uniform mean is `aggregator = "mean"`), then the server optimiser as FedAvg has it. Replies
+with p_i client i's share of all samples under the default `weighted_mean` aggregator, 1/N
+under `mean` (the paper's uniform version), then the server optimiser as FedAvg has it. Replies
 carry only y_i (FedAvg's bytes), so the server keeps the model it sent last round too: a reply
 that misses its round's deadline but arrives during the next round still updates h once (its
 client has changed g_i); one later than that is counted ("unabsorbed" rows) and left out. With
@@ -31,7 +31,7 @@ import numpy as np
 from kernel.api import Context, Deployment
 from kernel.messages import Message
 from protocols import fedavg, learners
-from protocols.common import Tensors, aggregator, sub
+from protocols.common import Tensors, sub
 from protocols.scaffold import zeros_like
 
 
@@ -49,14 +49,13 @@ class Options(fedavg.Options):
 
 
 class Server(fedavg.StatefulServer):
-    """FedAvg's server, also holding h, the mean of the clients' g_i."""
+    """FedAvg's server, also holding h = sum p_i g_i over all clients."""
 
     def __init__(self, opts: fedavg.Options, learner: learners.Learner, rounds: int,
                  ev: Any = None, seed: int = 0) -> None:
         super().__init__(opts, learner, rounds, ev, seed)
         self.alpha = float(getattr(opts, "alpha", 0.0))
         self.h: Tensors = {}
-        self.mean = aggregator("mean")
         self.sent: dict[int, Tensors] = {}  # round -> model sent, for this and the last round
 
     def on_start(self, ctx: Context) -> None:
@@ -72,9 +71,8 @@ class Server(fedavg.StatefulServer):
         if self.alpha == 0.0:
             return
         start = self.sent[self.round if rnd is None else rnd]
-        share = np.float32(self.alpha * len(replies) / self.learner.clients)
-        drift = self.mean([(1.0, sub(item[1], start)) for _, item in replies])
-        self.h = {k: (self.h[k] - share * drift[k]).astype(np.float32) for k in sorted(self.h)}
+        self.h = self.fold(self.h, [(src, sub(item[1], start)) for src, item in replies],
+                           -self.alpha)
 
     def absorb_late(self, ctx: Context, msg: Message) -> None:
         if msg.round in self.sent:

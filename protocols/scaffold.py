@@ -7,15 +7,18 @@ learner's `Hooks.correction`), takes K steps at learning rate lr, and sets
 
     c_i+ = c_i - c + (x - y) / (K lr)        (option II)
 
-(K being ||a||_1 of protocols/localsgd.py where local SGD has momentum, weight decay or `mu`:
-the steps' effective number, so c_i still estimates the client's mean gradient)
-replying with its model y and dc_i = c_i+ - c_i. The server moves x as FedAvg would (the
-configured aggregator over the models, then the server optimiser; `server_lr` is the global
-step size) and c += (1/N) sum(dc_i) over the replies, N = all clients, so c stays the mean of
-every c_i. A reply the round did not take (late) still carries a c_i change the client has
-made, so its dc_i is added to c all the same; a client trains at most once per round, so a
-duplicated request cannot change c_i twice. With zero control variates (the first round) it is
-FedAvg exactly; it carries one extra model each way per sampled client.
+and replies with its model y and dc_i = c_i+ - c_i. K is ||a||_1 of protocols/localsgd.py,
+the effective number of steps (the step count for plain SGD; more with momentum, less with
+weight decay or `mu`), so c_i still estimates the client's mean gradient. The server moves x
+as FedAvg would (the configured aggregator over the models, then the server optimiser;
+`server_lr` is the global step size) and c += sum p_i dc_i over the replies, so c stays
+sum p_i c_i over all clients (p_i: client i's share of all samples under `weighted_mean`, the
+paper's 1/N under `mean`: c must estimate the gradient of the objective the aggregate follows,
+or clients with few samples and noisy c_i pull as hard as large ones). A reply the round did
+not take (late) still carries a c_i change the client has made, so its dc_i is added to c all
+the same; a client trains at most once per round, so a duplicated request cannot change c_i
+twice. With zero control variates (the first round) it is FedAvg exactly; it carries one extra
+model each way per sampled client.
 
 `[protocol] name = "scaffold"` takes FedAvg's keys (protocols/fedavg.py) and:
     local_lr   the lr in option II's (x - y) / (K lr); default: the workload's lr. Set it
@@ -34,7 +37,7 @@ from kernel.api import Context, Deployment
 from kernel.messages import Message
 from kernel.options import ConfigError
 from protocols import fedavg, learners
-from protocols.common import Tensors, aggregator, sub
+from protocols.common import Tensors, sub
 from protocols.localsgd import a_norm, learner_sgd
 
 
@@ -65,7 +68,6 @@ class Server(fedavg.StatefulServer):
                  ev: Any = None, seed: int = 0) -> None:
         super().__init__(opts, learner, rounds, ev, seed)
         self.c: Tensors = {}
-        self.mean = aggregator("mean")
 
     def on_start(self, ctx: Context) -> None:
         self.c = zeros_like(self.learner.init())
@@ -78,10 +80,7 @@ class Server(fedavg.StatefulServer):
         return (*super().reply(msg), msg.dc)
 
     def absorb(self, replies: Sequence[tuple[int, Any]]) -> None:
-        # c += (1/N) sum dc_i = c + (|S|/N) mean(dc_i): the mean keeps the aggregators' sums.
-        share = np.float32(len(replies) / self.learner.clients)
-        mean = self.mean([(1.0, item[3]) for _, item in replies])
-        self.c = {k: (self.c[k] + share * mean[k]).astype(np.float32) for k in sorted(self.c)}
+        self.c = self.fold(self.c, [(src, item[3]) for src, item in replies])
 
 
 class Client(fedavg.StatefulClient):

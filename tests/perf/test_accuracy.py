@@ -124,6 +124,8 @@ def test_band_plot_and_cells_with_seeds(tmp_path: Path) -> None:
         ("fedavg/inproc/seed=7", ("transport.kind=inproc", "run.seed=7")),
         ("fedavg/grpc/seed=0", ("transport.kind=grpc", "run.seed=0")),
         ("fedavg/grpc/seed=7", ("transport.kind=grpc", "run.seed=7"))]
+    m.seed_keys = ["run.seed", "data.seed"]
+    assert m.cells()[1].sets == ("transport.kind=inproc", "run.seed=7", "data.seed=7")
 
 
 @pytest.mark.parametrize(("args", "message"), [

@@ -131,7 +131,7 @@ def ref_scaffold(wl: Mapping[str, Any], n: int, rounds: int, seed: int) -> dict[
             ci[i] = new
             ys.append(y)
         x = wsum(p, ys)
-        c = {k: c[k] + sum(d[k] for d in dcs) / n for k in x}
+        c = {k: c[k] + sum(pi * d[k] for pi, d in zip(p, dcs)) for k in x}
     return {"model": x, "c": c, "ci": ci}
 
 
@@ -156,7 +156,7 @@ def ref_feddyn(wl: Mapping[str, Any], n: int, rounds: int, seed: int,
             y, _ = local_sgd(x, i, i + 1, r, seed, wl, {k: -g[i][k] for k in x}, alpha)
             g[i] = {k: g[i][k] - alpha * (y[k] - x[k]) for k in x}
             ys.append(y)
-        h = {k: h[k] - alpha / n * sum(y[k] - x[k] for y in ys) for k in x}
+        h = {k: h[k] - alpha * sum(pi * (y[k] - x[k]) for pi, y in zip(p, ys)) for k in x}
         avg = wsum(p, ys)
         x = {k: avg[k] - h[k] / alpha for k in x}
     return {"model": x, "h": h, "g": g}
@@ -299,21 +299,24 @@ def test_each_differs_from_fedavg_where_it_should() -> None:
 @settings(max_examples=8, deadline=None)
 @given(clients=st.integers(2, 5), seed=st.integers(0, 2**31 - 1), per_round=st.integers(1, 5),
        rounds=st.integers(1, 4), duplicate=st.sampled_from([0.0, 1.0]))
-def test_server_state_is_the_mean_of_client_state(clients: int, seed: int, per_round: int,
+def test_server_state_is_the_weighted_sum_of_client_state(clients: int, seed: int, per_round: int,
                                                   rounds: int, duplicate: float) -> None:
-    # c = mean_i c_i (SCAFFOLD) and h = mean_i g_i (FedDyn) over all clients, sampled or not,
-    # with every message delivered twice (a duplicate must not count twice).
+    # c = sum_i p_i c_i (SCAFFOLD) and h = sum_i p_i g_i (FedDyn) over all clients, sampled or
+    # not (p_i: sample shares under weighted_mean, 1/N under mean), with every message
+    # delivered twice (a duplicate must not count twice).
     net = {"duplicate": duplicate, "latency": 0.01}
     k = min(per_round, clients)
-    _, _, nodes = run(config("scaffold", rounds, seed, clients, network=net, clients_per_round=k))
-    ci = [nodes[i].ci for i in range(1, clients + 1) if nodes[i].ci is not None]
-    for name, value in nodes[0].c.items():
-        np.testing.assert_allclose(value, sum(c[name] for c in ci) / clients, atol=1e-6)
-    _, _, nodes = run(config("feddyn", rounds, seed, clients, network=net, clients_per_round=k,
-                             alpha=0.2))
-    gs = [nodes[i].g for i in range(1, clients + 1) if nodes[i].g is not None]
-    for name, value in nodes[0].h.items():
-        np.testing.assert_allclose(value, sum(g[name] for g in gs) / clients, atol=1e-6)
+    for agg in ("weighted_mean", "mean"):
+        p = weights(LINEAR, clients) if agg == "weighted_mean" else np.full(clients, 1 / clients)
+        for name, state, client_state, extra in (("scaffold", "c", "ci", {}),
+                                                 ("feddyn", "h", "g", {"alpha": 0.2})):
+            _, _, nodes = run(config(name, rounds, seed, clients, network=net,
+                                     clients_per_round=k, aggregator=agg, **extra))
+            parts = [(p[i - 1], getattr(nodes[i], client_state)) for i in range(1, clients + 1)
+                     if getattr(nodes[i], client_state) is not None]
+            for key, value in getattr(nodes[0], state).items():
+                want = sum((pi * c[key] for pi, c in parts), np.zeros_like(value, np.float64))
+                np.testing.assert_allclose(value, want, atol=1e-6)
 
 
 # Node 3 (17 samples, 2 epochs) computes 12x slower than the others: 0.408 s a round, so its
@@ -334,8 +337,9 @@ def test_late_replies_still_update_the_server_state_once(name: str) -> None:
     _, _, before = run(config(name, rounds=2, network=SLOW_NODE_3, round_timeout=0.3, **extra))
     parts = [getattr(nodes[1], client_state), getattr(nodes[2], client_state),
              getattr(before[3], client_state)]
+    p = weights(LINEAR, 3)
     for k, value in getattr(nodes[0], state).items():
-        np.testing.assert_allclose(value, sum(p[k] for p in parts) / 3, atol=1e-6)
+        np.testing.assert_allclose(value, sum(pi * c[k] for pi, c in zip(p, parts)), atol=1e-6)
     assert nodes[0].pending == {3: [3]}
 
 
