@@ -222,7 +222,8 @@ class Host:
         # Crash times per node: a send that would depart (after a computation) at or after a
         # crash of its sender never leaves.
         self._crash_at: dict[int, list[float]] = {}
-        missing = set(local) - set(deployment.node_ids)
+        # (inproc runs the deployment's own id list: nothing to check, and no sets to make)
+        missing = () if local is deployment.node_ids else set(local) - set(deployment.node_ids)
         if missing:
             raise ValueError(f"local nodes {sorted(missing)} are not in the deployment's node_ids")
         nb = deployment.neighbours
