@@ -117,8 +117,11 @@ class Server(Protocol):
     def __init__(self, opts: Options, learner: learners.Learner, rounds: int) -> None:
         self.o, self.learner, self.rounds = opts, learner, rounds
         self.aggregate: Aggregate = aggregator(opts.aggregator, opts.aggregator_args)
-        # A mean sums replies as they come (see the module docstring).
-        self.stream = aggregators.streaming(self.aggregate)
+        # A mean sums replies as they come (see the module docstring); a subclass that handles
+        # replies or rounds itself gets them gathered, as (n_samples, model) pairs, as before.
+        own = type(self).on_message is Server.on_message and \
+            type(self)._end_round is Server._end_round
+        self.stream = aggregators.streaming(self.aggregate) if own else None
         self.weighted = self.aggregate is not aggregators.mean
         self.acc: aggregators.Accumulator | None = None
         self.opt = ServerOpt(opts)
