@@ -155,8 +155,11 @@ class Server(Protocol):
         self.client_summary: dict[str, Any] = {}
         self.guard = guard or threats.Guard()
         self.aggregate: Aggregate = aggregator(opts.aggregator, opts.aggregator_args)
-        # A mean sums replies as they come (see the module docstring).
-        self.stream = aggregators.streaming(self.aggregate)
+        # A mean sums replies as they come (see the module docstring); a subclass that handles
+        # replies or rounds itself gets them gathered, as (n_samples, model) pairs, as before.
+        own = type(self).on_message is Server.on_message and \
+            type(self)._end_round is Server._end_round
+        self.stream = aggregators.streaming(self.aggregate) if own else None
         self.weighted = self.aggregate is not aggregators.mean
         # Made here, not per round only, so a checkpoint finds one in a fresh server.
         self.acc: aggregators.Accumulator | None = self.stream() if self.stream else None

@@ -92,3 +92,21 @@ def test_isolated_bench_runs_in_a_process_of_its_own() -> None:
     # A child that dies is a failed bench with its last words, not a hang or a crash here.
     dead = micro.run_bench("toy", False, isolate=True, module="tests.perf.toy_bench")
     assert dead.rows == [] and dead.error and "exited with 3" in dead.error
+
+
+def test_grpc_bench_gives_rows_the_driver_reads() -> None:
+    """bench_grpc.run used to return its figures dict, which the driver reported as FAILED."""
+    from perf import bench_grpc
+
+    figs: dict[str, Any] = {"bulk_MB": 1280.0, "bulk_grpc_transport_MBps": 900,
+                            "bulk_bare_grpcio_MBps": 1000, "bulk_raw_tcp_MBps": 2000,
+                            "tiny_msgs_per_s": 50_000, "w3_grpc_effective_MBps": 700}
+    for name in ("w1", "w3"):
+        for kind in ("inproc", "grpc"):
+            figs |= {f"{name}_{kind}_s_per_round": 0.1, f"{name}_{kind}_wall_s": 2.0,
+                     f"{name}_{kind}_peak_rss_mb": 300}
+        figs[f"{name}_same_sha256_on_both"] = True
+    rows = [micro.normalise(r) for r in bench_grpc.rows(figs)]
+    assert len(rows) == 10 and all(r["name"] and r["value"] is not None for r in rows)
+    assert rows[0]["cost"] == pytest.approx(1000 / 900)  # a rate: floor/ours
+    assert all(r["same_sha256"] for r in rows if r["name"].startswith(("w1 ", "w3 grpc s")))
