@@ -522,3 +522,24 @@ def test_options_are_validated() -> None:
         validate_options({"chunk_bytes": 1 << 30})
     with pytest.raises(ConfigError, match="kind"):
         validate_options({"kind": "ray"})
+
+
+def _uneven_fedavg(kind: str, shards: int | None = None) -> dict[str, Any]:
+    transport: dict[str, Any] = {"kind": kind}
+    if shards is not None:
+        transport["shards"] = shards
+    return kconfig.validate({
+        "run": {"seed": 5, "rounds": 3, "progress": False},
+        "protocol": {"name": "fedavg", "aggregator": "weighted_mean", "server_opt": "adam"},
+        "workload": {"model": "linear", "clients": 9, "samples_per_client": 40,
+                     "samples_min": 5, "input_dim": 20, "test_samples": 100},
+        "transport": transport})
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_any_shard_count_gives_the_inproc_model(shards: int) -> None:
+    # Unequal sample counts, so the weighted mean's order of arrival would show if it leaked.
+    want = runner.execute(_uneven_fedavg("inproc"), quiet=True)
+    got = runner.execute(_uneven_fedavg("grpc", shards), quiet=True)
+    assert got.result["reason"] == "finished" and len(got.result["shards"]) == shards
+    assert got.result["final_model_sha256"] == want.result["final_model_sha256"]

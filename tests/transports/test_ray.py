@@ -20,7 +20,7 @@ from kernel.api import RunError  # noqa: E402
 from kernel.options import ConfigError  # noqa: E402
 from kernel.registry import load as registry_load  # noqa: E402
 from kernel.run import runner  # noqa: E402
-from kernel.run.config import load  # noqa: E402
+from kernel.run.config import load, validate  # noqa: E402
 from kernel.run.outputs import model_sha256, named_arrays  # noqa: E402
 from tests.transports import ray_protocols as rp  # noqa: E402
 from transports.base import Job, Outcome  # noqa: E402
@@ -346,3 +346,20 @@ def test_unreachable_cluster_address_fails_with_a_remedy() -> None:
     with pytest.raises(RunError, match=r"could not reach .*'127.0.0.1:9'.*Fix: start a head"):
         _run(tr, config)
     assert not ray.is_initialized()
+
+
+@pytest.mark.parametrize("shards", [1, 2, 3])
+def test_any_shard_count_gives_the_inproc_model(local_ray: None, shards: int) -> None:
+    # Unequal sample counts, so the weighted mean's order of arrival would show if it leaked.
+    def config(kind: str, **transport: Any) -> dict[str, Any]:
+        return validate({
+            "run": {"seed": 5, "rounds": 3, "progress": False},
+            "protocol": {"name": "fedavg", "aggregator": "weighted_mean", "server_opt": "adam"},
+            "workload": {"model": "linear", "clients": 9, "samples_per_client": 40,
+                         "samples_min": 5, "input_dim": 20, "test_samples": 100},
+            "transport": {"kind": kind, **transport}})
+
+    want = runner.execute(config("inproc"), quiet=True)
+    got = runner.execute(config("ray", shards=shards, cpus_per_shard=0.5), quiet=True)
+    assert got.result["reason"] == "finished" and len(got.result["shards"]) == shards
+    assert got.result["final_model_sha256"] == want.result["final_model_sha256"]
