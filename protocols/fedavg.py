@@ -109,6 +109,23 @@ class Options:
         """Validate (and normalise in `o`) the keys of EXTRA; `check(key, ok, expected)`."""
 
 
+
+@dataclass(frozen=True)
+class LocalLrOptions(Options):
+    """FedAvg's options plus `local_lr`, the clients' own SGD step (None: the learner's lr),
+    for algorithms that correct local steps (SCAFFOLD, FedNova)."""
+
+    local_lr: float | None = None
+
+    EXTRA: ClassVar[dict[str, Any]] = {"local_lr": None}
+
+    @classmethod
+    def check_extra(cls, o: dict[str, Any], check: Callable[[str, bool, str], None]) -> None:
+        lr = o["local_lr"]
+        check("local_lr", lr is None or (isinstance(lr, int | float) and not isinstance(lr, bool)
+                                         and lr > 0), "a number > 0")
+
+
 class ServerOpt:
     """Applies the round's pseudo-gradient (aggregate - global) to the global model."""
 

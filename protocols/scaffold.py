@@ -27,9 +27,8 @@ model each way per sampled client.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, ClassVar
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -40,20 +39,7 @@ from protocols import fedavg, learners
 from protocols.common import Tensors, sub
 from protocols.localsgd import a_norm, learner_sgd
 
-
-@dataclass(frozen=True)
-class Options(fedavg.Options):
-    """FedAvg's options plus SCAFFOLD's `local_lr` (None: the learner's lr)."""
-
-    local_lr: float | None = None
-
-    EXTRA: ClassVar[dict[str, Any]] = {"local_lr": None}
-
-    @classmethod
-    def check_extra(cls, o: dict[str, Any], check: Callable[[str, bool, str], None]) -> None:
-        lr = o["local_lr"]
-        check("local_lr", lr is None or (isinstance(lr, int | float) and not isinstance(lr, bool)
-                                         and lr > 0), "a number > 0")
+Options = fedavg.LocalLrOptions
 
 
 def zeros_like(t: Tensors) -> Tensors:

@@ -7,8 +7,6 @@ checkpoint/resume with client state."""
 from __future__ import annotations
 
 import dataclasses
-import io
-import signal
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -21,9 +19,9 @@ from hypothesis import strategies as st
 from kernel.options import ConfigError
 from kernel.registry import load
 from kernel.run import checkpoint as ckpt
-from kernel.run.progress import Progress
 from kernel.run.runner import execute
 from protocols import common, fedavg, learners
+from tests.kernel.run.interrupt import InterruptAt
 from transports.base import Job
 from transports.inproc import InprocTransport
 
@@ -373,18 +371,6 @@ def test_a_client_crash_and_restart_is_survived(name: str) -> None:
     assert res["test_accuracy"] > 0.3
     if name != "fednova":  # the restarted node is a fresh one: it trained only after restart
         assert nodes[2].trained >= 2
-
-
-class InterruptAt(Progress):
-    """Press Ctrl-C (a real SIGINT) when round `r` completes."""
-
-    def __init__(self, r: int) -> None:
-        super().__init__(r, io.StringIO())
-        self.r = r
-
-    def update(self, row: Mapping[str, Any]) -> None:
-        if row.get("name") == "round" and row.get("value") == self.r:
-            signal.raise_signal(signal.SIGINT)
 
 
 @pytest.mark.parametrize("name", PROTOCOLS)

@@ -20,30 +20,14 @@ from kernel.run import runner
 from protocols import privacy
 from protocols.common import flatten
 from protocols.fedavg import build
-from transports.base import Job
-from transports.inproc import InprocTransport
-
-LINEAR = {"model": "linear", "input_dim": 16, "classes": 4, "samples_per_client": 48,
-          "batch_size": 8, "lr": 0.1, "test_samples": 200}
+from tests.protocols import fedavg_runs
+from tests.protocols.fedavg_runs import run
 
 
 def config(dp: dict[str, Any] | None, clients: int = 10, rounds: int = 3,
            **protocol: Any) -> dict[str, Any]:
-    cfg: dict[str, Any] = {"run": {"seed": 0, "rounds": rounds}, "transport": {"kind": "inproc"},
-                           "protocol": {"name": "fedavg", **protocol},
-                           "workload": dict(LINEAR, clients=clients)}
-    if dp is not None:
-        cfg["privacy"] = dp
-    return cfg
-
-
-def run(cfg: dict[str, Any]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    rows: list[dict[str, Any]] = []
-    job = Job(config=cfg, deployment=build(cfg), seed=cfg["run"]["seed"], until=1e6,
-              on_metric=rows.append)
-    out = InprocTransport({"strict": True}).run(job)
-    assert out.reason == "finished" and out.result is not None
-    return dict(out.result), [r for r in rows if r["name"] == "round"]
+    return fedavg_runs.config("privacy", dp, seed=0, test_samples=200, clients=clients,
+                              rounds=rounds, **protocol)
 
 
 @settings(max_examples=8, deadline=None)

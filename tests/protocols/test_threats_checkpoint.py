@@ -4,9 +4,6 @@ accountant, adaptive clip and round secrets included)."""
 
 from __future__ import annotations
 
-import io
-import signal
-from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -14,8 +11,8 @@ import pytest
 
 from kernel.run import checkpoint as ckpt
 from kernel.run.outputs import WALL_FIELDS
-from kernel.run.progress import Progress
 from kernel.run.runner import execute
+from tests.kernel.run.interrupt import InterruptAt
 
 LINEAR = {"model": "linear", "clients": 6, "input_dim": 16, "classes": 4,
           "samples_per_client": 24, "batch_size": 8, "lr": 0.1, "test_samples": 64}
@@ -31,18 +28,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
                "adversary": {"kind": "alie", "fraction": 0.3},
                "privacy": {"mode": "central", "adaptive": True, "noise_multiplier": 0.5}},
 }
-
-
-class InterruptAt(Progress):
-    """Presses Ctrl-C (a real SIGINT) when round `r` completes."""
-
-    def __init__(self, r: int) -> None:
-        super().__init__(r, io.StringIO())
-        self.r = r
-
-    def update(self, row: Mapping[str, Any]) -> None:
-        if row.get("name") == "round" and row.get("value") == self.r:
-            signal.raise_signal(signal.SIGINT)
 
 
 @pytest.mark.parametrize("name", sorted(CONFIGS))

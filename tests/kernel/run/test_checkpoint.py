@@ -7,7 +7,6 @@ the promised error before anything runs."""
 from __future__ import annotations
 
 import functools
-import io
 import json
 import os
 import re
@@ -33,8 +32,8 @@ from kernel.registry import declare
 from kernel.run import checkpoint as ckpt
 from kernel.run.cli import EXIT_ERROR, EXIT_INTERRUPTED, EXIT_OK, main
 from kernel.run.outputs import WALL_FIELDS, read_metrics
-from kernel.run.progress import Progress
 from kernel.run.runner import RunRecord, execute, run
+from tests.kernel.run.interrupt import InterruptAt
 
 ROOT = Path(__file__).resolve().parents[3]
 LINEAR = {"model": "linear", "clients": 6, "input_dim": 10, "samples_per_client": 24,
@@ -82,19 +81,6 @@ CONFIGS: dict[str, dict[str, Any]] = {
 }
 COMPARED = ("final_model_sha256", "rounds", "reason", "finished_by", "clock_s", "messages",
             "bytes", "events", "test_accuracy", "extra")
-
-
-class InterruptAt(Progress):
-    """A progress display that presses Ctrl-C (a real SIGINT to this process) when round
-    `r` completes, as a user would."""
-
-    def __init__(self, r: int) -> None:
-        super().__init__(r, io.StringIO())
-        self.r = r
-
-    def update(self, row: Mapping[str, Any]) -> None:
-        if row.get("name") == "round" and row.get("value") == self.r:
-            signal.raise_signal(signal.SIGINT)
 
 
 @functools.cache
