@@ -175,7 +175,7 @@ def digits() -> dict[str, Any]:
 
 def _npz(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise DataError(f"npz file {str(path)!r} does not exist")
+        raise DataError(f"[data] dataset: npz file {str(path)!r} does not exist")
     try:
         with np.load(path, allow_pickle=False) as z:
             missing = [k for k in ("x", "y") if k not in z.files]
@@ -191,7 +191,7 @@ def _npz(path: Path) -> dict[str, Any]:
 
 def _find(folder: Path, names: list[str], what: str) -> Path:
     if not folder.is_dir():
-        raise DataError(f"dataset folder {str(folder)!r} does not exist")
+        raise DataError(f"[data] dataset: folder {str(folder)!r} does not exist")
     for n in names:
         for cand in (folder / n, folder / (n + ".gz")):
             if cand.is_file():
@@ -277,7 +277,7 @@ def _cifar10(folder: Path) -> dict[str, Any]:
     if (folder / "cifar-10-batches-bin").is_dir():
         folder = folder / "cifar-10-batches-bin"
     if not folder.is_dir():
-        raise DataError(f"dataset folder {str(folder)!r} does not exist")
+        raise DataError(f"[data] dataset: folder {str(folder)!r} does not exist")
     train = sorted(folder.glob("data_batch_*.bin"))
     test = folder / "test_batch.bin"
     if not train:

@@ -71,7 +71,7 @@ def test_mnist_truncated_and_label_out_of_range(tmp_path):
 
 
 def test_missing_files_and_folders(tmp_path):
-    with pytest.raises(DataError, match=r"dataset folder .*nowhere.* does not exist"):
+    with pytest.raises(DataError, match=r"\[data\] dataset: folder .*nowhere.* does not exist"):
         datasets.load(f"mnist:{tmp_path / 'nowhere'}")
     (tmp_path / "empty").mkdir()
     with pytest.raises(DataError, match=r"MNIST train images: none of train-images-idx3-ubyte"):

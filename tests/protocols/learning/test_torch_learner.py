@@ -150,7 +150,7 @@ def test_cuda_without_a_gpu_says_so():
     ({"partition": {"kind": "dirichlet", "alpha": 0.5}}, r"'mixture' is drawn per client"),
     ({"dataset": "digits", "partition": {"kind": "dirichlet", "alpha": 0.0}},
      r"\[data.partition\] alpha = 0.0; expected a number > 0"),
-    ({"dataset": "mnist:/nonexistent/mnist"}, r"dataset folder '/nonexistent/mnist' does not"),
+    ({"dataset": "mnist:/nonexistent/mnist"}, r"dataset: folder '/nonexistent/mnist' does not"),
 ])
 def test_bad_data_sections(data, match):
     with pytest.raises(ConfigError, match=match):
