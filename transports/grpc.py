@@ -2,7 +2,8 @@
 
 The driver (this module's `GrpcTransport`) starts `transport.shards` processes
 (`python -m transports.grpc_shard`), gives each its spec (plain JSON on stdin; never pickle) and
-waits for the port it prints. Shards connect one long-lived client stream to every other shard;
+waits for the port it prints. Shards connect one long-lived bidirectional stream to every other
+shard;
 the driver opens an event stream from each (metric rows, the result, errors) and drives them with
 unary control calls. Every call carries the run's token and has a deadline.
 
@@ -13,6 +14,12 @@ streams; a "frame" is one codec-encoded message (data) or body (events) plus its
   small frames of one tick share one gRPC message.
 - HEAD:  b"\\x02" + msgpack [meta, nbytes]; then CHUNK messages: b"\\x03" + raw bytes, in order,
   until nbytes have come; so a 40 MB tensor never needs a 40 MB gRPC message.
+
+Between shards, delivery is exactly-once across broken streams: each Deliver message starts with
+a u64 sequence number, counted per sending shard (1, 2, ...); the receiver answers each with the
+highest sequence it has handled (a cumulative ack). The sender keeps what is not acknowledged and,
+on the next stream, sends it again first; the receiver drops what it already handled and keeps
+one `Reassembler` per sender across streams, so a chunked frame broken mid-way resumes.
 """
 
 from __future__ import annotations
@@ -47,7 +54,7 @@ from transports.base import Job, Outcome, Transport, place
 log = logging.getLogger("fedloom.grpc")
 
 SERVICE = "fedloom.Shard"
-DELIVER = f"/{SERVICE}/Deliver"  # stream -> unary: frames from a peer shard
+DELIVER = f"/{SERVICE}/Deliver"  # stream -> stream: frames from a peer shard -> acks
 EVENTS = f"/{SERVICE}/Events"  # unary -> stream: metric rows, done, errors, for the driver
 CONTROL = f"/{SERVICE}/Control"  # unary: peers, start, stop, ping
 TOKEN_KEY = "fedloom-token"
@@ -56,6 +63,7 @@ READY = "FEDLOOM-GRPC-SHARD"  # prefix of the shard's one stdout line: READY por
 
 BATCH, HEAD, CHUNK = 1, 2, 3
 _U32 = struct.Struct("<I")
+SEQ = struct.Struct("<Q")  # the sequence number before each Deliver message, and each ack
 # A frame may claim at most this many bytes; nothing is allocated before the bytes arrive.
 MAX_FRAME_BYTES = 1 << 34
 
@@ -211,7 +219,7 @@ class Reassembler:
         self._got = 0
         self._buf: np.ndarray | None = None
 
-    def feed(self, data: bytes) -> list[tuple[Any, Buffer]]:
+    def feed(self, data: bytes | memoryview) -> list[tuple[Any, Buffer]]:
         """The frames `data` completes (none while a chunked frame is still arriving)."""
         at = self.offset
         self.offset += len(data)
@@ -271,7 +279,7 @@ class Reassembler:
     def _reset(self) -> None:
         self._meta, self._want, self._got, self._buf = None, 0, 0, None
 
-    def _batch(self, data: bytes, at: int) -> list[tuple[Any, Buffer]]:
+    def _batch(self, data: bytes | memoryview, at: int) -> list[tuple[Any, Buffer]]:
         if len(data) < 5:
             raise CodecError(f"BATCH at stream byte offset {at} truncated at byte {len(data)}: "
                              f"needs a 4-byte header length")
@@ -304,7 +312,7 @@ class Reassembler:
         return out
 
     @staticmethod
-    def _header(data: bytes, start: int, end: int, at: int, what: str) -> Any:
+    def _header(data: bytes | memoryview, start: int, end: int, at: int, what: str) -> Any:
         try:
             n = end - start
             return msgpack.unpackb(memoryview(data)[start:end], raw=False, strict_map_key=True,
@@ -313,6 +321,30 @@ class Reassembler:
         except Exception as exc:  # msgpack raises several types for bad input
             raise CodecError(f"{what} header at stream byte offset {at + start} is not valid "
                              f"msgpack: {type(exc).__name__}: {exc}") from None
+
+
+class Inbound:
+    """What a receiving shard keeps of one sender across its streams: the last sequence number
+    handled and the sender's `Reassembler`. Callers hold `lock` around `open` and what they do
+    with the body, so two streams of one sender (an old one still draining) never interleave."""
+
+    def __init__(self, reasm: Reassembler) -> None:
+        self.reasm = reasm
+        self.last = 0
+        self.lock = threading.Lock()
+
+    def open(self, data: bytes) -> memoryview | None:
+        """The body of `data` when it is the next message; None when it was handled already
+        (a resend). CodecError for a gap or no sequence number: the stream must be restarted."""
+        if len(data) < SEQ.size:
+            raise CodecError(f"Deliver message of {len(data)} bytes has no sequence number")
+        (seq,) = SEQ.unpack_from(data)
+        if seq <= self.last:
+            return None
+        if seq != self.last + 1:
+            raise CodecError(f"Deliver message {seq} after {self.last}: messages are missing")
+        self.last = seq
+        return memoryview(data)[SEQ.size:]
 
 
 # -- authentication ----------------------------------------------------------------------------

@@ -33,9 +33,12 @@ from kernel.wire.codec import Codec, CodecError, body_nbytes
 from transports.base import place
 from transports.grpc import (
     DELIVER,
+    PEER_KEY,
     READY,
+    SEQ,
     BufferPool,
     Frame,
+    Inbound,
     Reassembler,
     authenticate,
     call_metadata,
@@ -135,7 +138,11 @@ class FrameQueue:
 
 class PeerLink:
     """The one long-lived stream from this shard to one peer shard, reconnected with
-    exponential backoff up to `max_reconnects` times in a row."""
+    exponential backoff up to `max_reconnects` times in a row without progress.
+
+    Every message gets the next sequence number and stays in `_unacked` until the peer
+    acknowledges it; a new stream first sends again what is there (the peer drops what it had),
+    so a broken stream loses nothing. At most `queue_bytes` wait unacknowledged."""
 
     def __init__(self, index: int, peer: int, address: str, token: str,
                  opts: Mapping[str, Any], until: float | None,
@@ -153,8 +160,15 @@ class PeerLink:
         self.queue = FrameQueue(int(opts["queue_bytes"]),
                                 f"grpc shard {index}'s stream to shard {peer} ({address})")
         self.closing = False
-        self.stats = {"frames_out": 0, "wire_bytes_out": 0, "reconnects": 0}
-        self._sent = 0
+        self.stats = {"frames_out": 0, "wire_bytes_out": 0, "reconnects": 0, "resent_out": 0}
+        self._unacked: deque[bytes] = deque()  # messages acked + 1, acked + 2, ...
+        self._unacked_bytes = 0
+        self._acked = 0
+        self._next = 1  # the sequence number of the next new message
+        self._cond = threading.Condition()
+        # One stream's request iterator at a time takes from the queue and numbers what it
+        # took, so an old stream's iterator that is still running cannot reorder frames.
+        self._taking = threading.Lock()
         self._backoff = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"grpc-link-{peer}", daemon=True)
 
@@ -168,38 +182,73 @@ class PeerLink:
         self._thread.start()
 
     def _requests(self, epoch: int) -> Iterator[bytes]:
-        queue, chunk, tick = self.queue, self.chunk, self.tick
-        stats = self.stats
+        queue, cond, stats = self.queue, self._cond, self.stats
+        with cond:
+            nxt, fresh = self._acked + 1, self._next  # below `fresh`: sent on an older stream
         while True:
-            frames = queue.take(0.25, tick, chunk, epoch)
+            with cond:
+                if queue.epoch != epoch or self.closing:
+                    return
+                nxt = max(nxt, self._acked + 1)
+                data = self._unacked[nxt - self._acked - 1] if nxt < self._next else None
+                full = self._unacked_bytes >= queue.max_bytes
+                if data is None and full:
+                    # Wait for acks before taking more: the queue fills and blocks the nodes.
+                    cond.wait(0.25)
+                    continue
+            if data is None:
+                if not self._take(epoch):
+                    return
+                continue
+            if nxt < fresh:
+                stats["resent_out"] += 1
+            nxt += 1
+            stats["frames_out"] += 1
+            stats["wire_bytes_out"] += len(data)
+            yield data
+
+    def _take(self, epoch: int) -> bool:
+        """Number and keep the messages of newly queued frames (perhaps none); False once this
+        stream is over."""
+        with self._taking:
+            frames = self.queue.take(0.25, self.tick, self.chunk, epoch)
             if frames is None:
-                return
-            for data in pack(frames, chunk):
-                stats["frames_out"] += 1
-                stats["wire_bytes_out"] += len(data)
-                self._sent += 1
-                yield data
+                return False
+            with self._cond:
+                for data in pack(frames, self.chunk):
+                    self._unacked.append(SEQ.pack(self._next) + data)
+                    self._unacked_bytes += len(data)
+                    self._next += 1
+            return True
+
+    def _ack(self, seq: int) -> None:
+        with self._cond:
+            while self._acked < seq and self._unacked:
+                self._unacked_bytes -= len(self._unacked.popleft()) - SEQ.size
+                self._acked += 1
+            self._cond.notify_all()
 
     def _run(self) -> None:
         opts = self.opts
         md = call_metadata(self.token, f"shard {self.index}")
         timeout = stream_deadline(self.until, opts["call_timeout"])
-        stream = self.channel.stream_unary(DELIVER)
+        stream = self.channel.stream_stream(DELIVER)
         failures = 0
         epoch = self.queue.epoch
         while not self.closing:
-            self._sent = 0
+            acked = self._acked
             try:
-                stream(self._requests(epoch), metadata=md, timeout=timeout)
+                for reply in stream(self._requests(epoch), metadata=md, timeout=timeout):
+                    self._ack(SEQ.unpack(reply)[0])
                 return
             except grpc.RpcError as exc:
                 if self.closing:
                     return
                 # The old stream's reader may still be waiting in take(): retire it, so frames
-                # queued from now on go out, in order, on the next stream only.
+                # go out, in order, on the next stream only.
                 epoch = self.queue.new_epoch()
                 code = exc.code() if hasattr(exc, "code") else None
-                failures = 1 if self._sent else failures + 1
+                failures = 1 if self._acked > acked else failures + 1
                 text = (f"grpc shard {self.index}: stream to shard {self.peer} at "
                         f"{self.address} failed: {code.name if code else exc}")
                 if code == grpc.StatusCode.UNAUTHENTICATED or failures > opts["max_reconnects"]:
@@ -208,8 +257,9 @@ class PeerLink:
                     self.on_error(text)
                     return
                 delay = min(0.05 * 2 ** (failures - 1), 2.0)
-                log.warning("%s; reconnecting in %.2f s (attempt %d of %d; frames in flight may "
-                            "be lost)", text, delay, failures, opts["max_reconnects"])
+                log.warning("%s; reconnecting in %.2f s (attempt %d of %d; %d unacknowledged "
+                            "messages go again)", text, delay, failures, opts["max_reconnects"],
+                            len(self._unacked))
                 self.stats["reconnects"] += 1
                 self._backoff.wait(delay)
 
@@ -250,6 +300,7 @@ class Shard:
         self.stopped = False
         self.stats = {"bad_frames": 0, "refused": 0}
         self._stream_stats: list[dict[str, int]] = []
+        self._inbound: dict[str, Inbound] = {}
         self._early: list[tuple[Message, list[int]]] = []
         self._lock = threading.Lock()
         self._events_open = False
@@ -267,7 +318,7 @@ class Shard:
                              options=channel_options(int(self.opts["chunk_bytes"])))
         server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
             DELIVER.split("/")[1], {
-                "Deliver": grpc.stream_unary_rpc_method_handler(self._deliver),
+                "Deliver": grpc.stream_stream_rpc_method_handler(self._deliver),
                 "Events": grpc.unary_stream_rpc_method_handler(self._events),
                 "Control": grpc.unary_unary_rpc_method_handler(self._control),
             })])
@@ -287,29 +338,48 @@ class Shard:
                 self.stats["refused"] += 1
             raise
 
-    def _deliver(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+    def _deliver(self, requests: Iterator[bytes],
+                 context: grpc.ServicerContext) -> Iterator[bytes]:
         peer = self._auth(context)
-        reasm = Reassembler(self.codec.max_message_bytes, self.pool)
+        # One sequence and one Reassembler per sender, across its streams.
+        sender = next((v for k, v in context.invocation_metadata() if k == PEER_KEY), "?")
+        with self._lock:
+            inbound = self._inbound.get(sender)
+            if inbound is None:
+                inbound = self._inbound[sender] = Inbound(
+                    Reassembler(self.codec.max_message_bytes, self.pool))
+        reasm = inbound.reasm
         # This stream's own counters (one thread each), summed when the shard reports.
-        stats = {"frames_in": 0, "wire_bytes_in": 0}
+        stats = {"frames_in": 0, "wire_bytes_in": 0, "duplicates_in": 0}
         with self._lock:
             self._stream_stats.append(stats)
         bad = 0
         for data in requests:
             stats["frames_in"] += 1
             stats["wire_bytes_in"] += len(data)
-            at = reasm.offset
-            try:
-                frames = reasm.feed(data)
-            except CodecError as exc:
-                frames, bad = [], self._bad(peer, exc, bad)
-            for meta, buf in frames:
+            with inbound.lock:
                 try:
-                    self._accept(meta, buf)
+                    body = inbound.open(data)
                 except CodecError as exc:
-                    bad = self._bad(peer, f"frame in the message at stream byte offset {at}: "
-                                          f"{exc}", bad)
-        return b""
+                    # The sender starts a new stream and sends again from its last ack.
+                    self._bad(peer, exc, bad)
+                    context.abort(grpc.StatusCode.DATA_LOSS, str(exc))
+                if body is None:
+                    stats["duplicates_in"] += 1
+                else:
+                    at = reasm.offset
+                    try:
+                        frames = reasm.feed(body)
+                    except CodecError as exc:
+                        frames, bad = [], self._bad(peer, exc, bad)
+                    for meta, buf in frames:
+                        try:
+                            self._accept(meta, buf)
+                        except CodecError as exc:
+                            bad = self._bad(peer, f"frame in the message at stream byte offset "
+                                                  f"{at}: {exc}", bad)
+                ack = SEQ.pack(inbound.last)
+            yield ack
 
     def _bad(self, peer: str, what: object, seen: int) -> int:
         # A malformed frame costs the frame, never the shard.
@@ -416,6 +486,7 @@ class Shard:
         with self._lock:
             stats.update(self.stats, nodes=len(self.local), frames_in=0, wire_bytes_in=0,
                          frames_out=0, wire_bytes_out=0, reconnects=0,
+                         resent_out=0, duplicates_in=0,
                          buffers_reused=self.pool.reused)
             for counters in [*self._stream_stats, *(link.stats for link in self.links.values())]:
                 for key, value in counters.items():

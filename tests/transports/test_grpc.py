@@ -35,8 +35,10 @@ from transports.grpc import (
     CONTROL,
     DELIVER,
     EVENTS,
+    SEQ,
     Cluster,
     GrpcTransport,
+    Inbound,
     Reassembler,
     call_metadata,
     nbytes_of,
@@ -203,8 +205,8 @@ def test_wrong_or_missing_token_is_refused_and_changes_nothing() -> None:
         frames = poison_frames(Codec.from_config({}))
         with grpc.insecure_channel(shard.address) as channel:
             calls = {
-                DELIVER: lambda md: channel.stream_unary(DELIVER)(
-                    iter(frames), metadata=md, timeout=WAIT_S),
+                DELIVER: lambda md: list(channel.stream_stream(DELIVER)(
+                    iter(numbered(frames, 1)), metadata=md, timeout=WAIT_S)),
                 CONTROL: lambda md: channel.unary_unary(CONTROL)(
                     msgpack.packb({"op": "stop"}), metadata=md, timeout=WAIT_S),
                 EVENTS: lambda md: list(channel.unary_stream(EVENTS)(
@@ -220,6 +222,11 @@ def test_wrong_or_missing_token_is_refused_and_changes_nothing() -> None:
         cluster.close()
     assert sha(out) == sha(ref)
     assert out.shards[0]["refused"] == 9 and out.shards[0]["bad_frames"] == 0
+
+
+def numbered(messages: list[bytes], first: int) -> list[bytes]:
+    """Deliver messages as a peer shard sends them: each after its sequence number."""
+    return [SEQ.pack(first + i) + m for i, m in enumerate(messages)]
 
 
 def _garbage() -> st.SearchStrategy[list[bytes]]:
@@ -261,12 +268,17 @@ def test_random_and_truncated_frames_never_crash_a_shard() -> None:
         shard = cluster.shards[0]
         md = call_metadata(cluster.token, "fuzzer")
         with grpc.insecure_channel(shard.address) as channel:
-            deliver = channel.stream_unary(DELIVER)
+            deliver = channel.stream_stream(DELIVER)
+            sent = [0]
 
             @settings(deadline=None)
             @given(_garbage())
             def check(messages: list[bytes]) -> None:
-                deliver(iter(messages), metadata=md, timeout=WAIT_S)
+                acks = list(deliver(iter(numbered(messages, sent[0] + 1)), metadata=md,
+                                    timeout=WAIT_S))
+                sent[0] += len(messages)
+                assert [SEQ.unpack(a)[0] for a in acks] == list(range(sent[0] - len(messages)
+                                                                      + 1, sent[0] + 1))
                 # still serving, same process
                 assert cluster.control(shard, {"op": "ping"})["pid"] == shard.pid
 
@@ -421,41 +433,46 @@ def test_a_shard_that_cannot_build_is_reported_with_its_error() -> None:
 
 class FlakyPeer:
     """A real gRPC server on loopback speaking the Deliver protocol, which drops (UNAVAILABLE)
-    the first `drop` calls, each after reading `after` messages."""
+    the first `drop` calls, each after reading `after` messages (the last one unacknowledged)."""
 
     def __init__(self, drop: int, after: int) -> None:
         self.drop, self.after = drop, after
         self.calls = 0
         self.frames: list[bytes] = []
+        self.inbound = Inbound(Reassembler())
         self.changed = threading.Condition()
         self.server = grpc.server(futures.ThreadPoolExecutor(4))
         self.server.add_generic_rpc_handlers([grpc.method_handlers_generic_handler(
-            DELIVER.split("/")[1], {"Deliver": grpc.stream_unary_rpc_method_handler(self._take)})])
+            DELIVER.split("/")[1],
+            {"Deliver": grpc.stream_stream_rpc_method_handler(self._take)})])
         self.address = f"127.0.0.1:{self.server.add_insecure_port('127.0.0.1:0')}"
         self.server.start()
 
-    def _take(self, requests: Iterator[bytes], context: grpc.ServicerContext) -> bytes:
+    def _take(self, requests: Iterator[bytes],
+              context: grpc.ServicerContext) -> Iterator[bytes]:
         with self.changed:
             self.calls += 1
             call = self.calls
             self.changed.notify_all()
         if call <= self.drop and self.after == 0:
             context.abort(grpc.StatusCode.UNAVAILABLE, "dropped by the test")
-        reasm = Reassembler()
         for i, data in enumerate(requests):
             if call <= self.drop and i == self.after:
                 context.abort(grpc.StatusCode.UNAVAILABLE, "dropped by the test")
             with self.changed:
-                self.frames += [bytes(buf) for _, buf in reasm.feed(data)]
+                body = self.inbound.open(data)
+                if body is not None:
+                    self.frames += [bytes(buf) for _, buf in self.inbound.reasm.feed(body)]
                 self.changed.notify_all()
-        return b""
+                ack = SEQ.pack(self.inbound.last)
+            yield ack
 
     def wait(self, what: Any, text: str) -> None:
         with self.changed:
             assert self.changed.wait_for(what, timeout=WAIT_S), text
 
 
-def test_a_dropped_stream_reconnects_and_keeps_frame_order() -> None:
+def test_a_dropped_stream_reconnects_and_delivers_each_frame_once_in_order() -> None:
     peer = FlakyPeer(drop=1, after=1)
     errors: list[str] = []
     link = PeerLink(0, 1, peer.address, "tok", validate_options({}), None, errors.append)
@@ -471,9 +488,9 @@ def test_a_dropped_stream_reconnects_and_keeps_frame_order() -> None:
     finally:
         link.close(WAIT_S)
         peer.server.stop(None)
-    # "dropper" died with its stream (at most once); everything after came, in order
-    assert peer.frames == [b"first", b"a", b"b", b"c"]
-    assert link.stats["reconnects"] == 1 and not errors
+    # "dropper" was read but never acknowledged: it went again on the new stream, once
+    assert peer.frames == [b"first", b"dropper", b"a", b"b", b"c"]
+    assert link.stats["reconnects"] == 1 and link.stats["resent_out"] == 1 and not errors
 
 
 def test_a_stream_that_keeps_failing_gives_up_after_max_reconnects() -> None:
