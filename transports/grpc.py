@@ -569,11 +569,12 @@ class Cluster:
             shard.wait_ready(deadline)
         self.startup_s = time.perf_counter() - t0
 
-    def connect(self) -> None:
+    def connect(self, via: Mapping[int, str] | None = None) -> None:
         """Tell every shard where its peers are (they connect their streams) and open the
-        event stream from each."""
+        event stream from each. `via` maps a shard to another address its peers reach it by
+        (tests put a proxy there)."""
         t0 = time.perf_counter()
-        peers = {str(s.index): s.address for s in self.shards}
+        peers = {str(s.index): (via or {}).get(s.index, s.address) for s in self.shards}
         for shard in self.shards:
             shard.channel = grpc.insecure_channel(
                 shard.address, options=channel_options(self.opts["chunk_bytes"]))

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
@@ -491,6 +492,113 @@ def test_a_dropped_stream_reconnects_and_delivers_each_frame_once_in_order() -> 
     # "dropper" was read but never acknowledged: it went again on the new stream, once
     assert peer.frames == [b"first", b"dropper", b"a", b"b", b"c"]
     assert link.stats["reconnects"] == 1 and link.stats["resent_out"] == 1 and not errors
+
+
+class CuttingProxy:
+    """A loopback TCP proxy to `target` that cuts its i-th connection, both ways, once `cuts[i]`
+    bytes have crossed it (in either direction); later connections are left alone."""
+
+    def __init__(self, target: str, cuts: list[int]) -> None:
+        host, _, port = target.rpartition(":")
+        self.target = (host, int(port))
+        self.cuts = list(cuts)
+        self.cut = 0  # connections cut so far
+        self.lock = threading.Lock()
+        self.sockets: list[socket.socket] = []
+        self.listener = socket.create_server(("127.0.0.1", 0))
+        self.address = f"127.0.0.1:{self.listener.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        n = 0
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection(self.target, timeout=WAIT_S)
+            except OSError:
+                return
+            upstream.settimeout(None)
+            left = [self.cuts[n] if n < len(self.cuts) else None]
+            n += 1
+            with self.lock:
+                self.sockets += [client, upstream]
+            for src, dst in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pump, args=(src, dst, client, upstream, left),
+                                 daemon=True).start()
+
+    def _pump(self, src: socket.socket, dst: socket.socket, a: socket.socket,
+              b: socket.socket, left: list[int | None]) -> None:
+        while True:
+            try:
+                data = src.recv(1 << 16)
+            except OSError:
+                break
+            if not data:
+                break
+            cut = False
+            with self.lock:
+                budget = left[0]
+                if budget is not None:
+                    cut = len(data) >= budget
+                    data = data[:budget]
+                    left[0] = budget - len(data)
+                    if cut:
+                        left[0] = None
+                        self.cut += 1
+            try:
+                dst.sendall(data)
+            except OSError:
+                break
+            if cut:
+                break
+        for sock in (a, b):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            self.listener.shutdown(socket.SHUT_RDWR)
+        self.listener.close()
+        with self.lock:
+            for sock in self.sockets:
+                sock.close()
+
+
+_SUM_BROKEN = sum_config(clients=5, dim=20_000, rounds=3)
+
+
+@settings(max_examples=5, deadline=None)
+def _cuts() -> st.SearchStrategy[list[int]]:
+    # The first cut comes after the channel's handshake (a few hundred bytes), so it breaks a
+    # live stream; the later ones anywhere, handshakes of reconnects included.
+    return st.tuples(st.integers(1_000, 60_000), st.lists(st.integers(1, 60_000),
+                                                          max_size=2)).map(
+        lambda t: [t[0], *t[1]])
+
+
+@given(_cuts(), _cuts())
+def test_streams_broken_at_any_byte_still_give_the_inproc_model(cuts0: list[int],
+                                                                 cuts1: list[int]) -> None:
+    # Each shard's peers reach it through a proxy that cuts the first connections at the
+    # chosen byte offsets: in handshakes, mid-message and mid-way through chunked 80 KB models.
+    cluster = Cluster(make_job(_SUM_BROKEN, until=WAIT_S), validate_options(
+        {"shards": 2, "chunk_bytes": 16 << 10, "strict": True, "max_reconnects": 10}))
+    proxies: list[CuttingProxy] = []
+    try:
+        cluster.launch()
+        proxies = [CuttingProxy(s.address, cuts) for s, cuts in zip(cluster.shards,
+                                                                       (cuts0, cuts1))]
+        cluster.connect(via={s.index: p.address for s, p in zip(cluster.shards, proxies)})
+        out = cluster.run()
+    finally:
+        cluster.close()
+        for proxy in proxies:
+            proxy.close()
+    assert sha(out) == sha(run_inproc(_SUM_BROKEN))
+    assert out.messages == run_inproc(_SUM_BROKEN).messages
+    # each proxy's first cut falls inside the run's traffic, so every stream broke at least once
+    assert all(p.cut >= 1 for p in proxies), [p.cut for p in proxies]
+    assert all(s["reconnects"] >= 1 for s in out.shards), [s["reconnects"] for s in out.shards]
 
 
 def test_a_stream_that_keeps_failing_gives_up_after_max_reconnects() -> None:
