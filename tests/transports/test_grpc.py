@@ -432,6 +432,40 @@ def test_a_shard_that_cannot_build_is_reported_with_its_error() -> None:
         transport.close()
 
 
+@settings(max_examples=50)
+@given(st.lists(st.integers(1, 3000), min_size=1, max_size=6), st.integers(64, 1024),
+       st.lists(st.tuples(st.integers(0, 12), st.integers(0, 12)), max_size=4))
+def test_resends_from_any_point_deliver_each_frame_once(sizes: list[int], chunk: int,
+                                                         breaks: list[tuple[int, int]]) -> None:
+    # A sender's stream breaks after `k` more messages, and it had heard acks for all but the
+    # last `back` of them: it sends again from there, often mid-way through a chunked frame.
+    payloads = [bytes([i % 251]) * n for i, n in enumerate(sizes)]
+    messages = numbered(list(pack([([i], [p], len(p)) for i, p in enumerate(payloads)], chunk)),
+                        1)
+    inbound = Inbound(Reassembler())
+    got: list[bytes] = []
+    duplicates = 0
+
+    def send(at: int, k: int) -> int:
+        nonlocal duplicates
+        for data in messages[at:at + k]:
+            body = inbound.open(data)
+            if body is None:
+                duplicates += 1
+            else:
+                got.extend(bytes(buf) for _, buf in inbound.reasm.feed(body))
+        return min(at + k, len(messages))
+
+    at = 0
+    for k, back in breaks:
+        at = max(send(at, k) - back, 0)
+    send(at, len(messages))
+    assert got == payloads
+    assert inbound.last == len(messages)
+    with pytest.raises(CodecError, match="messages are missing"):
+        inbound.open(SEQ.pack(inbound.last + 2) + messages[0][SEQ.size:])
+
+
 class FlakyPeer:
     """A real gRPC server on loopback speaking the Deliver protocol, which drops (UNAVAILABLE)
     the first `drop` calls, each after reading `after` messages (the last one unacknowledged)."""
