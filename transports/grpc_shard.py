@@ -174,11 +174,18 @@ class PeerLink:
 
     def connect(self, timeout: float) -> None:
         """Wait until the channel is up (the peer is serving), then start streaming."""
-        try:
-            grpc.channel_ready_future(self.channel).result(timeout=timeout)
-        except grpc.FutureTimeoutError:
-            raise RunError(f"could not connect to shard {self.peer} at {self.address} within "
-                           f"{timeout} s (transport.connect_timeout)") from None
+        deadline = time.monotonic() + timeout
+        while True:
+            # A fresh future in short slices: each asks the channel to connect again, as one
+            # whose handshake broke can otherwise sit idle and never become ready.
+            try:
+                grpc.channel_ready_future(self.channel).result(
+                    timeout=min(0.5, max(deadline - time.monotonic(), 0.0)))
+                break
+            except grpc.FutureTimeoutError:
+                if time.monotonic() >= deadline:
+                    raise RunError(f"could not connect to shard {self.peer} at {self.address} "
+                                   f"within {timeout} s (transport.connect_timeout)") from None
         self._thread.start()
 
     def _requests(self, epoch: int) -> Iterator[bytes]:

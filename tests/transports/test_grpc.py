@@ -635,6 +635,23 @@ def test_streams_broken_at_any_byte_still_give_the_inproc_model(cuts0: list[int]
     assert all(s["reconnects"] >= 1 for s in out.shards), [s["reconnects"] for s in out.shards]
 
 
+@pytest.mark.parametrize("cuts", [[10, 30, 5], [50, 250, 20]])
+def test_a_link_whose_handshakes_are_cut_still_connects_and_delivers(cuts: list[int]) -> None:
+    peer = FlakyPeer(drop=0, after=0)
+    proxy = CuttingProxy(peer.address, cuts)
+    errors: list[str] = []
+    link = PeerLink(0, 1, proxy.address, "tok", validate_options({}), None, errors.append)
+    try:
+        link.connect(WAIT_S)
+        link.queue.put(([1], [b"hello"], 5), timeout=WAIT_S)
+        peer.wait(lambda: peer.frames == [b"hello"], "the frame did not arrive")
+    finally:
+        link.close(WAIT_S)
+        proxy.close()
+        peer.server.stop(None)
+    assert proxy.cut >= 1 and not errors
+
+
 def test_a_stream_that_keeps_failing_gives_up_after_max_reconnects() -> None:
     peer = FlakyPeer(drop=1000, after=0)
     failed = threading.Event()
