@@ -354,10 +354,9 @@ def _plan_restore(host: Host, network: Any, state: Mapping[str, Any],
         if t is None:
             protos.append(None)
             continue
-        shared = probe.make_node(node)  # kept alive while loading, so its ids stay its own
-        loader.frozen = objstate.reachable(shared)
-        protos.append(loader.load(t, dep.make_node(node)))
-        del shared
+        fresh = dep.make_node(node)
+        loader.frozen = objstate.shared(fresh, probe.make_node(node))
+        protos.append(loader.load(t, fresh))
     loader.frozen = frozenset()
     for node, proto in zip(ids.tolist(), protos):
         if proto is not None and not callable(getattr(proto, "on_message", None)):

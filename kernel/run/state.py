@@ -158,6 +158,7 @@ class Dumper:
     def __init__(self) -> None:
         self.memo: dict[int, int] = {}
         self.keep: list[Any] = []  # every numbered object, so no id is reused meanwhile
+        self.shared: set[int] | None = None  # when a set: collects what is its fresh counterpart
 
     def dump(self, obj: Any, fresh: Any = NONE, where: str = "state") -> Any:
         """`obj` as plain data; `fresh` is its fresh counterpart (NONE when there is none)."""
@@ -187,6 +188,8 @@ class Dumper:
         if n is not None:
             return ["@", n]
         if v is f and not isinstance(v, tuple | frozenset):
+            if self.shared is not None:
+                self.shared.add(id(v))
             return ["="]
         if depth > 200:
             raise StateError(f"cannot save {where}: it nests more than 200 levels deep")
@@ -276,7 +279,7 @@ class Loader:
     """Reads what `Dumper` wrote back, root by root (`load`), into fresh counterparts.
 
     Objects whose ids are in `frozen` (those every fresh build shares, such as a learner cached
-    for the process: see `reachable`) are never written into; a snapshot may refer to them only
+    for the process: see `shared`) are never written into; a snapshot may refer to them only
     as "the fresh one", so a crafted file cannot change what later builds in the process get."""
 
     def __init__(self, frozen: set[int] | frozenset[int] = frozenset()) -> None:
@@ -466,28 +469,13 @@ class Loader:
         return f
 
 
-def reachable(root: Any) -> set[int]:
-    """The ids of every container, instance and array reachable from `root` (through
-    attributes, items, keys and values; not into array contents)."""
-    seen: set[int] = set()
-    stack = [root]
-    while stack:
-        obj = stack.pop()
-        if isinstance(obj, (*_SCALARS, *_CODE)) or id(obj) in seen:
-            continue
-        seen.add(id(obj))
-        if isinstance(obj, np.ndarray | np.generic):
-            continue
-        if isinstance(obj, dict):
-            stack.extend(obj.keys())
-            stack.extend(obj.values())
-        elif isinstance(obj, list | tuple | set | frozenset | deque):
-            stack.extend(obj)
-        elif isinstance(obj, np.random.Generator):
-            stack.append(obj.bit_generator)
-        if _has_fields(obj):
-            stack.extend(fields(obj).values())
-    return seen
+def shared(node: Any, probe: Any) -> set[int]:
+    """The ids of the objects `node` holds that `probe` (built from the same config) holds at
+    the same place: what every build shares, which saving marks as "the fresh one"."""
+    d = Dumper()
+    d.shared = set()
+    d.dump(node, probe)
+    return d.shared
 
 
 def snapshot_roundtrip(value: Any, fresh: Any = NONE,
