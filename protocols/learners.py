@@ -339,6 +339,21 @@ class Learner:
                                  f"expected {ref.shape}")
 
 
+def hook_terms(hooks: Hooks | None, model: Mapping[str, np.ndarray], names: list[str],
+               convert: Any) -> tuple[float, list[Any], list[Any]]:
+    """What a per-tensor training loop needs of `hooks`: the proximal mu, then per name the
+    anchor and the correction as float32 copies passed through `convert` (None where unused)."""
+    mu = hooks.prox_mu if hooks else 0.0
+    anchor: list[Any] = [None] * len(names)
+    if mu:  # the proximal term pulls towards the anchor: keep a copy of it
+        ref = hooks.anchor if hooks and hooks.anchor is not None else model
+        anchor = [convert(np.array(ref[k], np.float32)) for k in names]
+    corr: list[Any] = [None] * len(names)
+    if hooks and hooks.correction is not None:
+        corr = [convert(np.array(hooks.correction[k], np.float32)) for k in names]
+    return mu, anchor, corr
+
+
 _threads_set: int | None = None
 
 
@@ -403,15 +418,7 @@ class TorchMLP(Learner):
         x, y = self.data.client(client)
         xs, ys = torch.from_numpy(x), torch.from_numpy(y)
         params, lr, batch, n = self._params, self.lr, self.batch, len(y)
-        mu = hooks.prox_mu if hooks else 0.0
-        anchor: list[Any] = [None] * len(params)
-        if mu:  # the proximal term pulls towards the anchor: keep a copy of it
-            ref = hooks.anchor if hooks and hooks.anchor is not None else model
-            anchor = [torch.from_numpy(np.array(ref[k], np.float32)) for k in self._names]
-        corr: list[Any] = [None] * len(params)
-        if hooks and hooks.correction is not None:
-            corr = [torch.from_numpy(np.array(hooks.correction[k], np.float32))
-                    for k in self._names]
+        mu, anchor, corr = hook_terms(hooks, model, self._names, torch.from_numpy)
         steps, total = 0, torch.zeros((), dtype=torch.float64)
         for _ in range(self.epochs):
             order = torch.from_numpy(rng.permutation(n))

@@ -24,7 +24,14 @@ from typing import Any
 import numpy as np
 
 from kernel.options import ConfigError
-from protocols.learners import Hooks, Learner, Tensors, TrainResult, set_torch_threads
+from protocols.learners import (
+    Hooks,
+    Learner,
+    Tensors,
+    TrainResult,
+    hook_terms,
+    set_torch_threads,
+)
 from protocols.learning import models
 
 
@@ -152,15 +159,7 @@ class TorchLearner(Learner):
             return TrainResult(self._model(), 0, 0.0)
         xs, ys = self._tensor(x), self._tensor(y)
         params, net = self._params, self._net
-        mu = hooks.prox_mu if hooks else 0.0
-        anchor: list[Any] = [None] * len(params)
-        if mu:
-            ref = hooks.anchor if hooks and hooks.anchor is not None else model
-            anchor = [self._tensor(np.array(ref[k], np.float32)) for k in self._names]
-        corr: list[Any] = [None] * len(params)
-        if hooks and hooks.correction is not None:
-            corr = [self._tensor(np.array(hooks.correction[k], np.float32))
-                    for k in self._names]
+        mu, anchor, corr = hook_terms(hooks, model, self._names, self._tensor)
         step = _Optimizer(self.opts, params)
         steps, total = 0, torch.zeros((), dtype=torch.float64, device=self.device)
         net.train()
