@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 
@@ -198,6 +199,87 @@ class Accumulator:
         self.weights.extend(other.weights)
         self._pending = 1
         self._renormalise()
+
+    def pack(self) -> dict[str, Any]:
+        """Everything this accumulator holds, exactly, in a form small enough to send (a
+        shard's partial sum): per tensor the float64 nearest its exact sums (`hi`, what `total`
+        reads) and, only where that float64 is not the exact sum, the exact remainder as limbs
+        at those positions; inf/nan sums at theirs. `merge_packed` adds it to an accumulator."""
+        self._renormalise()
+        tensors: dict[str, dict[str, Any]] = {}
+        for name, shape in sorted(self.shapes.items()):
+            limbs = self.limbs.get(name, [])
+            hi = np.zeros(math.prod(shape))
+            for limb in reversed(limbs):
+                if limb is not None:
+                    hi += limb
+            entry: dict[str, Any] = {}
+            if np.isfinite(hi).all():
+                entry["hi"] = hi
+                # The remainder S - hi, exactly, in canonical limbs (zero where hi is exact).
+                rest = Accumulator()
+                rest.shapes = {name: shape}
+                rest.limbs[name] = [None if x is None else x.copy() for x in limbs]
+                rest._add_product(name, hi, -1.0)  # exact: hi is a multiple of 2^BASE_EXP
+                rest._renormalise()
+                parts = [(k, x) for k, x in enumerate(rest.limbs[name]) if x is not None]
+                where = np.zeros(hi.size, bool)
+                for _, x in parts:
+                    where |= x != 0.0
+                idx = np.flatnonzero(where)
+                if idx.size:
+                    entry["idx"] = idx.astype(np.int64)
+                    entry["rest"] = {k: x[idx] for k, x in parts if x[idx].any()}
+            else:  # sums beyond float64's range: the limbs themselves
+                entry["limbs"] = {k: x for k, x in enumerate(limbs) if x is not None}
+            sp = self.special.get(name)
+            if sp is not None:
+                at = np.flatnonzero(sp != 0.0)  # nan != 0 too
+                entry["sidx"], entry["sval"] = at.astype(np.int64), sp[at]
+            tensors[name] = entry
+        return {"weights": list(self.weights),
+                "shapes": {n: list(sh) for n, sh in sorted(self.shapes.items())},
+                "tensors": tensors}
+
+    def merge_packed(self, packed: Mapping[str, Any]) -> None:
+        """Add what `pack` gave (of another accumulator): the same as `merge` with that one."""
+        weights = [float(w) for w in packed["weights"]]
+        if not weights:
+            return
+        shapes = {n: tuple(int(d) for d in sh) for n, sh in packed["shapes"].items()}
+        if not self.shapes:
+            self.shapes = dict(shapes)
+        elif sorted(shapes) != sorted(self.shapes) or any(
+                shapes[n] != self.shapes[n] for n in self.shapes):
+            raise ValueError(f"cannot merge sums of {shapes} into sums of {self.shapes}")
+        self._renormalise()
+        for name in sorted(shapes):
+            entry = packed["tensors"][name]
+            size = math.prod(shapes[name])
+            if "hi" in entry:
+                hi = np.asarray(entry["hi"], np.float64).ravel()
+                if hi.size != size:
+                    raise ValueError(f"packed tensor {name!r} has {hi.size} sums, not {size}")
+                self._add_product(name, hi, 1.0)  # exact (see pack)
+                idx = np.asarray(entry.get("idx", ()), np.int64)
+                for k, vals in entry.get("rest", {}).items():
+                    self._limb(name, int(k))[idx] += vals
+            for k, limb in entry.get("limbs", {}).items():
+                self._limb(name, int(k))[:] += np.asarray(limb).ravel()
+            if "sidx" in entry:
+                sp = self.special.get(name)
+                if sp is None:
+                    sp = self.special[name] = np.zeros(size)
+                with np.errstate(invalid="ignore"):
+                    sp[np.asarray(entry["sidx"], np.int64)] += entry["sval"]
+        self.weights.extend(weights)
+        self._pending = 1
+        self._renormalise()
+
+    def nbytes(self) -> int:
+        """Bytes of the sums held (limbs and inf/nan sums), the accumulator's memory."""
+        return sum(x.nbytes for limbs in self.limbs.values() for x in limbs if x is not None) \
+            + sum(x.nbytes for x in self.special.values())
 
     def total(self) -> dict[str, np.ndarray]:
         """The exact sums rounded to float64 (a function of the exact sums alone)."""

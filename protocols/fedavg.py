@@ -32,7 +32,7 @@ import numpy as np
 from kernel.api import Context, Deployment, Protocol
 from kernel.messages import Message
 from kernel.options import ConfigError, options
-from protocols import aggregators, learners, threats
+from protocols import aggregators, learners, partials, threats
 from protocols.common import Aggregate, Gather, Tensors, aggregator, derive_rng, sample
 from protocols.learning import evaluation
 
@@ -41,6 +41,7 @@ DEFAULTS: dict[str, Any] = {
     "aggregator": "weighted_mean", "aggregator_args": {},
     "round_timeout": None, "min_replies": 1, "eval_every": 1, "mu": 0.0,
     "server_opt": "none", "server_lr": None, "momentum": 0.9, "betas": [0.9, 0.99], "tau": 1e-3,
+    "shard_partials": True, "partial_timeout": None,
 }
 SERVER_OPTS = ("none", "avgm", "adam", "yogi", "adagrad")
 # The adaptive optimisers take small steps: their update is about server_lr per coordinate.
@@ -67,6 +68,13 @@ class Options:
     momentum: float = 0.9  # avgm
     betas: tuple[float, float] = (0.9, 0.99)  # adam, yogi (beta1 also adagrad's momentum)
     tau: float = 1e-3  # adaptivity: the second moment starts at tau^2 and tau joins its root
+    # Shard-local partial sums (protocols/partials.py): on more than one shard, a streaming
+    # (weighted) mean has each other shard's clients summed there and one exact partial sent
+    # per round; the model is the same bits either way. False: every reply goes to the server.
+    shard_partials: bool = True
+    # A relay's deadline, seconds after a round's first message reaches it; None: 3/4 of
+    # round_timeout (or none without one). Below round_timeout, so the partial still counts.
+    partial_timeout: float | None = None
 
     # Keys a subclass adds to DEFAULTS (its own fields, with their defaults).
     EXTRA: ClassVar[dict[str, Any]] = {}
@@ -99,6 +107,10 @@ class Options:
               "two numbers in [0, 1)")
         o["betas"] = (float(b[0]), float(b[1]))
         check("tau", o["tau"] > 0, "a number > 0")
+        pt = o["partial_timeout"]
+        check("partial_timeout", pt is None or (isinstance(pt, num) and not isinstance(pt, bool)
+                                                and pt > 0 and (to is None or pt < to)),
+              "a number > 0" + ("" if to is None else f" and below round_timeout = {to}"))
         if fr is not None and k is not None:
             raise ConfigError("[protocol] give fraction or clients_per_round, not both")
         cls.check_extra(o, check)
@@ -181,6 +193,9 @@ class Server(Protocol):
         # Made here, not per round only, so a checkpoint finds one in a fresh server.
         self.acc: aggregators.Accumulator | None = self.stream() if self.stream else None
         self.streaming = False  # this round sums replies as they arrive
+        # Set by `deploy` where relays may sum shards' replies (protocols.partials).
+        self.relaying: partials.Partials | None = None
+        self.relayed = 0  # partial sums merged this round
         self.opt = ServerOpt(opts)
         self.round, self.late = 0, 0
         self.model: Tensors = {}
@@ -213,7 +228,13 @@ class Server(Protocol):
             self._end_round(ctx)
             return
         self.gather.arm(ctx, self.o.round_timeout)
-        ctx.multicast(clients, "train", round=self.round, **self.request())
+        body = self.request()
+        self.relayed = 0
+        if self.streaming and self.relaying is not None and ctx.shards > 1:
+            gs = partials.groups(ctx, clients)
+            if gs:
+                body["groups"] = gs
+        ctx.multicast(clients, "train", round=self.round, **body)
 
     def request(self) -> dict[str, Any]:
         """The body of this round's train request (besides `round`): the global model."""
@@ -256,21 +277,64 @@ class Server(Protocol):
         """A reply the round did not take ("late" or "duplicate"); FedAvg forgets it."""
 
     def on_message(self, ctx: Context, msg: Message) -> None:
+        if msg.kind == "partial":
+            self._partial(ctx, msg)
+            return
+        src = msg.src
+        if msg.kind == "seen":  # a relay's note of a second copy it did not sum again
+            src = msg.client
+            if msg.round == self.round and not self.gather.closed:
+                self.gather.refused += 1
+            else:
+                self.gather.late += 1
+            self._refused(ctx, src, msg.round)
+            return
+        if "relayed_from" in msg.body:  # a reply a relay passed on after its partial left
+            src = msg.relayed_from
         acc = self.acc if self.streaming else None
         item = self.reply(msg)
         if acc is not None:  # the model goes into the round's sum, not into the gather
             item = (item[0], None, *item[2:])
-        if self.gather.offer(msg.src, msg.round, item):
+        if self.gather.offer(src, msg.round, item):
             if acc is not None:
                 acc.add(float(msg.n_samples) if self.weighted else 1.0, msg.model)
             if self.gather.complete:
                 self._end_round(ctx)
             return
-        # Discarded: a reply to an earlier round is late; anything else a duplicate.
-        what = "late" if msg.round != self.round else "duplicate"
+        self.discarded(ctx, msg, self._refused(ctx, src, msg.round))
+
+    def _refused(self, ctx: Context, src: int, rnd: int) -> str:
+        """Count and report a reply the round did not take: a reply to an earlier round is
+        late; anything else a duplicate."""
+        what = "late" if rnd != self.round else "duplicate"
         self.late += what == "late"
-        ctx.emit(what, 1, src=msg.src, round=msg.round, current=self.round)
-        self.discarded(ctx, msg, what)
+        ctx.emit(what, 1, src=src, round=rnd, current=self.round)
+        return what
+
+    def _partial(self, ctx: Context, msg: Message) -> None:
+        """A relay's partial sum (protocols.partials): its senders join the gather and its sum
+        the round's, exactly; if the round has closed, every sender counts as late."""
+        replies = [(int(src), int(n), stats) for src, n, stats in msg.replies]
+        g = self.gather
+        current = msg.round == self.round and not g.closed
+        fresh = current and self.streaming and self.acc is not None and all(
+            src not in g.replies and (g.expected is None or src in g.expected)
+            for src, _, _ in replies)
+        if not fresh:
+            for src, _, _ in replies:  # counted as Gather.offer counts what it refuses
+                if current:
+                    g.refused += 1
+                else:
+                    g.late += 1
+                self._refused(ctx, src, msg.round)
+            return
+        for src, n, stats in replies:
+            g.offer(src, msg.round, (n, None, stats))
+        assert self.acc is not None
+        self.acc.merge_packed(msg.sum)
+        self.relayed += 1
+        if g.complete:
+            self._end_round(ctx)
 
     def on_timer(self, ctx: Context, key: Hashable) -> None:
         if key == self.gather.timer_key:
@@ -297,6 +361,7 @@ class Server(Protocol):
         ctx.emit("round", self.round, accuracy=ev and ev["accuracy"], loss=ev and ev["loss"],
                  clients=len(replies), sampled=self.gather.need, late=self.gather.late,
                  aggregated=aggregated, **extra,
+                 **({"partials": self.relayed} if self.relayed else {}),
                  **self.guard.end_round([src for src, _ in replies] if aggregated else []))
         self._next_round(ctx)
 
@@ -382,20 +447,52 @@ class StatefulServer(Server):
 
 
 class Client(Protocol):
-    """Nodes 1..N: train on the received model, reply with the result; hold nothing between."""
+    """Nodes 1..N: train on the received model, reply with the result; hold nothing between
+    (but a round's partial sum, on a node that relays its shard's replies: protocols.partials)."""
+
+    # Set by `deploy` where relays may sum shards' replies (then each node has its own object).
+    relaying: partials.Partials | None = None
 
     def __init__(self, opts: Options, learner: learners.Learner, seed: int,
                  guard: threats.Guard | None = None) -> None:
         self.mu, self.learner, self.seed = opts.mu, learner, seed
         self.guard = guard or threats.Guard()
+        self.relay: partials.Relay | None = None  # made when this node first relays
+
+    def _relay(self) -> partials.Relay:
+        assert self.relaying is not None
+        if self.relay is None:
+            self.relay = partials.Relay(self.relaying)
+        return self.relay
 
     def on_message(self, ctx: Context, msg: Message) -> None:
+        if msg.kind == "update":  # a reply from this relay's shard
+            self._relay().take(ctx, msg.src, msg.round,
+                               {k: v for k, v in msg.body.items() if k != "round"})
+            return
         client = ctx.id - 1
+        group = None
+        if self.relaying is not None:
+            group = partials.group_of(msg.body.get("groups"), ctx.id)
+        relay = None
+        if group is not None and group[0] == ctx.id:
+            relay = self._relay()
+            relay.start(ctx, msg.round, group, msg.src)
         work = self.learner.work(client)
         if work:
             ctx.compute(work=work, label="train")
         rng = derive_rng(self.seed, ctx.id, msg.round)
-        ctx.send(msg.src, "update", round=msg.round, **self.local(client, msg, rng))
+        body = self.local(client, msg, rng)
+        if group is None:
+            ctx.send(msg.src, "update", round=msg.round, **body)
+        elif relay is not None:
+            relay.take(ctx, ctx.id, msg.round, body)
+        else:
+            ctx.send(group[0], "update", round=msg.round, **body)
+
+    def on_timer(self, ctx: Context, key: Hashable) -> None:
+        if self.relay is not None:
+            self.relay.on_timer(ctx, key)
 
     def local(self, client: int, msg: Message, rng: np.random.Generator) -> dict[str, Any]:
         """Train on `msg`'s request and return the reply body: model and sample count
@@ -445,18 +542,23 @@ def deploy(config: Mapping[str, Any], name: str, opts_cls: type[Options] = Optio
     # [adversary] and [privacy] (protocols.threats): honoured by the protocols whose build
     # lists them in `honours`; the runner refuses the sections for the others.
     guard = threats.Guard.from_config(config, learner, seed, sampled=opts.clients_per_round)
+    relays = _partials(config, opts, server_cls, guard)
 
     def client() -> Client:
         c = client_cls(opts, learner, seed)
         c.guard = guard
+        if relays is not None:
+            c.relaying = relays
         return c
 
-    shared = None if issubclass(client_cls, StatefulClient) else client()
+    per_node = issubclass(client_cls, StatefulClient) or relays is not None
+    shared = None if per_node else client()
 
     def make_node(i: int) -> Protocol:
         if i == 0:
             server = server_cls(opts, learner, rounds, ev, seed)
             server.guard = copy.deepcopy(guard)  # the server's own: it keeps adaptive state
+            server.relaying = relays
             return server
         return shared if shared is not None else client()
 
@@ -466,6 +568,29 @@ def deploy(config: Mapping[str, Any], name: str, opts_cls: type[Options] = Optio
         describe=f"{name}: server 0, clients 1..{learner.clients}, {rounds} rounds",
         prepare=getattr(learner, "prepare", None),  # a user's learner may have none
     )
+
+
+def _partials(config: Mapping[str, Any], opts: Options, server_cls: type[Server],
+              guard: threats.Guard) -> partials.Partials | None:
+    """How relays sum shards' replies, where they may (else None): `shard_partials` on, a
+    server that streams a (weighted) mean (`Server._streams`: FedAvg's own reply, combine and
+    round, no [adversary] or [privacy]), no lossy codec (its stages may pick the partial's
+    tensors too), and a transport that may run more than one shard (inproc: `shards` > 1)."""
+    tr = config.get("transport", {})
+    maybe_shards = tr.get("shards", 1 if tr.get("kind", "inproc") == "inproc" else 0) != 1
+    agg = aggregator(opts.aggregator, opts.aggregator_args)
+    own = all(getattr(server_cls, f) is getattr(Server, f)
+              for f in ("combine", "reply", "on_message", "_end_round"))
+    codec = config.get("codec", {})
+    lossy = bool(codec.get("stages") or codec.get("rules"))
+    if not (opts.shard_partials and maybe_shards and own and not lossy
+            and aggregators.streaming(agg) is not None
+            and guard.attack is None and guard.dp is None):
+        return None
+    timeout = opts.partial_timeout
+    if timeout is None and opts.round_timeout is not None:
+        timeout = 0.75 * opts.round_timeout
+    return partials.Partials(weighted=agg is not aggregators.mean, timeout=timeout)
 
 
 def build(config: Mapping[str, Any]) -> Deployment:
