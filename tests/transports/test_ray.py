@@ -362,4 +362,8 @@ def test_any_shard_count_gives_the_inproc_model(local_ray: None, shards: int) ->
     want = runner.execute(config("inproc"), quiet=True)
     got = runner.execute(config("ray", shards=shards, cpus_per_shard=0.5), quiet=True)
     assert got.result["reason"] == "finished" and len(got.result["shards"]) == shards
+    # With more than one shard, the other shards' replies came summed (protocols.partials):
+    # 9 clients placed round-robin leave 3 or more on every shard but the server's.
+    relayed = [row.get("partials", 0) for row in got.rows if row["name"] == "round"]
+    assert relayed == [shards - 1] * 3
     assert got.result["final_model_sha256"] == want.result["final_model_sha256"]
