@@ -214,7 +214,9 @@ class Accumulator:
                 if limb is not None:
                     hi += limb
             entry: dict[str, Any] = {}
-            if np.isfinite(hi).all():
+            if not limbs:  # nothing but zeros (or inf/nan) added
+                entry["hi"] = hi
+            elif np.isfinite(hi).all():
                 entry["hi"] = hi
                 # The remainder S - hi, exactly, in canonical limbs (zero where hi is exact).
                 rest = Accumulator()

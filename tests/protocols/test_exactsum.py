@@ -147,3 +147,51 @@ def test_bad_input_is_named() -> None:
         acc.add(float("nan"), {"x": np.zeros(3, np.float32)})
     with pytest.raises(ValueError, match="no items"):
         Accumulator().mean()
+
+
+special = st.sampled_from([math.inf, -math.inf, math.nan])
+
+
+@settings(max_examples=60, deadline=None)
+@given(items(), st.data())
+def test_packed_partials_merge_to_the_same_bits(its, data) -> None:
+    """A group's sum sent as `pack()` (float64 nearest plus the exact remainder where that is
+    not exact) and merged with `merge_packed` is the same as merging the accumulator itself:
+    the same total and mean, bit for bit, for any grouping; inf and nan included."""
+    if data.draw(st.booleans()):
+        w, t = its[0]
+        t["a"][data.draw(st.integers(0, DIM - 1))] = data.draw(special)
+    whole = Accumulator()
+    for w, t in its:
+        whole.add(w, t)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(its)), max_size=3)))
+    merged = Accumulator()
+    for a, b in zip([0, *cuts], [*cuts, len(its)]):
+        part = Accumulator()
+        for w, t in its[a:b]:
+            part.add(w, t)
+        merged.merge_packed(part.pack())
+    assert _bits(merged.total()) == _bits(whole.total())
+    assert merged.weights == whole.weights
+    if whole.weight() > 0:
+        assert _bits(merged.mean()) == _bits(whole.mean())
+
+
+def test_a_pack_sends_a_remainder_only_where_the_float64_is_not_exact() -> None:
+    acc = Accumulator()
+    # Integer weights times float32s of nearby magnitude: the exact sums fit a float64.
+    for w in (3, 5, 7):
+        acc.add(float(w), {"x": np.array([0.25, 1.5, -3.0], np.float32)})
+    packed = acc.pack()
+    assert "idx" not in packed["tensors"]["x"]
+    assert packed["tensors"]["x"]["hi"].tolist() == [3.75, 22.5, -45.0]
+    # 1 + 2^-60 needs 61 bits: the float64 is 1, the remainder 2^-60 goes along exactly.
+    acc.add(1.0, {"x": np.array([2.0**-60, 0.0, 0.0], np.float32)})
+    acc.add(1.0, {"x": np.array([1.0, 0.0, 0.0], np.float32)})
+    packed = acc.pack()
+    assert packed["tensors"]["x"]["idx"].tolist() == [0]
+    back = Accumulator()
+    back.merge_packed(packed)
+    assert _bits(back.total()) == _bits(acc.total())
+    assert packed["tensors"]["x"]["hi"][0] == 4.75
+    assert sum(v[0] for v in packed["tensors"]["x"]["rest"].values()) == 2.0**-60
