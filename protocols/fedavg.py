@@ -191,7 +191,7 @@ class Server(Protocol):
         self.stream = aggregators.streaming(self.aggregate) if own else None
         self.weighted = self.aggregate is not aggregators.mean
         # Made here, not per round only, so a checkpoint finds one in a fresh server.
-        self.acc: aggregators.Accumulator | None = self.stream() if self.stream else None
+        self.acc: aggregators.Running | None = self.stream() if self.stream else None
         self.streaming = False  # this round sums replies as they arrive
         # Set by `deploy` where relays may sum shards' replies (protocols.partials).
         self.relaying: partials.Partials | None = None

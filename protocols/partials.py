@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kernel.api import Context
-from protocols.exactsum import Accumulator
+from protocols.exactsum import Running
 
 # A partial is a float64 sum (2 float32 models' worth, plus the remainder where that is not
 # exact): it saves bytes only where a shard has 3 or more replies to combine.
@@ -72,7 +72,7 @@ class _Round:
 
     members: frozenset[int] | None = None
     server: int = 0
-    acc: Accumulator = field(default_factory=Accumulator)
+    acc: Running = field(default_factory=Running)
     items: dict[int, tuple[int, Any]] = field(default_factory=dict)
 
 

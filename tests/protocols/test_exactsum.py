@@ -195,3 +195,61 @@ def test_a_pack_sends_a_remainder_only_where_the_float64_is_not_exact() -> None:
     assert _bits(back.total()) == _bits(acc.total())
     assert packed["tensors"]["x"]["hi"][0] == 4.75
     assert sum(v[0] for v in packed["tensors"]["x"]["rest"].values()) == 2.0**-60
+
+
+@settings(max_examples=80, deadline=None)
+@given(items(), st.data())
+def test_running_sums_give_the_accumulators_bits(its, data) -> None:
+    """`Running` (one float64 per element, an exact remainder only where needed) reads out the
+    same bits as `Accumulator` for the same items, added one by one in any order, merged in
+    groups or packed; inf and nan included."""
+    if data.draw(st.booleans()):
+        w, t = its[0]
+        t["b"][0, data.draw(st.integers(0, DIM - 1))] = data.draw(special)
+    whole = Accumulator()
+    for w, t in its:
+        whole.add(w, t)
+    order = data.draw(st.permutations(range(len(its))))
+    run = exactsum.Running()
+    cut = data.draw(st.integers(0, len(its)))
+    for i in order[:cut]:
+        run.add(*its[i])
+    other = exactsum.Running() if data.draw(st.booleans()) else Accumulator()
+    for i in order[cut:]:
+        other.add(*its[i])
+    if other.weights:
+        run.merge_packed(other.pack())
+    assert _bits(run.total()) == _bits(whole.total())
+    if whole.weight() > 0:
+        assert _bits(run.mean()) == _bits(whole.mean())
+    again = exactsum.Running()
+    again.load_state(run.state())
+    assert _bits(again.total()) == _bits(whole.total())
+
+
+def test_running_sum_of_model_like_replies_holds_one_float64_per_element() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 0.05, 10_000).astype(np.float32)
+    run, acc = exactsum.Running(), Accumulator()
+    for _ in range(50):
+        t = {"w": (base + rng.normal(0, 1e-3, base.size)).astype(np.float32)}
+        n = float(rng.integers(100, 600))
+        run.add(n, t)
+        acc.add(n, t)
+    assert _bits(run.mean()) == _bits(acc.mean())
+    assert run.nbytes() < 1.1 * base.size * 8 < acc.nbytes()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.01, 3.0),
+                          st.lists(st.integers(-(2**20), 2**20), min_size=4, max_size=4),
+                          st.integers(0, 12)), min_size=1, max_size=4))
+def test_running_sum_rounds_the_tiniest_products_as_the_accumulator_does(raw) -> None:
+    """Fractional weights times float32s near the bottom of the subnormal range have bits
+    below 2^-180, the accumulator's finest unit: both round them alike (the same bits)."""
+    run, acc = exactsum.Running(), Accumulator()
+    for w, ints, shift in raw:
+        x = {"x": (np.array(ints, np.float64) * 2.0 ** (shift - 149)).astype(np.float32)}
+        run.add(w, x)
+        acc.add(w, x)
+    assert _bits(run.total()) == _bits(acc.total())
