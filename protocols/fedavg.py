@@ -457,12 +457,10 @@ class Client(Protocol):
                  guard: threats.Guard | None = None) -> None:
         self.mu, self.learner, self.seed = opts.mu, learner, seed
         self.guard = guard or threats.Guard()
-        self.relay: partials.Relay | None = None  # made when this node first relays
+        self.relay: partials.Relay | None = None  # where relaying is on (set by `deploy`)
 
     def _relay(self) -> partials.Relay:
-        assert self.relaying is not None
-        if self.relay is None:
-            self.relay = partials.Relay(self.relaying)
+        assert self.relay is not None, "a relay's message reached a node that cannot relay"
         return self.relay
 
     def on_message(self, ctx: Context, msg: Message) -> None:
@@ -548,7 +546,7 @@ def deploy(config: Mapping[str, Any], name: str, opts_cls: type[Options] = Optio
         c = client_cls(opts, learner, seed)
         c.guard = guard
         if relays is not None:
-            c.relaying = relays
+            c.relaying, c.relay = relays, partials.Relay(relays)
         return c
 
     per_node = issubclass(client_cls, StatefulClient) or relays is not None

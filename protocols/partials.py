@@ -86,6 +86,28 @@ class Relay:
         self.summed: dict[int, frozenset[int]] = {}  # round -> senders in its sent partial
         self.server = 0  # FedAvg's; each train request says it again
 
+    def state(self) -> dict[str, Any]:
+        """Plain data for checkpoints (kernel.run.state): open rounds, packed, and whom each
+        sent partial summed."""
+        return {"server": self.server,
+                "summed": {r: sorted(s) for r, s in sorted(self.summed.items())},
+                "open": {r: {"members": None if st.members is None else sorted(st.members),
+                             "server": st.server, "sum": st.acc.pack(),
+                             "items": {src: [n, stats] for src, (n, stats) in
+                                       sorted(st.items.items())}}
+                         for r, st in sorted(self.open.items())}}
+
+    def load_state(self, data: Mapping[str, Any]) -> None:
+        self.server = int(data["server"])
+        self.summed = {int(r): frozenset(s) for r, s in data["summed"].items()}
+        self.open = {}
+        for r, d in data["open"].items():
+            st = self.open[int(r)] = _Round(
+                members=None if d["members"] is None else frozenset(d["members"]),
+                server=int(d["server"]))
+            st.acc.merge_packed(d["sum"])
+            st.items = {int(src): (n, stats) for src, (n, stats) in d["items"].items()}
+
     def start(self, ctx: Context, rnd: int, members: Sequence[int], server: int) -> None:
         """The train request of round `rnd` reached this relay: who to wait for, the deadline."""
         st = self.open.setdefault(rnd, _Round())
