@@ -196,6 +196,7 @@ class Server(Protocol):
         # Set by `deploy` where relays may sum shards' replies (protocols.partials).
         self.relaying: partials.Partials | None = None
         self.relayed = 0  # partial sums merged this round
+        self.held = 0  # the most bytes of sums and one incoming message held at once
         self.opt = ServerOpt(opts)
         self.round, self.late = 0, 0
         self.model: Tensors = {}
@@ -229,7 +230,7 @@ class Server(Protocol):
             return
         self.gather.arm(ctx, self.o.round_timeout)
         body = self.request()
-        self.relayed = 0
+        self.relayed = self.held = 0
         if self.streaming and self.relaying is not None and ctx.shards > 1:
             gs = partials.groups(ctx, clients)
             if gs:
@@ -298,6 +299,7 @@ class Server(Protocol):
         if self.gather.offer(src, msg.round, item):
             if acc is not None:
                 acc.add(float(msg.n_samples) if self.weighted else 1.0, msg.model)
+                self.held = max(self.held, acc.nbytes() + _nbytes(msg.model))
             if self.gather.complete:
                 self._end_round(ctx)
             return
@@ -333,6 +335,7 @@ class Server(Protocol):
         assert self.acc is not None
         self.acc.merge_packed(msg.sum)
         self.relayed += 1
+        self.held = max(self.held, self.acc.nbytes() + _nbytes(msg.sum))
         if g.complete:
             self._end_round(ctx)
 
@@ -355,13 +358,15 @@ class Server(Protocol):
             ev = self.evaluation = self.learner.evaluate(self.model)
         extra = {f"test_{k}": v for k, v in (ev or {}).items() if k not in ("accuracy", "loss")}
         extra.update(_train_means([(item[0], item[2]) for _, item in replies]))
+        if ctx.shards > 1 and self.streaming:
+            # Its own row, so that round rows stay the same for any shard count.
+            ctx.emit("partials", self.relayed, round=self.round, sum_peak_bytes=self.held)
         if self.ev.clients > 0 and (self.round % self.ev.every == 0 or last):
             self.client_summary = self._evaluate_clients(ctx)
             extra.update(self.client_summary)
         ctx.emit("round", self.round, accuracy=ev and ev["accuracy"], loss=ev and ev["loss"],
                  clients=len(replies), sampled=self.gather.need, late=self.gather.late,
                  aggregated=aggregated, **extra,
-                 **({"partials": self.relayed} if self.relayed else {}),
                  **self.guard.end_round([src for src, _ in replies] if aggregated else []))
         self._next_round(ctx)
 
@@ -594,6 +599,17 @@ def _partials(config: Mapping[str, Any], opts: Options, server_cls: type[Server]
 def build(config: Mapping[str, Any]) -> Deployment:
     """The FedAvg deployment for a validated run config (cheap: nothing heavy is made here)."""
     return deploy(config, "fedavg")
+
+
+def _nbytes(x: Any) -> int:
+    """Bytes of the arrays in a message body's value (dicts and lists walked)."""
+    if isinstance(x, np.ndarray):
+        return int(x.nbytes)
+    if isinstance(x, Mapping):
+        return sum(_nbytes(v) for v in x.values())
+    if isinstance(x, list | tuple):
+        return sum(_nbytes(v) for v in x)
+    return 0
 
 
 def _train_means(items: list[tuple[float, Mapping[str, float] | None]]

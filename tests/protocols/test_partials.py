@@ -45,7 +45,7 @@ def run(cfg: dict[str, Any], dep: Any = None) -> tuple[dict[str, Any], list[dict
 
 
 def merged(rows: list[dict[str, Any]]) -> int:
-    return sum(r.get("partials", 0) for r in rows if r["name"] == "round")
+    return sum(r["value"] for r in rows if r["name"] == "partials")
 
 
 @settings(max_examples=8, deadline=None)
