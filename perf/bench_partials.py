@@ -9,6 +9,11 @@ it was adding (the `partials` rows' `sum_peak_bytes`); seconds per round (rounds
 also given in models (float32 parameters x 4 bytes). Every run must end with the same sha.
 
     python -m perf.bench_partials [--repeats N] [--kinds grpc ray] [-o key=value ...]
+    python -m perf.bench_partials --sums   # Running against Accumulator: CPU and memory
+
+`--sums` adds 100 model-like replies of W5's size (203,530 float32s, sample counts 100..599)
+to each of `exactsum.Accumulator` and `exactsum.Running`, three times alternating, and reports
+CPU seconds and the sum's memory in models (both must read out the same bits).
 """
 
 from __future__ import annotations
@@ -94,17 +99,50 @@ def run(quick: bool = False, kinds: tuple[str, ...] = KINDS, repeats: int = 3,
     return rows
 
 
+def sums(repeats: int = 3) -> list[dict[str, Any]]:
+    """Rows: CPU seconds for 100 adds plus the mean, and bytes held in models, per class."""
+    import numpy as np
+
+    from protocols.exactsum import Accumulator, Running
+
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 0.05, 203_530).astype(np.float32)
+    items = [(float(rng.integers(100, 600)),
+              {"w": (base + rng.normal(0, 1e-3, base.size)).astype(np.float32)})
+             for _ in range(100)]
+    got: dict[str, list[float]] = {"Accumulator": [], "Running": []}
+    held, means = {}, {}
+    for _ in range(repeats):
+        for cls in (Accumulator, Running):
+            acc = cls()
+            t = time.process_time()
+            for w, x in items:
+                acc.add(w, x)
+            means[cls.__name__] = acc.mean()["w"].tobytes()
+            got[cls.__name__].append(time.process_time() - t)
+            held[cls.__name__] = acc.nbytes() / (4 * base.size)
+    assert means["Accumulator"] == means["Running"], "Running read out other bits"
+    return [{"name": f"{name}: 100 adds of 203,530 + mean, CPU", "value": statistics.median(v),
+             "unit": "s", "runs": v, "held_models": held[name]} for name, v in got.items()]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--one", nargs=2, metavar=("KIND", "on|off"), help=argparse.SUPPRESS)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--kinds", nargs="+", default=list(KINDS), choices=KINDS)
     ap.add_argument("--quick", action="store_true", help="1,000 clients, 2 rounds, one run")
+    ap.add_argument("--sums", action="store_true", help="Running against Accumulator only")
     ap.add_argument("-o", "--override", action="append", default=[],
                     help="config override key=value for every run")
     args, rest = ap.parse_known_args()
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1] == "on", rest)))
+        return
+    if args.sums:
+        for r in sums(args.repeats):
+            print(f"{r['name']}: {r['value']:.3f} s (runs {[round(x, 3) for x in r['runs']]}),"
+                  f" holds {r['held_models']:.4f} models")
         return
     for row in run(quick=args.quick, kinds=tuple(args.kinds), repeats=args.repeats,
                    overrides=tuple(args.override)):

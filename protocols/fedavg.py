@@ -6,7 +6,10 @@ server samples clients with its seeded rng, multicasts the global model, and agg
 replies (models + sample counts) once all arrive or the deadline passes. With a (weighted)
 mean, the exact sum of `protocols.exactsum`, each reply is added as it arrives and dropped, so
 the server holds one sum, not every reply, and arrival order cannot change a bit; other
-aggregators (median, Krum, ...) gather the replies and get them in sender-id order.
+aggregators (median, Krum, ...) gather the replies and get them in sender-id order. On more
+than one shard such a mean is summed where the replies are produced: one client per other shard
+relays its shard's replies as one exact partial sum per round (`shard_partials`,
+`partial_timeout`; protocols/partials.py, docs/aggregation.md), the same bits either way.
 Replies for an older round are counted as late and discarded (metric rows "late"; a second
 copy of a reply in its own round is a "duplicate"). Clients keep no state; each reply carries
 the local loss, steps and any extra training metrics, averaged (by samples) into the round row
