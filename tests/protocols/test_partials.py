@@ -48,7 +48,7 @@ def merged(rows: list[dict[str, Any]]) -> int:
     return sum(r["value"] for r in rows if r["name"] == "partials")
 
 
-@settings(max_examples=8, deadline=None)
+@settings(max_examples=25, deadline=None)
 @given(seed=st.integers(0, 1000), shards=st.integers(2, 4), clients=st.integers(6, 14),
        jitter=st.floats(0.0, 1.0), duplicate=st.floats(0.0, 0.6),
        aggregator=st.sampled_from(["weighted_mean", "mean"]))
@@ -98,7 +98,7 @@ class _Server(fedavg.Server):
         return super()._streamed()
 
 
-@settings(max_examples=10, deadline=None)
+@settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 1000), shards=st.integers(2, 4), loss=st.floats(0.0, 0.4),
        duplicate=st.floats(0.0, 0.5), high=st.floats(0.05, 1.0),
        relay_share=st.floats(0.1, 0.95))
