@@ -80,6 +80,9 @@ class Relay:
     """A relay node's partial sums, one per open round (kept on that node's own client
     object, so a crash forgets them with the node)."""
 
+    # Every client has one where relaying may happen: no per-instance dict.
+    __slots__ = ("o", "open", "summed", "server")
+
     def __init__(self, opts: Partials) -> None:
         self.o = opts
         self.open: dict[int, _Round] = {}
