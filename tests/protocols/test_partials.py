@@ -101,19 +101,24 @@ class _Server(fedavg.Server):
 @settings(max_examples=30, deadline=None)
 @given(seed=st.integers(0, 1000), shards=st.integers(2, 4), loss=st.floats(0.0, 0.4),
        duplicate=st.floats(0.0, 0.5), high=st.floats(0.05, 1.0),
-       relay_share=st.floats(0.1, 0.95))
+       relay_share=st.floats(0.1, 0.95),
+       crash=st.none() | st.tuples(st.integers(1, 12), st.floats(0.0, 3.0), st.floats(0.1, 2.0)))
 def test_partials_sum_exactly_what_the_server_counts(seed, shards, loss, duplicate, high,
-                                                      relay_share):
-    """Lost, late and duplicated replies, relay and server deadlines: whatever the server's
-    Gather counted in a round is what its sum holds, each reply once, the same bits as the
-    gathered mean of exactly those replies."""
-    checked_run(seed, shards, loss, duplicate, high, relay_share)
+                                                      relay_share, crash):
+    """Lost, late and duplicated replies, relay and server deadlines, a client (maybe a relay)
+    that crashes and restarts: whatever the server's Gather counted in a round is what its sum
+    holds, each reply once, the same bits as the gathered mean of exactly those replies."""
+    checked_run(seed, shards, loss, duplicate, high, relay_share, crash)
 
 
 def checked_run(seed: int, shards: int, loss: float, duplicate: float, high: float,
-                relay_share: float) -> list[dict[str, Any]]:
-    net = {"latency": {"kind": "uniform", "low": 0.0, "high": high}, "loss": loss,
-           "duplicate": duplicate}
+                relay_share: float, crash: tuple[int, float, float] | None = None
+                ) -> list[dict[str, Any]]:
+    net: dict[str, Any] = {"latency": {"kind": "uniform", "low": 0.0, "high": high},
+                           "loss": loss, "duplicate": duplicate}
+    if crash is not None:
+        node, at, down = crash
+        net["crashes"] = [{"node": node, "at": at, "restart": at + down}]
     cfg = config(shards, 12, rounds=4, seed=seed, network=net, round_timeout=1.0,
                  partial_timeout=relay_share, server_opt="none")
     _Client.replied, _Server.checked = {}, []
