@@ -112,8 +112,11 @@ class Relay:
             st.items = {int(src): (n, stats) for src, (n, stats) in d["items"].items()}
 
     def start(self, ctx: Context, rnd: int, members: Sequence[int], server: int) -> None:
-        """The train request of round `rnd` reached this relay: who to wait for, the deadline."""
-        st = self.open.setdefault(rnd, _Round())
+        """The train request of round `rnd` reached this relay: who to wait for, the deadline.
+        A second copy of the request changes nothing (the reply it makes is a duplicate)."""
+        st = self.open.setdefault(rnd, _Round()) if rnd not in self.summed else None
+        if st is None or st.members is not None:
+            return
         st.members, st.server = frozenset(members), server
         self.server = server
         for old in sorted(r for r in self.open if r < rnd):  # its request never came
