@@ -548,7 +548,7 @@ def deploy(config: Mapping[str, Any], name: str, opts_cls: type[Options] = Optio
     # [adversary] and [privacy] (protocols.threats): honoured by the protocols whose build
     # lists them in `honours`; the runner refuses the sections for the others.
     guard = threats.Guard.from_config(config, learner, seed, sampled=opts.clients_per_round)
-    relays = _partials(config, opts, server_cls, guard)
+    relays = _partials(config, opts, server_cls, client_cls, guard)
 
     def client() -> Client:
         c = client_cls(opts, learner, seed)
@@ -577,16 +577,18 @@ def deploy(config: Mapping[str, Any], name: str, opts_cls: type[Options] = Optio
 
 
 def _partials(config: Mapping[str, Any], opts: Options, server_cls: type[Server],
-              guard: threats.Guard) -> partials.Partials | None:
+              client_cls: type[Client], guard: threats.Guard) -> partials.Partials | None:
     """How relays sum shards' replies, where they may (else None): `shard_partials` on, a
     server that streams a (weighted) mean (`Server._streams`: FedAvg's own reply, combine and
-    round, no [adversary] or [privacy]), no lossy codec (its stages may pick the partial's
-    tensors too), and a transport that may run more than one shard (inproc: `shards` > 1)."""
+    round, no [adversary] or [privacy]), clients that relay as `Client` does, no lossy codec
+    (its stages may pick the partial's tensors too), and a transport that may run more than
+    one shard (inproc: `shards` > 1)."""
     tr = config.get("transport", {})
     maybe_shards = tr.get("shards", 1 if tr.get("kind", "inproc") == "inproc" else 0) != 1
     agg = aggregator(opts.aggregator, opts.aggregator_args)
     own = all(getattr(server_cls, f) is getattr(Server, f)
-              for f in ("combine", "reply", "on_message", "_end_round"))
+              for f in ("combine", "reply", "on_message", "_end_round")) and all(
+        getattr(client_cls, f) is getattr(Client, f) for f in ("on_message", "on_timer"))
     codec = config.get("codec", {})
     lossy = bool(codec.get("stages") or codec.get("rules"))
     if not (opts.shard_partials and maybe_shards and own and not lossy
