@@ -313,6 +313,53 @@ class Accumulator:
         return {n: (t / d).astype(np.float32) for n, t in self.total().items()}
 
 
+def split(packed: Mapping[str, Any], elements: int) -> list[dict[str, Any]]:
+    """Cut a `pack` into pieces of at most `elements` sums each (slices of the tensors in name
+    order; the weights go with the first): `Running.merge_packed` of every piece, in any
+    order, adds what `merge_packed` of the whole adds."""
+    if elements < 1:
+        raise ValueError(f"pieces need at least 1 element, got {elements}")
+    pieces: list[dict[str, Any]] = []
+    cur: dict[str, Any] = {}
+    room = elements
+    for name, sh in sorted(packed["shapes"].items()):
+        entry = packed["tensors"][name]
+        size = math.prod(sh)
+        off = 0
+        while off < size or (size == 0 and off == 0):
+            take = min(room, size - off)
+            end = off + take
+            part: dict[str, Any] = {"lo": off}
+            if "hi" in entry:
+                part["hi"] = np.asarray(entry["hi"]).ravel()[off:end]
+            if "limbs" in entry:
+                part["limbs"] = {k: np.asarray(x).ravel()[off:end]
+                                 for k, x in entry["limbs"].items()}
+            for at, vals in (("idx", "rest"), ("sidx", "sval")):
+                if at in entry:
+                    idx = np.asarray(entry[at], np.int64)
+                    keep = (idx >= off) & (idx < end)
+                    if keep.any():
+                        part[at] = idx[keep]
+                        v = entry[vals]
+                        part[vals] = ({k: np.asarray(x)[keep] for k, x in v.items()}
+                                      if isinstance(v, Mapping) else np.asarray(v)[keep])
+            cur[name] = part
+            room -= take
+            off = end
+            if room == 0 or size == 0:
+                if room == 0:
+                    pieces.append(cur)
+                    cur, room = {}, elements
+                if size == 0:
+                    break
+    if cur or not pieces:
+        pieces.append(cur)
+    shapes = {n: list(sh) for n, sh in packed["shapes"].items()}
+    return [{"weights": list(packed["weights"]) if i == 0 else [], "shapes": shapes,
+             "tensors": t} for i, t in enumerate(pieces)]
+
+
 _TINY = math.ldexp(1.0, BASE_EXP + 53)  # below this a float64 may have bits under 2^BASE_EXP
 
 
@@ -367,13 +414,17 @@ class Running:
                 self._add(name, x.ravel(), p)
         self.weights.append(w)
 
-    def _add(self, name: str, x: np.ndarray, p: float) -> None:
-        """hi += x * p exactly (the rounding errors to the remainder); x float32 or float64
-        whose products with p are exact float64s."""
-        size = math.prod(self.shapes[name])
+    def _add(self, name: str, x: np.ndarray, p: float, at: int = 0) -> None:
+        """hi[at:at + x.size] += x * p exactly (the rounding errors to the remainder); x
+        float32 or float64 whose products with p are exact float64s."""
+        full = math.prod(self.shapes[name])
+        if not 0 <= at <= full - x.size:
+            raise ValueError(f"sums {at}..{at + x.size} of tensor {name!r} of {full}")
         hi = self.hi.get(name)
         if hi is None:
-            hi = self.hi[name] = np.zeros(size)
+            hi = self.hi[name] = np.zeros(full)
+        hi = hi[at:at + x.size]
+        size = x.size
         n = min(size, BLOCK)
         v, s, t, e = np.empty(n), np.empty(n), np.empty(n), np.empty(n)
         # A float32 (lowest bit >= 2^-149) times a multiple of 2^-31 (any integer, say) has no
@@ -388,9 +439,9 @@ class Running:
             if not finite.all():
                 sp = self.special.get(name)
                 if sp is None:
-                    sp = self.special[name] = np.zeros(size)
+                    sp = self.special[name] = np.zeros(full)
                 with np.errstate(invalid="ignore"):
-                    sp[lo:up] += np.where(finite, 0.0, vv)
+                    sp[at + lo:at + up] += np.where(finite, 0.0, vv)
                 vv[~finite] = 0.0
             if not fine:
                 small = (vv != 0.0) & (np.abs(vv) < _TINY)
@@ -410,7 +461,7 @@ class Running:
             h[:] = ss
             nz = np.flatnonzero(ee)
             if nz.size:
-                self._add_rest(name, nz + lo, ee[nz])
+                self._add_rest(name, nz + (lo + at), ee[nz])
 
     def _add_rest(self, name: str, idx: np.ndarray, vals: np.ndarray) -> None:
         """Add exact float64 `vals` at flat positions `idx` (sorted, distinct) to the
@@ -469,22 +520,22 @@ class Running:
                 "tensors": tensors}
 
     def merge_packed(self, packed: Mapping[str, Any]) -> None:
-        """Add what a `pack` gave (of an Accumulator or a Running sum)."""
+        """Add what a `pack` gave (of an Accumulator or a Running sum), or one of the pieces
+        `split` cut it into (merging every piece once adds the whole)."""
         weights = [float(w) for w in packed["weights"]]
-        if not weights:
+        if not weights and not packed["tensors"]:
             return
         shapes = {n: tuple(int(d) for d in sh) for n, sh in packed["shapes"].items()}
         self._shapes(shapes)
-        for name in sorted(shapes):
+        for name in sorted(packed["tensors"]):
             entry = packed["tensors"][name]
             size = math.prod(shapes[name])
+            at = int(entry.get("lo", 0))
             vecs = [np.asarray(entry["hi"], np.float64).ravel()] if "hi" in entry else []
             vecs += [np.asarray(x, np.float64).ravel() for _, x in
                      sorted(entry.get("limbs", {}).items())]
             for vec in vecs:
-                if vec.size != size:
-                    raise ValueError(f"packed tensor {name!r} has {vec.size} sums, not {size}")
-                self._add(name, vec, 1.0)
+                self._add(name, vec, 1.0, at)
             if entry.get("rest"):
                 idx = np.asarray(entry["idx"], np.int64)
                 order = np.argsort(idx, kind="stable")

@@ -253,3 +253,23 @@ def test_running_sum_rounds_the_tiniest_products_as_the_accumulator_does(raw) ->
         run.add(w, x)
         acc.add(w, x)
     assert _bits(run.total()) == _bits(acc.total())
+
+
+@settings(max_examples=60, deadline=None)
+@given(items(), st.integers(1, 2 * DIM + 1), st.data())
+def test_a_pack_cut_into_pieces_merges_to_the_same_bits(its, elements, data) -> None:
+    """`split` cuts a pack into pieces of at most `elements` sums; merging every piece, in any
+    order, into a Running sum gives the bits of merging the whole (inf and nan included)."""
+    if data.draw(st.booleans()):
+        its[0][1]["a"][data.draw(st.integers(0, DIM - 1))] = data.draw(special)
+    whole = Accumulator()
+    for w, t in its:
+        whole.add(w, t)
+    pieces = exactsum.split(whole.pack(), elements)
+    assert all(sum(len(np.ravel(e.get("hi", ()))) for e in p["tensors"].values()) <= elements
+               for p in pieces)
+    run = exactsum.Running()
+    for p in data.draw(st.permutations(pieces)):
+        run.merge_packed(p)
+    assert _bits(run.total()) == _bits(whole.total())
+    assert run.weights == whole.weights
