@@ -200,6 +200,13 @@ class Server(Protocol):
         self.relaying: partials.Partials | None = None
         self.relayed = 0  # partial sums merged this round
         self.held = 0  # the most bytes of sums and one incoming message held at once
+        # Partials whose pieces are still arriving: (relay, senders) -> [pieces merged,
+        # replies (from piece 0)]; partials done with this round; their senders meanwhile.
+        self.pieces: dict[tuple[int, tuple[int, ...]], list[Any]] = {}
+        self.finished: set[tuple[int, tuple[int, ...]]] = set()
+        self.arriving: set[int] = set()
+        # The deadline passed while pieces were arriving: the round waits for them a while.
+        self.closing = False
         self.opt = ServerOpt(opts)
         self.round, self.late = 0, 0
         self.model: Tensors = {}
@@ -234,6 +241,7 @@ class Server(Protocol):
         self.gather.arm(ctx, self.o.round_timeout)
         body = self.request()
         self.relayed = self.held = 0
+        self.pieces, self.finished, self.arriving, self.closing = {}, set(), set(), False
         if self.streaming and self.relaying is not None and ctx.shards > 1:
             gs = partials.groups(ctx, clients)
             if gs:
@@ -295,6 +303,10 @@ class Server(Protocol):
             return
         if "relayed_from" in msg.body:  # a reply a relay passed on after its partial left
             src = msg.relayed_from
+        if self.closing:  # past the deadline, waiting only for a partial's pieces
+            self.gather.late += 1
+            self.discarded(ctx, msg, self._refused(ctx, src, msg.round, late=True))
+            return
         acc = self.acc if self.streaming else None
         item = self.reply(msg)
         if acc is not None:  # the model goes into the round's sum, not into the gather
@@ -308,42 +320,82 @@ class Server(Protocol):
             return
         self.discarded(ctx, msg, self._refused(ctx, src, msg.round))
 
-    def _refused(self, ctx: Context, src: int, rnd: int) -> str:
-        """Count and report a reply the round did not take: a reply to an earlier round is
-        late; anything else a duplicate."""
-        what = "late" if rnd != self.round else "duplicate"
+    def _refused(self, ctx: Context, src: int, rnd: int, late: bool = False) -> str:
+        """Count and report a reply the round did not take: a reply to an earlier round (or
+        after the deadline) is late; anything else a duplicate."""
+        what = "late" if late or rnd != self.round else "duplicate"
         self.late += what == "late"
         ctx.emit(what, 1, src=src, round=rnd, current=self.round)
         return what
 
     def _partial(self, ctx: Context, msg: Message) -> None:
-        """A relay's partial sum (protocols.partials): its senders join the gather and its sum
-        the round's, exactly; if the round has closed, every sender counts as late."""
-        replies = [(int(src), int(n), stats) for src, n, stats in msg.replies]
+        """A piece of a relay's partial sum (protocols.partials). The first piece to arrive
+        decides: if the round is open and every sender new and expected, the partial is taken
+        and each piece is added to the round's sum as it comes (the exact sum does not care
+        in which order); its senders join the gather once every piece is in. Otherwise every
+        sender counts as late (or duplicate), once per partial."""
+        senders = tuple(int(s) for s in msg.senders)
+        key = (msg.src, senders)
+        if msg.round == self.round:
+            if key in self.finished:
+                return  # another copy of a piece of a partial merged or refused already
+            if key in self.pieces:
+                self._piece(ctx, key, msg)
+                return
         g = self.gather
-        current = msg.round == self.round and not g.closed
+        current = msg.round == self.round and not g.closed and not self.closing
         fresh = current and self.streaming and self.acc is not None and all(
-            src not in g.replies and (g.expected is None or src in g.expected)
-            for src, _, _ in replies)
+            src not in g.replies and src not in self.arriving
+            and (g.expected is None or src in g.expected) for src in senders)
         if not fresh:
-            for src, _, _ in replies:  # counted as Gather.offer counts what it refuses
+            if msg.round == self.round:
+                self.finished.add(key)
+            elif msg.part != 0:
+                return  # an older round's partial counts once, with its first piece
+            for src in senders:  # counted as Gather.offer counts what it refuses
                 if current:
                     g.refused += 1
                 else:
                     g.late += 1
-                self._refused(ctx, src, msg.round)
+                self._refused(ctx, src, msg.round, late=self.closing)
             return
-        for src, n, stats in replies:
-            g.offer(src, msg.round, (n, None, stats))
+        self.pieces[key] = [set(), None]
+        self.arriving.update(senders)
+        self._piece(ctx, key, msg)
+
+    def _piece(self, ctx: Context, key: tuple[int, tuple[int, ...]], msg: Message) -> None:
+        got = self.pieces[key]
+        part = int(msg.part)
+        if part in got[0]:
+            return  # a second copy of this piece
         assert self.acc is not None
         self.acc.merge_packed(msg.sum)
-        self.relayed += 1
         self.held = max(self.held, self.acc.nbytes() + _nbytes(msg.sum))
-        if g.complete:
+        got[0].add(part)
+        if part == 0:
+            got[1] = [(int(src), int(n), stats) for src, n, stats in msg.replies]
+        if len(got[0]) < int(msg.parts):
+            return
+        del self.pieces[key]
+        self.finished.add(key)
+        self.arriving.difference_update(key[1])
+        for src, n, stats in got[1]:  # checked when the first piece came
+            self.gather.replies[src] = (n, None, stats)
+        self.relayed += 1
+        if self.closing:
+            if not self.pieces:
+                self._end_round(ctx)
+        elif self.gather.complete:
             self._end_round(ctx)
 
     def on_timer(self, ctx: Context, key: Hashable) -> None:
         if key == self.gather.timer_key:
+            if self.pieces:
+                # A partial whose first piece came in time counts: the round waits for the
+                # rest (sent back to back, and never lost: see `_partials`), taking nothing
+                # else meanwhile.
+                self.closing = True
+                return
             self._end_round(ctx)
 
     def _end_round(self, ctx: Context) -> None:
@@ -598,7 +650,14 @@ def _partials(config: Mapping[str, Any], opts: Options, server_cls: type[Server]
     timeout = opts.partial_timeout
     if timeout is None and opts.round_timeout is not None:
         timeout = 0.75 * opts.round_timeout
-    return partials.Partials(weighted=agg is not aggregators.mean, timeout=timeout)
+    # In pieces, so the server never holds a whole second sum. A round waits for the rest of
+    # a partial it has begun to add (it cannot take it apart again), so where a network model
+    # may lose messages (loss, crashes, partitions) partials go whole: they arrive or not.
+    net = config.get("network") or {}
+    loses = bool(net.get("crashes") or net.get("partitions")) or any(
+        float(d.get("loss") or 0) > 0 for d in [net, *(net.get("links") or [])])
+    return partials.Partials(weighted=agg is not aggregators.mean, timeout=timeout,
+                             piece=0 if loses else partials.PIECE)
 
 
 def build(config: Mapping[str, Any]) -> Deployment:

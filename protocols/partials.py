@@ -27,22 +27,27 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from kernel.api import Context
-from protocols.exactsum import Running
+from protocols.exactsum import Running, split
 
 # A partial is a float64 sum (2 float32 models' worth, plus the remainder where that is not
 # exact): it saves bytes only where a shard has 3 or more replies to combine.
 MIN_GROUP = 3
 # Rounds a relay remembers whom it summed, to turn late second copies into `seen` notes.
 KEEP_ROUNDS = 8
+# Sums per `partial` message: 512 KB of float64s, so the server holds its own sum and at most
+# this much of a partial at once (about 2.6 models at W5's size), never a whole second sum.
+PIECE = 1 << 16
 
 
 @dataclass(frozen=True)
 class Partials:
-    """How relays sum: by sample count (`weighted_mean`) or not (`mean`), and their deadline
-    in seconds after a round's first message reaches them (None: wait for every member)."""
+    """How relays sum: by sample count (`weighted_mean`) or not (`mean`), their deadline in
+    seconds after a round's first message reaches them (None: wait for every member), and the
+    sums per `partial` message (0: the whole partial in one)."""
 
     weighted: bool
     timeout: float | None
+    piece: int = 0
 
 
 def groups(ctx: Context, clients: Iterable[int]) -> list[list[int]]:
@@ -166,8 +171,13 @@ class Relay:
         for old in [r for r in self.summed if r <= rnd - KEEP_ROUNDS]:
             del self.summed[old]
         if st.items:
-            ctx.send(st.server, "partial", round=rnd, sum=st.acc.pack(),
-                     replies=[[src, n, stats] for src, (n, stats) in sorted(st.items.items())])
+            senders = sorted(st.items)
+            packed = st.acc.pack()
+            pieces = split(packed, self.o.piece) if self.o.piece else [packed]
+            for i, piece in enumerate(pieces):
+                extra = {"replies": [[src, *st.items[src]] for src in senders]} if i == 0 else {}
+                ctx.send(st.server, "partial", round=rnd, part=i, parts=len(pieces), sum=piece,
+                         senders=senders, **extra)
 
     def _flush(self, ctx: Context, rnd: int) -> None:
         """An older round whose request never reached this relay: what it summed goes on as a
