@@ -98,6 +98,7 @@ class _Server(fedavg.Server):
     replies its Gather counted: each once, whichever way it came."""
 
     checked: list[int] = []
+    waited: list[bool] = []  # per aggregated round: did its deadline wait for pieces?
 
     def _streamed(self) -> dict[str, np.ndarray]:
         assert self.acc is not None
@@ -109,6 +110,7 @@ class _Server(fedavg.Server):
         mean = self.acc.mean(self.weighted)
         assert common.digest(mean) == common.digest(want), (self.round, got)
         self.checked.append(len(got))
+        self.waited.append(self.closing)
         return super()._streamed()
 
 
@@ -139,7 +141,7 @@ def checked_run(seed: int, shards: int, loss: float, duplicate: float, high: flo
         net["crashes"] = [{"node": node, "at": at, "restart": at + down}]
     cfg = config(shards, 12, rounds=4, seed=seed, network=net, round_timeout=1.0,
                  partial_timeout=relay_share, server_opt="none")
-    _Client.replied, _Server.checked = {}, []
+    _Client.replied, _Server.checked, _Server.waited = {}, [], []
     dep = deploy(cfg, "fedavg", server_cls=_Server, client_cls=_Client)
     _, rows = run(cfg, dep)
     done = [r for r in rows if r["name"] == "round"]
@@ -154,6 +156,14 @@ def test_a_lossy_run_takes_every_path():
     rows = checked_run(seed=0, shards=3, loss=0.1, duplicate=0.3, high=0.4, relay_share=0.5)
     names = [r["name"] for r in rows]
     assert merged(rows) >= 4 and names.count("late") >= 1 and names.count("duplicate") >= 10
+
+
+def test_a_deadline_between_pieces_waits_for_the_rest():
+    """Partials in pieces of 7 sums with latencies near the deadline: rounds whose deadline
+    fell between two pieces of a partial wait for the rest, and still sum what they count."""
+    with pieces_of(7):
+        rows = checked_run(seed=0, shards=3, loss=0.0, duplicate=0.2, high=0.8, relay_share=0.6)
+    assert merged(rows) >= 4 and any(_Server.waited)
 
 
 def test_one_shard_and_the_switch_off_send_no_partials():
