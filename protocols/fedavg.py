@@ -44,7 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "aggregator": "weighted_mean", "aggregator_args": {},
     "round_timeout": None, "min_replies": 1, "eval_every": 1, "mu": 0.0,
     "server_opt": "none", "server_lr": None, "momentum": 0.9, "betas": [0.9, 0.99], "tau": 1e-3,
-    "shard_partials": True, "partial_timeout": None,
+    "shard_partials": True, "partial_timeout": None, "partial_piece": 1 << 16,
 }
 SERVER_OPTS = ("none", "avgm", "adam", "yogi", "adagrad")
 # The adaptive optimisers take small steps: their update is about server_lr per coordinate.
@@ -78,6 +78,9 @@ class Options:
     # A relay's deadline, seconds after a round's first message reaches it; None: 3/4 of
     # round_timeout (or none without one). Below round_timeout, so the partial still counts.
     partial_timeout: float | None = None
+    # Sums per partial message: the server holds its own sum and one piece of a partial at a
+    # time (512 KB by default); 0 sends each partial whole.
+    partial_piece: int = 1 << 16
 
     # Keys a subclass adds to DEFAULTS (its own fields, with their defaults).
     EXTRA: ClassVar[dict[str, Any]] = {}
@@ -110,6 +113,7 @@ class Options:
               "two numbers in [0, 1)")
         o["betas"] = (float(b[0]), float(b[1]))
         check("tau", o["tau"] > 0, "a number > 0")
+        check("partial_piece", o["partial_piece"] >= 0, "an integer >= 0 (0: whole partials)")
         pt = o["partial_timeout"]
         check("partial_timeout", pt is None or (isinstance(pt, num) and not isinstance(pt, bool)
                                                 and pt > 0 and (to is None or pt < to)),
@@ -657,7 +661,7 @@ def _partials(config: Mapping[str, Any], opts: Options, server_cls: type[Server]
     loses = bool(net.get("crashes") or net.get("partitions")) or any(
         float(d.get("loss") or 0) > 0 for d in [net, *(net.get("links") or [])])
     return partials.Partials(weighted=agg is not aggregators.mean, timeout=timeout,
-                             piece=0 if loses else partials.PIECE)
+                             piece=0 if loses else opts.partial_piece)
 
 
 def build(config: Mapping[str, Any]) -> Deployment:

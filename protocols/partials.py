@@ -10,9 +10,10 @@ sample count and training stats) once every member has replied, or at its deadli
 (`partial_timeout` after the round's first message reached it). The server merges the partial
 exactly, so the model is the same bits as when every reply reaches it alone, and its Gather
 still learns each sender: deadlines, `min_replies`, late counts and round rows are as before.
-A partial goes in pieces of `PIECE` sums (`exactsum.split`), so the server holds its own sum and
-one piece at a time, never a second sum; where the network model may lose messages it goes
-whole (a piece lost after others were added could not be taken out again: `fedavg._partials`).
+A partial goes in pieces of `partial_piece` sums (`exactsum.split`), so the server holds its
+own sum and one piece at a time, never a second sum; where the network model may lose messages
+it goes whole (a piece lost after others were added could not be taken out again:
+`fedavg._partials`).
 
 What the relay does not take goes on to the server on its own: a reply after the partial left
 (or for a round it knows nothing of) is forwarded whole (`relayed_from`), and the server takes
@@ -37,9 +38,6 @@ from protocols.exactsum import Running, split
 MIN_GROUP = 3
 # Rounds a relay remembers whom it summed, to turn late second copies into `seen` notes.
 KEEP_ROUNDS = 8
-# Sums per `partial` message: 512 KB of float64s, so the server holds its own sum and at most
-# this much of a partial at once (about 2.6 models at W5's size), never a whole second sum.
-PIECE = 1 << 16
 
 
 @dataclass(frozen=True)

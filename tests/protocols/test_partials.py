@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kernel.options import ConfigError
-from protocols import aggregators, common, fedavg, partials
+from protocols import aggregators, common, fedavg
 from protocols.fedavg import build, deploy
 from transports.base import Job
 from transports.inproc import InprocTransport
@@ -44,17 +44,6 @@ def run(cfg: dict[str, Any], dep: Any = None) -> tuple[dict[str, Any], list[dict
     return dict(outcome.result), rows
 
 
-def pieces_of(elements: int) -> Any:
-    """Relays cut partials into pieces of `elements` sums (the linear model has 68)."""
-    class Pieces:
-        def __enter__(self) -> None:
-            self.before, partials.PIECE = partials.PIECE, elements
-
-        def __exit__(self, *exc: object) -> None:
-            partials.PIECE = self.before
-    return Pieces()
-
-
 def merged(rows: list[dict[str, Any]]) -> int:
     return sum(r["value"] for r in rows if r["name"] == "partials")
 
@@ -71,9 +60,8 @@ def test_any_shard_count_gives_one_shards_model(seed, shards, clients, jitter, d
     net = {"latency": {"kind": "uniform", "low": 0.0, "high": 0.01 + jitter},
            "duplicate": duplicate}
     one, _ = run(config(1, clients, seed=seed, network=net, aggregator=aggregator))
-    with pieces_of(piece):
-        many, rows = run(config(shards, clients, seed=seed, network=net,
-                                aggregator=aggregator))
+    many, rows = run(config(shards, clients, seed=seed, network=net, aggregator=aggregator,
+                            partial_piece=piece))
     assert common.digest(many["model"]) == common.digest(one["model"])
     # Round-robin puts clients // shards or more on each shard: relays where that is >= 3.
     if clients // shards >= 3:
@@ -127,20 +115,19 @@ def test_partials_sum_exactly_what_the_server_counts(seed, shards, loss, duplica
     that crashes and restarts, partials in pieces (where nothing is lost) that the deadline
     may cut: whatever the server's Gather counted in an aggregated round is what its sum
     holds, each reply once, the same bits as the gathered mean of exactly those replies."""
-    with pieces_of(piece):
-        checked_run(seed, shards, loss, duplicate, high, relay_share, crash)
+    checked_run(seed, shards, loss, duplicate, high, relay_share, crash, piece)
 
 
 def checked_run(seed: int, shards: int, loss: float, duplicate: float, high: float,
-                relay_share: float, crash: tuple[int, float, float] | None = None
-                ) -> list[dict[str, Any]]:
+                relay_share: float, crash: tuple[int, float, float] | None = None,
+                piece: int = 1 << 16) -> list[dict[str, Any]]:
     net: dict[str, Any] = {"latency": {"kind": "uniform", "low": 0.0, "high": high},
                            "loss": loss, "duplicate": duplicate}
     if crash is not None:
         node, at, down = crash
         net["crashes"] = [{"node": node, "at": at, "restart": at + down}]
     cfg = config(shards, 12, rounds=4, seed=seed, network=net, round_timeout=1.0,
-                 partial_timeout=relay_share, server_opt="none")
+                 partial_timeout=relay_share, server_opt="none", partial_piece=piece)
     _Client.replied, _Server.checked, _Server.waited = {}, [], []
     dep = deploy(cfg, "fedavg", server_cls=_Server, client_cls=_Client)
     _, rows = run(cfg, dep)
@@ -161,8 +148,8 @@ def test_a_lossy_run_takes_every_path():
 def test_a_deadline_between_pieces_waits_for_the_rest():
     """Partials in pieces of 7 sums with latencies near the deadline: rounds whose deadline
     fell between two pieces of a partial wait for the rest, and still sum what they count."""
-    with pieces_of(7):
-        rows = checked_run(seed=0, shards=3, loss=0.0, duplicate=0.2, high=0.8, relay_share=0.6)
+    rows = checked_run(seed=0, shards=3, loss=0.0, duplicate=0.2, high=0.8, relay_share=0.6,
+                       piece=7)
     assert merged(rows) >= 4 and any(_Server.waited)
 
 
@@ -185,6 +172,10 @@ def test_bad_partial_options_name_the_key():
         build(config(2, round_timeout=1.0, partial_timeout=2.0))
     with pytest.raises(ConfigError, match=r"\[protocol\] partial_timeout = -1"):
         build(config(2, partial_timeout=-1))
+    with pytest.raises(ConfigError, match=r"\[protocol\] partial_piece = -5"):
+        build(config(2, partial_piece=-5))
+    with pytest.raises(ConfigError, match=r"\[protocol\] partial_piece = 0.5"):
+        build(config(2, partial_piece=0.5))
     cfg = config(0)
     with pytest.raises(ConfigError, match=r"\[transport\] shards = 0"):
         run(cfg)

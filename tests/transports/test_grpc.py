@@ -706,7 +706,8 @@ def _uneven_fedavg(kind: str, shards: int | None = None) -> dict[str, Any]:
         transport["shards"] = shards
     return kconfig.validate({
         "run": {"seed": 5, "rounds": 3, "progress": False},
-        "protocol": {"name": "fedavg", "aggregator": "weighted_mean", "server_opt": "adam"},
+        "protocol": {"name": "fedavg", "aggregator": "weighted_mean", "server_opt": "adam",
+                     "partial_piece": 5},  # partials in pieces of 5 of the 21 sums
         "workload": {"model": "linear", "clients": 9, "samples_per_client": 40,
                      "samples_min": 5, "input_dim": 20, "test_samples": 100},
         "transport": transport})

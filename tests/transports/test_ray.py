@@ -354,7 +354,8 @@ def test_any_shard_count_gives_the_inproc_model(local_ray: None, shards: int) ->
     def config(kind: str, **transport: Any) -> dict[str, Any]:
         return validate({
             "run": {"seed": 5, "rounds": 3, "progress": False},
-            "protocol": {"name": "fedavg", "aggregator": "weighted_mean", "server_opt": "adam"},
+            "protocol": {"name": "fedavg", "aggregator": "weighted_mean", "server_opt": "adam",
+                         "partial_piece": 5},  # partials in pieces of 5 of 21 sums
             "workload": {"model": "linear", "clients": 9, "samples_per_client": 40,
                          "samples_min": 5, "input_dim": 20, "test_samples": 100},
             "transport": {"kind": kind, **transport}})
