@@ -95,6 +95,8 @@ def run(quick: bool = False, kinds: tuple[str, ...] = KINDS, repeats: int = 3,
                          "runs_before": [r[what] / scale for r in before],
                          "runs_after": [r[what] / scale for r in after],
                          "same_sha": len(shas) == 1, "load_1min": load,
+                         "shas": sorted({f"{k} {'on' if p else 'off'}: {r['sha'][:12]}"
+                                         for (k, p), rs in got.items() for r in rs}),
                          "model_bytes": mb, "overrides": extra})
     return rows
 
@@ -151,6 +153,8 @@ def main() -> None:
               f"{[round(x, 3) for x in row['runs_after']]}; partials merged "
               f"{row['merged_partials']}; same sha: {row['same_sha']})")
     print(f"load (1 min) before each run: {[round(x, 1) for x in row['load_1min']]}")
+    if not row["same_sha"]:
+        print("shas differ:", row["shas"])
 
 
 if __name__ == "__main__":
