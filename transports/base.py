@@ -27,4 +27,3 @@ class Transport(ABC):
 
     def close(self) -> None:  # noqa: B027 - most transports have nothing to release
         """Release processes, actors and sockets (called even when `run` raised)."""
-
