@@ -27,6 +27,7 @@ from kernel.loop import CALL
 from kernel.messages import Message
 from kernel.registry import load
 from kernel.wire.codec import Codec, body_nbytes, join
+from transports import shardtrace
 from transports.base import place
 
 ALIGN = 64
@@ -137,6 +138,9 @@ class ShardOutbox:
 
     def _send(self, s: int) -> None:
         sh = self.shard
+        trace = sh.trace
+        if trace is not None:
+            w0, c0 = time.time(), time.thread_time()
         entries = self.pending.pop(s)
         self.pending_bytes.pop(s, None)
         index: list[list[Any]] = []
@@ -167,6 +171,8 @@ class ShardOutbox:
             msgpack.packb(index), blob, *refs,
         )
         sh.stats["batches"] += 1
+        if trace is not None:
+            trace.sent(w0, c0, len(entries), total)
 
     @staticmethod
     def _fill(entries: list[tuple[list[int], Any]], buf: np.ndarray) -> np.ndarray:
@@ -207,7 +213,7 @@ class ShardCore:
         dep = load("protocols", config["protocol"]["name"])(config)
         if dep.prepare is not None:
             dep.prepare()
-        self.placement = place(dep.node_ids, n_shards)
+        self.placement = place(dep.node_ids, n_shards, dep.load)
         self.local = [n for n, sh in sorted(self.placement.items()) if sh == shard_id]
         self.stats = {"wire_bytes": 0, "batches": 0, "stored_batches": 0, "puts": 0,
                       "received_batches": 0, "stale_batches": 0}
@@ -238,6 +244,7 @@ class ShardCore:
         torch = sys.modules.get("torch")
         if torch is not None and threads > 0:
             torch.set_num_threads(threads)
+        self.trace = shardtrace.start("ray", shard_id)
         self.build_s = time.monotonic() - t0
 
     # -- metrics and state, read by the driver's long poll ------------------------------------
@@ -311,6 +318,8 @@ class ShardCore:
 
     def _loop(self) -> None:
         c0, w0 = time.thread_time(), time.monotonic()
+        if self.trace is not None:
+            self.trace.install(self.host)
         try:
             reason = self.host.run(until=self.until, max_events=self.max_events)
             if reason == "paused":  # the driver asked to stop (`interrupt`)
@@ -321,6 +330,8 @@ class ShardCore:
         finally:
             self.busy_s = time.thread_time() - c0
             self.loop_s = time.monotonic() - w0
+            if self.trace is not None:
+                self.trace.loop_ended()
         if reason != ERROR:
             self._finish(reason)
 
@@ -366,6 +377,7 @@ class ShardCore:
                  "dropped": st["dropped"], "queue": len(self.host.sched),
                  "busy_s": self.busy_s, "loop_s": self.loop_s, "build_s": self.build_s,
                  **self.stats}
+        shardtrace.finish(self.trace)
         return encode_plain(self.codec, {"rows": rows, "stats": stats, "error": self.error,
                                          "late": late})
 
@@ -391,6 +403,9 @@ class ShardCore:
     def _unpack(self, src: int, index: bytes, blob: bytes | np.ndarray,
                 frames: tuple[np.ndarray, ...]) -> None:
         self.stats["received_batches"] += 1
+        trace = self.trace
+        if trace is not None:
+            w0, c0 = time.time(), time.thread_time()
         try:
             entries = msgpack.unpackb(index)
             # Bytes when small; a read-only view into the object store when large.
@@ -404,6 +419,8 @@ class ShardCore:
                 else:
                     frame = memoryview(frames[-n - 1])
                 host.deliver(decode(frame), dsts, threadsafe=True)
+            if trace is not None:
+                trace.received(w0, c0, len(entries))
         except Exception as exc:
             self.interrupt(f"a batch from ray shard {src} could not be delivered: "
                            f"{type(exc).__name__}: {exc}")
