@@ -6,8 +6,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kernel.run import config as kconfig
 from kernel.registry import load
+from kernel.run import config as kconfig
 from transports.base import place
 
 
