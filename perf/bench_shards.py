@@ -77,8 +77,16 @@ def run_one(kind: str, overrides: list[str]) -> dict[str, Any]:
             "sha": res["final_model_sha256"], "accuracy": res.get("test_accuracy")}
 
 
-def _child(kind: str, overrides: list[str], trace: bool = True) -> dict[str, Any]:
+def _child(kind: str, overrides: list[str], trace: bool = True,
+           code: Path | None = None) -> dict[str, Any]:
+    """One run in a fresh process, of this checkout's code or of the checkout at `code`."""
     env = dict(os.environ)
+    cwd = None
+    if code is not None:
+        # `python -m` puts the working directory first on sys.path: run from there, so the
+        # other checkout's code (not this one's) is what runs, shards included.
+        cwd = str(code)
+        env["PYTHONPATH"] = str(code)
     with tempfile.TemporaryDirectory(prefix="fedloom-shardtrace-") as tmp:
         if trace:
             env["FEDLOOM_SHARD_TRACE"] = tmp
@@ -86,7 +94,7 @@ def _child(kind: str, overrides: list[str], trace: bool = True) -> dict[str, Any
             env.pop("FEDLOOM_SHARD_TRACE", None)
         out = subprocess.run([sys.executable, "-m", "perf.bench_shards", "--one", kind,
                               *overrides], capture_output=True, text=True, check=False,
-                             timeout=1800, env=env)
+                             timeout=1800, env=env, cwd=cwd)
         if out.returncode != 0:
             raise RuntimeError(f"W2 on {kind} ({overrides}) failed: {out.stderr[-2000:]}")
         res: dict[str, Any] = json.loads(out.stdout.strip().splitlines()[-1])
@@ -126,9 +134,10 @@ def phases(docs: list[dict[str, Any]]) -> dict[str, Any]:
         lag = [f - start[r] for r, f in zip(rounds, first) if f is not None]
         done = [la - start[r] for r, la in zip(rounds, last) if la is not None]
         loop = d.get("loop", {})
-        other = None
+        other = proc = None
         if "proc_cpu1" in loop:
-            other = ((loop["proc_cpu1"] - loop["proc_cpu0"]) - (loop["cpu1"] - loop["cpu0"])) / n
+            proc = (loop["proc_cpu1"] - loop["proc_cpu0"]) / n
+            other = proc - (loop["cpu1"] - loop["cpu0"]) / n
         out["shards"].append({
             "shard": d["shard"], "clients": len({e[1] for e in tr}),
             "train_s": sum(e[6] - e[5] for e in tr) / n,
@@ -136,6 +145,7 @@ def phases(docs: list[dict[str, Any]]) -> dict[str, Any]:
             "server_s": sum(e[6] - e[5] for e in srv) / n,
             "calls": len(calls) / n, "calls_s": sum(e[6] - e[5] for e in calls) / n,
             "idle_s": ((t1 - t0) - busy) / n, "wait_s": (busy - cpu) / n,
+            "loop_cpu_s": cpu / n, "proc_cpu_s": proc,
             "rx": len(rx) / n, "rx_s": sum(x[1] - x[0] for x in rx) / n,
             "rx_cpu_s": sum(x[2] for x in rx) / n,
             "tx": len(tx) / n, "tx_s": sum(x[1] - x[0] for x in tx) / n,
@@ -163,6 +173,7 @@ PHASE_COLS = (("clients", "clients", "{:.0f}"), ("train_s", "train", "{:.3f}"),
               ("train_wait_s", "(waiting)", "{:.3f}"), ("server_s", "server", "{:.3f}"),
               ("calls", "flushes", "{:.0f}"), ("calls_s", "flush s", "{:.3f}"),
               ("idle_s", "idle", "{:.3f}"), ("wait_s", "loop waiting", "{:.3f}"),
+              ("loop_cpu_s", "loop cpu", "{:.3f}"), ("proc_cpu_s", "process cpu", "{:.3f}"),
               ("rx", "rx batches", "{:.0f}"), ("rx_s", "rx s", "{:.3f}"),
               ("rx_cpu_s", "rx cpu", "{:.3f}"), ("tx", "sends", "{:.0f}"),
               ("tx_s", "send s", "{:.3f}"), ("other_threads_cpu_s", "other thr cpu", "{:.3f}"),
@@ -186,30 +197,66 @@ def format_phases(kind: str, ph: dict[str, Any]) -> list[str]:
 
 
 def run(quick: bool = False, cases: tuple[str, ...] = ("all", "plain", "big"),
-        repeats: int = 1, trace: bool = True) -> list[dict[str, Any]]:
-    """Rows for perf.micro: seconds per round per transport, with inproc as the floor."""
+        repeats: int = 1, trace: bool = True, base: Path | None = None) -> list[dict[str, Any]]:
+    """Rows for perf.micro: seconds per round per transport, with inproc as the floor; with
+    `base` (another checkout, the old code), its runs alternate with these in the same sitting
+    and each row carries the old figures beside the new."""
     rows = []
+    sides = [("new", None)] + ([("base", base)] if base is not None else [])
     for case in cases[:1] if quick else cases:
-        got: dict[str, list[dict[str, Any]]] = {k: [] for k in KINDS}
-        load = []
+        got: dict[tuple[str, str], list[dict[str, Any]]] = {
+            (side, k): [] for side, _ in sides for k in KINDS}
+        load: dict[str, list[float]] = {side: [] for side, _ in sides}
         for _ in range(repeats):
             for kind in KINDS:  # alternate, so load from elsewhere hits every side alike
-                load.append(os.getloadavg()[0])
-                got[kind].append(_child(kind, CASES[case], trace))
-        base = statistics.median(r["s_per_round"] for r in got["inproc"])
+                for side, code in sides:
+                    load[side].append(os.getloadavg()[0])
+                    got[side, kind].append(_child(kind, CASES[case], trace, code))
         shas = {r["sha"] for rs in got.values() for r in rs}
         for kind in KINDS[1:]:
-            v = statistics.median(r["s_per_round"] for r in got[kind])
-            rows.append({"name": f"W2 {case} ({' '.join(CASES[case]) or 'as is'}): {kind}, "
-                                 f"2 shards, s/round", "value": v, "unit": "s",
-                         "floor": base, "floor_name": "inproc", "ratio": v / base,
-                         "target_ratio": TARGETS.get((case, kind)), "same_sha": len(shas) == 1,
-                         "runs": [r["s_per_round"] for r in got[kind]],
-                         "inproc_runs": [r["s_per_round"] for r in got["inproc"]],
-                         "shas": sorted(shas), "load_1min": load,
-                         "phases": _median_phases(got[kind]),
-                         "inproc_phases": _median_phases(got["inproc"])})
+            row: dict[str, Any] = {}
+            for side, _ in sides:
+                floor = statistics.median(r["s_per_round"] for r in got[side, "inproc"])
+                v = statistics.median(r["s_per_round"] for r in got[side, kind])
+                fig = {"value": v, "floor": floor, "ratio": v / floor,
+                       "runs": [r["s_per_round"] for r in got[side, kind]],
+                       "inproc_runs": [r["s_per_round"] for r in got[side, "inproc"]],
+                       "load_1min": load[side], "phases": _median_phases(got[side, kind]),
+                       "inproc_phases": _median_phases(got[side, "inproc"]),
+                       "cpu_bound_ratio": _cpu_bound(got[side, kind], got[side, "inproc"])}
+                if side == "new":
+                    row.update(fig)
+                else:
+                    row["base"] = fig
+            row.update({"name": f"W2 {case} ({' '.join(CASES[case]) or 'as is'}): {kind}, "
+                                f"2 shards, s/round", "unit": "s", "floor_name": "inproc",
+                        "kind": kind, "target_ratio": TARGETS.get((case, kind)),
+                        "same_sha": len(shas) == 1, "shas": sorted(shas)})
+            rows.append(row)
     return rows
+
+
+def _cpu_bound(runs: list[dict[str, Any]], floor: list[dict[str, Any]]) -> float | None:
+    """The ratio if every shard had a core of its own and CPU were all that counted: the
+    busiest shard's process CPU per round against inproc's (medians); None without traces."""
+    def busiest(rs: list[dict[str, Any]]) -> float | None:
+        got = [max((sh["proc_cpu_s"] or 0.0) for sh in r["phases"]["shards"])
+               for r in rs if r.get("phases")]
+        return statistics.median(got) if got else None
+
+    a, b = busiest(runs), busiest(floor)
+    return a / b if a and b else None
+
+
+def _line(tag: str, r: dict[str, Any], target: float | None) -> str:
+    tgt = f" (target <= {target}x)" if target else ""
+    cpu = r.get("cpu_bound_ratio")
+    return (f"  {tag:<5} {r['value']:7.3f} s/round  inproc {r['floor']:7.3f}  ratio "
+            f"{r['ratio']:.2f}x{tgt}"
+            + (f"  cpu-bound ratio {cpu:.2f}x" if cpu else "")
+            + f"  load {', '.join(f'{x:.1f}' for x in r['load_1min'])}\n"
+            f"        runs {', '.join(f'{x:.3f}' for x in r['runs'])}; inproc runs "
+            f"{', '.join(f'{x:.3f}' for x in r['inproc_runs'])}")
 
 
 def main() -> None:
@@ -219,25 +266,27 @@ def main() -> None:
     ap.add_argument("--no-trace", action="store_true",
                     help="skip the per-phase timelines (they cost ~1 us per event)")
     ap.add_argument("--json", help="also write every row, runs and phases to this file")
+    ap.add_argument("--base", type=Path,
+                    help="another checkout (the old code, e.g. from `git archive`) whose runs "
+                         "alternate with this one's, for before/after figures in one sitting")
     ap.add_argument("--one", nargs="+", help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.one:
         print(json.dumps(run_one(args.one[0], args.one[1:])))
         return
-    rows = run(cases=tuple(args.cases), repeats=args.repeats, trace=not args.no_trace)
+    rows = run(cases=tuple(args.cases), repeats=args.repeats, trace=not args.no_trace,
+               base=args.base)
     for r in rows:
-        tgt = f" (target <= {r['target_ratio']}x)" if r["target_ratio"] else ""
-        print(f"{r['name']:<90} {r['value']:7.3f} s  inproc {r['floor']:7.3f} s  "
-              f"ratio {r['ratio']:.2f}x{tgt}  same sha: {r['same_sha']}  "
-              f"load {', '.join(f'{x:.1f}' for x in r['load_1min'])}")
-        print(f"  runs {', '.join(f'{x:.3f}' for x in r['runs'])}; inproc runs "
-              f"{', '.join(f'{x:.3f}' for x in r['inproc_runs'])}; shas "
-              f"{', '.join(x[:12] for x in r['shas'])}")
-        if r["phases"]:
-            if r["name"].endswith(f"{KINDS[1]}, 2 shards, s/round"):
-                print("\n".join(format_phases("inproc", r["inproc_phases"])))
-            print("\n".join(format_phases(r["name"].split(": ")[1].split(",")[0],
-                                           r["phases"])))
+        print(f"{r['name']}  same sha on every run: {r['same_sha']} "
+              f"({', '.join(x[:12] for x in r['shas'])})")
+        print(_line("new", r, r["target_ratio"]))
+        if "base" in r:
+            print(_line("base", r["base"], r["target_ratio"]))
+        for tag, fig in (("new", r), ("base", r.get("base"))):
+            if fig and fig["phases"]:
+                if r["kind"] == KINDS[1]:
+                    print("\n".join(format_phases(f"{tag} inproc", fig["inproc_phases"])))
+                print("\n".join(format_phases(f"{tag} {r['kind']}", fig["phases"])))
     if args.json:
         Path(args.json).write_text(json.dumps(rows, indent=1))
 
