@@ -9,11 +9,23 @@ median seconds per round; the ratio is a transport's against inproc's in the sam
 are the ceiling: 0.5x). Every run of a case must end with the same model sha on all three.
 
 Each run also records a timeline (`transports.shardtrace`) and the bench prints, per transport,
-the median per-phase breakdown of its rounds: per shard, seconds per round spent training
-clients, in the server's handling of replies (sums, evaluation, the next round's send), in
-the loop's flushes, idle, and waiting to run (the loop thread ready but not running: the GIL
-or a core), the receive threads' time, and when each shard's first client starts and its
-last one ends, counted from the round's start.
+the median per-phase breakdown of its rounds, per shard, in seconds per round unless said:
+`torch thr` torch's intra-op threads; `clients` distinct clients that trained on the shard;
+`train` the clients' training events (wall), `(waiting)` the part of it the loop thread was
+ready but not running (the GIL held by another thread of the process, or no free core);
+`server` node 0's events (summing replies, evaluation, the next round's send); `flushes`,
+`flush s` the transport's calls on the loop; `idle` the loop waiting for messages; `loop
+waiting` all events' wall minus CPU; `loop cpu`, `proc cpu` the loop thread's and the whole
+process's CPU; `rx batch`, `rx s`, `rx cpu` batches the receive threads took in and their time;
+`sends`, `send s` batches sent and the time of each send; `thr cpu` the CPU of every thread
+but the loop; `1st train`, `last end` when the shard's first client started and its last
+ended, from the round's start (medians over rounds). The `cpu-bound ratio` is the busiest
+shard's process CPU per round against inproc's: the ratio if every shard had a core of its
+own, which load from other processes cannot move much.
+
+With `--base DIR` (another checkout, e.g. `git archive <commit> | tar -x -C DIR`) the old code's
+runs alternate with this checkout's in the same sitting, and each row shows both. A checkout
+without `transports/shardtrace.py` gives figures but no breakdown.
 
     python -m perf.bench_shards [--cases all plain big] [--repeats N] [--no-trace]
 """
@@ -139,7 +151,8 @@ def phases(docs: list[dict[str, Any]]) -> dict[str, Any]:
             proc = (loop["proc_cpu1"] - loop["proc_cpu0"]) / n
             other = proc - (loop["cpu1"] - loop["cpu0"]) / n
         out["shards"].append({
-            "shard": d["shard"], "clients": len({e[1] for e in tr}),
+            "shard": d["shard"], "torch_threads": d.get("torch_threads"),
+            "clients": len({e[1] for e in tr}),
             "train_s": sum(e[6] - e[5] for e in tr) / n,
             "train_wait_s": sum(e[6] - e[5] - e[7] for e in tr) / n,
             "server_s": sum(e[6] - e[5] for e in srv) / n,
@@ -169,16 +182,17 @@ def _median_phases(runs: list[dict[str, Any]]) -> dict[str, Any]:
     return {"round_s": statistics.median(g["round_s"] for g in got), "shards": shards}
 
 
-PHASE_COLS = (("clients", "clients", "{:.0f}"), ("train_s", "train", "{:.3f}"),
+PHASE_COLS = (("torch_threads", "torch thr", "{:.0f}"), ("clients", "clients", "{:.0f}"),
+              ("train_s", "train", "{:.3f}"),
               ("train_wait_s", "(waiting)", "{:.3f}"), ("server_s", "server", "{:.3f}"),
               ("calls", "flushes", "{:.0f}"), ("calls_s", "flush s", "{:.3f}"),
               ("idle_s", "idle", "{:.3f}"), ("wait_s", "loop waiting", "{:.3f}"),
-              ("loop_cpu_s", "loop cpu", "{:.3f}"), ("proc_cpu_s", "process cpu", "{:.3f}"),
-              ("rx", "rx batches", "{:.0f}"), ("rx_s", "rx s", "{:.3f}"),
+              ("loop_cpu_s", "loop cpu", "{:.3f}"), ("proc_cpu_s", "proc cpu", "{:.3f}"),
+              ("rx", "rx batch", "{:.0f}"), ("rx_s", "rx s", "{:.3f}"),
               ("rx_cpu_s", "rx cpu", "{:.3f}"), ("tx", "sends", "{:.0f}"),
-              ("tx_s", "send s", "{:.3f}"), ("other_threads_cpu_s", "other thr cpu", "{:.3f}"),
-              ("first_train_at", "1st train at", "{:.3f}"),
-              ("last_train_end_at", "last train end", "{:.3f}"))
+              ("tx_s", "send s", "{:.3f}"), ("other_threads_cpu_s", "thr cpu", "{:.3f}"),
+              ("first_train_at", "1st train", "{:.3f}"),
+              ("last_train_end_at", "last end", "{:.3f}"))
 
 
 def format_phases(kind: str, ph: dict[str, Any]) -> list[str]:
@@ -186,12 +200,12 @@ def format_phases(kind: str, ph: dict[str, Any]) -> list[str]:
     if not ph:
         return [f"  {kind}: no trace"]
     lines = [f"  {kind}: round {ph['round_s']:.3f} s (traced); per shard, s per round:"]
-    lines.append("    " + " ".join(f"{h:>14}" for _, h, _ in (("", "shard", ""), *PHASE_COLS)))
+    lines.append("    " + " ".join(f"{h:>9}" for _, h, _ in (("", "shard", ""), *PHASE_COLS)))
     for row in ph["shards"]:
-        cells = [f"{row['shard']:>14}"]
+        cells = [f"{row['shard']:>9}"]
         for key, _, fmt in PHASE_COLS:
             v = row.get(key)
-            cells.append(f"{'-' if v is None else fmt.format(v):>14}")
+            cells.append(f"{'-' if v is None else fmt.format(v):>9}")
         lines.append("    " + " ".join(cells))
     return lines
 

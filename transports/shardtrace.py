@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -95,8 +96,12 @@ class Trace:
     def dump(self, where: Path) -> Path:
         where.mkdir(parents=True, exist_ok=True)
         path = where / f"{self.transport}-{self.shard}-{os.getpid()}.json"
+        torch = sys.modules.get("torch")
         with self._lock:
             doc = {"transport": self.transport, "shard": self.shard, "pid": os.getpid(),
+                   # Intra-op threads: shards sharing cores must not oversubscribe them.
+                   "torch_threads": torch.get_num_threads() if torch is not None else None,
+                   "threads": threading.active_count(),
                    "loop": self.loop, "events": self.events, "rx": self.rx, "tx": self.tx,
                    "proc_cpu": time.process_time() - self._cpu0,
                    "span": [self._wall0, time.time()]}
