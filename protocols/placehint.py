@@ -30,8 +30,11 @@ def server_load(learner: Any, clients_per_round: int | None, fraction: float | N
         return None
     step = max(1, n // PROBE)
     probe = range(0, n, step)
-    work = sum(float(learner.work(c)) for c in probe) / len(probe)
-    if not work > 0:
+    try:
+        work = sum(float(learner.work(c)) for c in probe) / len(probe)
+    except Exception:  # a user's learner that cannot say: no hint, round-robin placement
+        return None
+    if not (math.isfinite(work) and work > 0):
         return None
     if clients_per_round is not None:
         k = clients_per_round

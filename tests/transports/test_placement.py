@@ -74,3 +74,10 @@ def _w2() -> str:
     from pathlib import Path
 
     return str(Path(__file__).resolve().parents[2] / "perf" / "workloads" / "w2.toml")
+
+
+def test_no_hint_where_the_learner_reports_no_work() -> None:
+    cfg = kconfig.load(_w2(), ["workload.model=flat"])
+    dep = load("protocols", "fedavg")(cfg)
+    assert dep.load is None
+    assert place(dep.node_ids, 2, dep.load) == place(dep.node_ids, 2)
