@@ -36,8 +36,8 @@ ALIGN = 64
 FLUSH_BYTES = 16 << 20
 # A reply batch this old goes at the next send, even while the shard still has events due: the
 # receiver (a server summing replies) works on them while this shard goes on training. Each call
-# costs the sender ~3-5 ms of CPU (W2: 0.8 MB replies, 5 ms apart) and the last batch of a round
-# delays the receiver by its size: ~50 ms balances the two (~7 calls per round of 62 replies).
+# costs the sender CPU (W2: ~8 ms for 8 replies of 0.8 MB), and the last batch of a round delays
+# the receiver by its size: ~50 ms balances the two (~8 calls per round of 62 replies, 5 ms apart).
 COALESCE_S = 0.05
 # Shard states as reported to the driver; the loop's own stop reasons come from Scheduler.run.
 STARTING, RUNNING, STOPPED, ERROR = "starting", "running", "stopped", "error"
@@ -66,7 +66,7 @@ class ShardOutbox:
     train; a single send (a reply) joins its destination's batch, which goes when it is
     `COALESCE_S` old at the next send, at the end of the events due at this look at the clock,
     or at `FLUSH_BYTES`. So a shard training many clients streams their replies in a few calls
-    per round (about 1 ms of CPU each) instead of one per reply or one at the very end (which
+    per round instead of one per reply or one at the very end (which
     left the receiver's work on them all to the end of the round). The sender thread copies
     the batch into one contiguous argument and calls Ray, so the loop goes on running nodes
     meanwhile (Ray's copy into its object store and its IPC take 5-90 ms of wall time per 16 MB
