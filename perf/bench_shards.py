@@ -15,13 +15,15 @@ the median per-phase breakdown of its rounds, per shard, in seconds per round un
 ready but not running (the GIL held by another thread of the process, or no free core);
 `server` node 0's events (summing replies, evaluation, the next round's send); `flushes`,
 `flush s` the transport's calls on the loop; `idle` the loop waiting for messages; `loop
-waiting` all events' wall minus CPU; `loop cpu`, `proc cpu` the loop thread's and the whole
-process's CPU; `rx batch`, `rx s`, `rx cpu` batches the receive threads took in and their time;
-`sends`, `send s` batches sent and the time of each send; `thr cpu` the CPU of every thread
-but the loop; `1st train`, `last end` when the shard's first client started and its last
-ended, from the round's start (medians over rounds). The `cpu-bound ratio` is the busiest
-shard's process CPU per round against inproc's: the ratio if every shard had a core of its
-own, which load from other processes cannot move much.
+waiting` all events' wall minus CPU, split into `core wait` (the loop thread runnable but
+without a core, from Linux's schedstat, over the whole loop) and `gil wait` (the rest: the
+GIL or a lock held by another thread of the process); `loop cpu`, `proc cpu` the loop
+thread's and the whole process's CPU; `rx batch`, `rx s`, `rx cpu` batches the receive
+threads took in and their time; `sends`, `send s` batches sent and the time of each send;
+`thr cpu` the CPU of every thread but the loop; `1st train`, `last end` when the shard's
+first client started and its last ended, from the round's start (medians over rounds). The
+`cpu-bound ratio` is the busiest shard's process CPU per round against inproc's: the ratio if
+every shard had a core of its own, which load from other processes cannot move much.
 
 With `--base DIR` (another checkout, e.g. `git archive <commit> | tar -x -C DIR`) the old code's
 runs alternate with this checkout's in the same sitting, and each row shows both. A checkout
@@ -146,10 +148,15 @@ def phases(docs: list[dict[str, Any]]) -> dict[str, Any]:
         lag = [f - start[r] for r, f in zip(rounds, first) if f is not None]
         done = [la - start[r] for r, la in zip(rounds, last) if la is not None]
         loop = d.get("loop", {})
-        other = proc = None
+        other = proc = runq = gil = None
         if "proc_cpu1" in loop:
             proc = (loop["proc_cpu1"] - loop["proc_cpu0"]) / n
             other = proc - (loop["cpu1"] - loop["cpu0"]) / n
+        if loop.get("runq1") is not None and loop.get("runq0") is not None:
+            # The loop thread's wait for a core over the whole loop; the rest of its waiting
+            # inside events (wall minus CPU) is the GIL's (or a lock's).
+            runq = (loop["runq1"] - loop["runq0"]) / n
+            gil = max((busy - cpu) / n - runq, 0.0)
         out["shards"].append({
             "shard": d["shard"], "torch_threads": d.get("torch_threads"),
             "clients": len({e[1] for e in tr}),
@@ -158,7 +165,7 @@ def phases(docs: list[dict[str, Any]]) -> dict[str, Any]:
             "server_s": sum(e[6] - e[5] for e in srv) / n,
             "calls": len(calls) / n, "calls_s": sum(e[6] - e[5] for e in calls) / n,
             "idle_s": ((t1 - t0) - busy) / n, "wait_s": (busy - cpu) / n,
-            "loop_cpu_s": cpu / n, "proc_cpu_s": proc,
+            "loop_cpu_s": cpu / n, "proc_cpu_s": proc, "runq_s": runq, "gil_s": gil,
             "rx": len(rx) / n, "rx_s": sum(x[1] - x[0] for x in rx) / n,
             "rx_cpu_s": sum(x[2] for x in rx) / n,
             "tx": len(tx) / n, "tx_s": sum(x[1] - x[0] for x in tx) / n,
@@ -187,6 +194,7 @@ PHASE_COLS = (("torch_threads", "torch thr", "{:.0f}"), ("clients", "clients", "
               ("train_wait_s", "(waiting)", "{:.3f}"), ("server_s", "server", "{:.3f}"),
               ("calls", "flushes", "{:.0f}"), ("calls_s", "flush s", "{:.3f}"),
               ("idle_s", "idle", "{:.3f}"), ("wait_s", "loop waiting", "{:.3f}"),
+              ("runq_s", "core wait", "{:.3f}"), ("gil_s", "gil wait", "{:.3f}"),
               ("loop_cpu_s", "loop cpu", "{:.3f}"), ("proc_cpu_s", "proc cpu", "{:.3f}"),
               ("rx", "rx batch", "{:.0f}"), ("rx_s", "rx s", "{:.3f}"),
               ("rx_cpu_s", "rx cpu", "{:.3f}"), ("tx", "sends", "{:.0f}"),

@@ -76,10 +76,12 @@ class Trace:
     def loop_started(self) -> None:
         self.loop["wall0"], self.loop["cpu0"] = time.time(), time.thread_time()
         self.loop["proc_cpu0"] = time.process_time()
+        self.loop["runq0"] = run_delay()
 
     def loop_ended(self) -> None:
         self.loop["wall1"], self.loop["cpu1"] = time.time(), time.thread_time()
         self.loop["proc_cpu1"] = time.process_time()
+        self.loop["runq1"] = run_delay()
 
     def received(self, w0: float, c0: float, n: int) -> None:
         """A receive thread took in `n` messages between wall `w0` and now (thread CPU from c0)."""
@@ -107,6 +109,18 @@ class Trace:
                    "span": [self._wall0, time.time()]}
         path.write_text(json.dumps(doc))
         return path
+
+
+def run_delay() -> float | None:
+    """Seconds the calling thread has spent runnable but waiting for a core (Linux schedstat),
+    or None where the kernel does not say. Waiting for the GIL is not in it (a thread waiting
+    for the GIL sleeps), so a loop's wall-minus-CPU time less this is its time spent waiting
+    for the GIL (and for locks)."""
+    try:
+        with open(f"/proc/self/task/{threading.get_native_id()}/schedstat") as f:
+            return int(f.read().split()[1]) / 1e9
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def start(transport: str, shard: int) -> Trace | None:
