@@ -41,7 +41,7 @@ class Trace:
         self.events: list[tuple[Any, ...]] = []
         self.rx: list[tuple[float, float, float, int]] = []
         self.tx: list[tuple[float, float, float, int, int]] = []
-        self.loop: dict[str, float] = {}
+        self.loop: dict[str, float | None] = {}
         self._lock = threading.Lock()
         self._cpu0 = time.process_time()
         self._wall0 = time.time()
