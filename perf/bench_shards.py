@@ -210,7 +210,7 @@ def format_phases(kind: str, ph: dict[str, Any]) -> list[str]:
     lines = [f"  {kind}: round {ph['round_s']:.3f} s (traced); per shard, s per round:"]
     lines.append("    " + " ".join(f"{h:>9}" for _, h, _ in (("", "shard", ""), *PHASE_COLS)))
     for row in ph["shards"]:
-        cells = [f"{row['shard']:>9}"]
+        cells = [f"{int(row['shard']):>9}"]
         for key, _, fmt in PHASE_COLS:
             v = row.get(key)
             cells.append(f"{'-' if v is None else fmt.format(v):>9}")
