@@ -102,6 +102,10 @@ class Deployment:
     # Heavy set-up only a process that runs nodes needs (importing torch, say): transports call
     # it where nodes run, before starting them, never in a driver that only places them.
     prepare: Callable[[], None] | None = None
+    # Work per round of the nodes that do more (or less) than a typical node's 1.0 (a server
+    # that sums every reply, say): a hint transports place shards by (`transports.base.place`).
+    # It only moves work between processes; results never depend on it.
+    load: Mapping[int, float] | None = None
 
 
 class Network(_TypingProtocol):

@@ -35,7 +35,7 @@ import numpy as np
 from kernel.api import Context, Deployment, Protocol
 from kernel.messages import Message
 from kernel.options import ConfigError, options
-from protocols import aggregators, learners, partials, threats
+from protocols import aggregators, learners, partials, placehint, threats
 from protocols.common import Aggregate, Gather, Tensors, aggregator, derive_rng, sample
 from protocols.learning import evaluation
 
@@ -629,6 +629,8 @@ def deploy(config: Mapping[str, Any], name: str, opts_cls: type[Options] = Optio
         make_node=make_node,
         describe=f"{name}: server 0, clients 1..{learner.clients}, {rounds} rounds",
         prepare=getattr(learner, "prepare", None),  # a user's learner may have none
+        load=placehint.server_load(learner, opts.clients_per_round, opts.fraction,
+                                   opts.eval_every, relayed=relays is not None),
     )
 
 

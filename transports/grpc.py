@@ -540,7 +540,7 @@ class Cluster:
         self.codec = Codec.from_config(job.config.get("codec", {}))
         # Never a shard without nodes: fewer processes when the run has fewer nodes than shards.
         self.opts["shards"] = max(1, min(opts["shards"], len(job.deployment.node_ids)))
-        self.placement = place(job.deployment.node_ids, self.opts["shards"])
+        self.placement = place(job.deployment.node_ids, self.opts["shards"], job.deployment.load)
         self.shards: list[ShardProcess] = []
         self.events: queue.Queue[tuple[int, str, Any]] = queue.Queue()
         self.startup_s = 0.0

@@ -31,6 +31,7 @@ from kernel.host import Host
 from kernel.messages import Message
 from kernel.placement import Placement
 from kernel.wire.codec import Codec, CodecError, body_nbytes
+from transports import shardtrace
 from transports.base import place
 from transports.grpc import (
     DELIVER,
@@ -298,7 +299,8 @@ class Shard:
         self.deployment = build(self.config)
         if self.deployment.prepare is not None:
             self.deployment.prepare()
-        self.placement = place(self.deployment.node_ids, int(self.opts["shards"]))
+        self.placement = place(self.deployment.node_ids, int(self.opts["shards"]),
+                               self.deployment.load)
         self.local_set = frozenset(self.local)
         self.links: dict[int, PeerLink] = {}
         self.events = FrameQueue(int(self.opts["queue_bytes"]),
@@ -316,6 +318,7 @@ class Shard:
         self._loop_thread: threading.Thread | None = None
         self._error_sent = False
         self.server: grpc.Server | None = None
+        self.trace = shardtrace.start("grpc", self.index)
 
     # -- serving ---------------------------------------------------------------------------
     def serve(self) -> int:
@@ -362,7 +365,10 @@ class Shard:
         with self._lock:
             self._stream_stats.append(stats)
         bad = 0
+        trace = self.trace
         for data in requests:
+            if trace is not None:
+                w0, c0, got = time.time(), time.thread_time(), 0
             stats["frames_in"] += 1
             stats["wire_bytes_in"] += len(data)
             with inbound.lock:
@@ -380,6 +386,8 @@ class Shard:
                         frames = reasm.feed(body)
                     except CodecError as exc:
                         frames, bad = [], self._bad(peer, exc, bad)
+                    if trace is not None:
+                        got = len(frames)
                     for meta, buf in frames:
                         try:
                             self._accept(meta, buf)
@@ -387,6 +395,8 @@ class Shard:
                             bad = self._bad(peer, f"frame in the message at stream byte offset "
                                                   f"{at}: {exc}", bad)
                 ack = SEQ.pack(inbound.last)
+            if trace is not None:
+                trace.received(w0, c0, got)
             yield ack
 
     def _bad(self, peer: str, what: object, seen: int) -> int:
@@ -500,6 +510,7 @@ class Shard:
             for counters in [*self._stream_stats, *(link.stats for link in self.links.values())]:
                 for key, value in counters.items():
                     stats[key] += value
+        shardtrace.finish(self.trace)
         self.stopped = True
         self.events.close(drain=True)
         return {"stats": stats}
@@ -508,9 +519,13 @@ class Shard:
     def _loop(self) -> None:
         host = self.host
         assert host is not None
+        if self.trace is not None:
+            self.trace.install(host)
         try:
             host.start()
             reason = self._run(host)
+            if self.trace is not None:
+                self.trace.loop_ended()
             if reason == "finished":
                 self._event("done", {"reason": reason, "finished_by": host.finished_by,
                                      "result": dict(host.result or {})})
@@ -552,6 +567,9 @@ class Shard:
     # -- Outbox: messages for nodes on other shards -----------------------------------------
     def post(self, msg: Message, dsts: Sequence[int]) -> None:
         """Encode `msg` once and queue it for each shard that runs some of `dsts`."""
+        trace = self.trace
+        if trace is not None:
+            w0, c0 = time.time(), time.thread_time()
         parts = self.codec.encode(msg)
         n = nbytes_of(parts)
         by_shard: dict[int, list[int]] = {}
@@ -561,6 +579,8 @@ class Shard:
         timeout = float(self.opts["call_timeout"])
         for k, group in by_shard.items():
             self.links[k].queue.put((group, parts, n), timeout)
+        if trace is not None:
+            trace.sent(w0, c0, len(dsts), n)
 
     def shutdown(self) -> None:
         """Stop serving (the driver has closed our stdin)."""

@@ -73,7 +73,8 @@ class InprocTransport(Transport):
             strict=strict,
             on_metric=on_metric,
             sizer=body_nbytes,
-            placement=Placement.of(dep.node_ids, min(opts["shards"], len(dep.node_ids))),
+            placement=Placement.of(dep.node_ids, min(opts["shards"], len(dep.node_ids)),
+                                   dep.load),
         )
         if plan is not None and plan.resume is not None:
             checkpoint.restore(host, network, plan.resume.state, plan.fresh())

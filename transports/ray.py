@@ -206,7 +206,7 @@ class RayTransport(Transport):
             cps, gps = float(spec.get("CPU", 0.0)), float(spec.get("GPU", 0.0))
         else:
             shards, cps, gps = ray_cluster.default_layout(o, len(node_ids))
-        where = place(node_ids, shards)
+        where = place(node_ids, shards, job.deployment.load)
         self.shard_nodes = [sorted(n for n, s in where.items() if s == i) for i in range(shards)]
         if inherited is not None:
             self._pg, self._own_pg, first = inherited, False, 1

@@ -1,11 +1,11 @@
 """One shard of a Ray run: a Ray actor running a wall-clock Host for a slice of the nodes.
 
-Messages leave the shard as codec frames, batched per destination shard and sent with one actor
-call per destination per loop tick. A batch's frames for one destination travel as one contiguous
-uint8 argument (above `inline_threshold` bytes Ray stores it once and the receiver reads it
-zero-copy from the object store). A frame above `inline_threshold` bytes bound for several shards
-is `ray.put` once and only its ObjectRef travels, to every shard that needs it. Only bytes, numpy
-arrays, ints and actor handles cross Ray.
+Messages leave the shard as codec frames, batched per destination shard (`ShardOutbox` says when
+a batch goes) and sent by a sender thread with one actor call per batch. A batch's frames for one
+destination travel as one contiguous uint8 argument (above `inline_threshold` bytes Ray stores
+it once and the receiver reads it zero-copy from the object store). A frame above
+`inline_threshold` bytes bound for several shards is `ray.put` once and only its ObjectRef
+travels, to every shard that needs it. Only bytes, numpy arrays, ints and actor handles cross Ray.
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import os
 import sys
 import threading
 import time
+from collections import deque
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -28,11 +29,17 @@ from kernel.messages import Message
 from kernel.placement import Placement
 from kernel.registry import load
 from kernel.wire.codec import Codec, body_nbytes, join
+from transports import shardtrace
 from transports.base import place
 
 ALIGN = 64
 # A destination's batch holding this many bytes of frames is sent at once, not at the tick.
 FLUSH_BYTES = 16 << 20
+# A reply batch this old goes at the next send, even while the shard still has events due: the
+# receiver (a server summing replies) works on them while this shard goes on training. Each call
+# costs the sender CPU (W2: ~8 ms for 8 replies of 0.8 MB), and the last batch of a round delays
+# the receiver by its size: ~50 ms balances the two (~8 calls per round of 62 replies, 5 ms apart).
+COALESCE_S = 0.05
 # Shard states as reported to the driver; the loop's own stop reasons come from Scheduler.run.
 STARTING, RUNNING, STOPPED, ERROR = "starting", "running", "stopped", "error"
 ENDED = frozenset({"finished", "until", "max_events", STOPPED, ERROR})
@@ -52,16 +59,35 @@ def _encodable(codec: Codec, row: Mapping[str, Any]) -> bool:
 
 
 class ShardOutbox:
-    """Batches this shard's outgoing frames per destination shard until the next flush."""
+    """Batches this shard's outgoing frames per destination shard and hands each batch to a
+    sender thread, which makes the actor call.
+
+    When a batch goes (with `tick = 0`, the default): a multicast (a server's "train") at once,
+    before the events already due, so remote nodes never wait while this shard's own nodes
+    train; a single send (a reply) joins its destination's batch, which goes when it is
+    `COALESCE_S` old at the next send, at the end of the events due at this look at the clock,
+    or at `FLUSH_BYTES`. So a shard training many clients streams their replies in a few calls
+    per round instead of one per reply or one at the very end (which
+    left the receiver's work on them all to the end of the round). The sender thread copies
+    the batch into one contiguous argument and calls Ray, so the loop goes on running nodes
+    meanwhile (Ray's copy into its object store and its IPC take 5-90 ms of wall time per 16 MB
+    on a busy machine, most of it without the GIL). One thread sends, in order, so each
+    destination gets its batches in sequence."""
 
     def __init__(self, shard: ShardCore) -> None:
         self.shard = shard
         # dst shard -> entries (dsts, frame parts to copy into the batch, or a multicast ObjectRef)
         self.pending: dict[int, list[tuple[list[int], Any]]] = {}
         self.pending_bytes: dict[int, int] = {}
+        self.pending_since: dict[int, float] = {}
         self.scheduled = False
         self.closed = False
-        self._scratch = np.empty(0, np.uint8)
+        self._scratch = np.empty(0, np.uint8)  # the loop thread's (multicast frames to ray.put)
+        self._send_scratch = np.empty(0, np.uint8)  # the sender thread's (batches)
+        # Batches handed to the sender: (peer, dst incarnation, seq, index, entries, refs, total).
+        self._queue: deque[tuple[Any, ...]] = deque()
+        self._cond = threading.Condition()
+        self._thread: threading.Thread | None = None
 
     def post(self, msg: Message, dsts: Sequence[int]) -> None:
         sh = self.shard
@@ -85,15 +111,21 @@ class ShardOutbox:
             item = ray.put(self._frame_array(parts, n))
             sh.stats["puts"] += 1
         else:
-            # Copied into the destination's batch at send time; the parts are views of the body,
-            # which nobody mutates after sending (local deliveries share it too).
+            # Copied into the destination's batch by the sender thread; the parts are views of
+            # the body, which nobody mutates after sending (local deliveries share it too).
             item = (parts, n)
+        now = time.monotonic()
         for s, ds in groups.items():
-            self.pending.setdefault(s, []).append((ds, item))
+            batch = self.pending.get(s)
+            if batch is None:
+                batch = self.pending[s] = []
+                self.pending_since[s] = now
+            batch.append((ds, item))
             self.pending_bytes[s] = self.pending_bytes.get(s, 0) + n
-            if self.pending_bytes[s] >= FLUSH_BYTES:
-                # Bulk goes now: one call is cheap beside this many bytes, and the destination
-                # should not wait for whatever else this shard has to do in this tick.
+            if self.pending_bytes[s] >= FLUSH_BYTES or (
+                    sh.tick <= 0 and now - self.pending_since[s] >= COALESCE_S):
+                # Bulk, or replies that have waited long enough: the destination should not
+                # wait for whatever else this shard has to do in this tick.
                 self._send(s)
         sh.stats["wire_bytes"] += n * len(groups)
         if self.pending and not self.scheduled:
@@ -107,19 +139,18 @@ class ShardOutbox:
                 host.sched.push_front(CALL, -1, self.flush)
             else:
                 # One reply: after the events already due, so the replies of one look at the
-                # clock share one call per destination shard (each call costs ~2 ms of loop).
+                # clock share one call per destination shard (unless COALESCE_S passes first).
                 host.call_soon_threadsafe(self.flush)
 
-    def _buffer(self, n: int) -> np.ndarray:
-        # The batch is serialised (copied into the object store, or inlined) inside `.remote()`
-        # and ray.put copies too, so one scratch buffer serves every batch and multicast frame
-        # (copying into reused memory is ~5x faster than into fresh pages).
-        if self._scratch.nbytes < n:
-            self._scratch = np.empty(max(n, 2 * self._scratch.nbytes), np.uint8)
-        return self._scratch
+    @staticmethod
+    def _grow(buf: np.ndarray, n: int) -> np.ndarray:
+        # Ray copies the batch (into the object store, or inlined) inside `.remote()`, and
+        # ray.put copies too, so one reused buffer per thread serves every batch (copying into
+        # reused memory is ~5x faster than into fresh pages).
+        return buf if buf.nbytes >= n else np.empty(max(n, 2 * buf.nbytes), np.uint8)
 
     def _frame_array(self, parts: list[Any], n: int) -> np.ndarray:
-        buf = self._buffer(n)
+        buf = self._scratch = self._grow(self._scratch, n)
         off = 0
         for p in parts:
             a = np.frombuffer(p, np.uint8)
@@ -128,7 +159,7 @@ class ShardOutbox:
         return buf[:n]
 
     def flush(self) -> None:
-        """Send every destination's batch: one actor call per destination shard."""
+        """Hand every destination's batch to the sender: one actor call per destination."""
         self.scheduled = False
         if self.closed:
             self.pending.clear()
@@ -137,9 +168,11 @@ class ShardOutbox:
             self._send(s)
 
     def _send(self, s: int) -> None:
+        """Number destination `s`'s batch and queue it for the sender thread (loop thread)."""
         sh = self.shard
         entries = self.pending.pop(s)
         self.pending_bytes.pop(s, None)
+        self.pending_since.pop(s, None)
         index: list[list[Any]] = []
         refs: list[Any] = []
         total = 0
@@ -152,22 +185,62 @@ class ShardOutbox:
             else:
                 refs.append(item)
                 index.append([ds, -len(refs)])
-        blob: Any
-        if total <= sh.inline_threshold:
-            blob = bytes(self._fill(entries, self._buffer(total)[:total]))
-        else:
-            # One contiguous argument: Ray stores it once and the receiver reads it zero-copy.
-            blob = self._fill(entries, self._buffer(total)[:total])
-            sh.stats["stored_batches"] += 1
-        peer = sh.peers[s]
         seq = sh.out_seq.get(s, 0)
         sh.out_seq[s] = seq + 1
+        # The peer and its incarnation as of now, with the sequence number they go with.
+        job = (s, sh.peers[s], sh.peer_inc[s], seq, msgpack.packb(index), entries, refs, total)
+        with self._cond:
+            self._queue.append(job)
+            self._cond.notify()
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._sender, daemon=True,
+                                            name=f"ray-send-{sh.shard_id}")
+            self._thread.start()
+
+    def _sender(self) -> None:
+        sh = self.shard
+        while True:
+            with self._cond:
+                while not self._queue and not self.closed:
+                    self._cond.wait()
+                if self.closed:
+                    self._queue.clear()
+                    return
+                job = self._queue.popleft()
+            try:
+                self._call(*job)
+            except Exception as exc:
+                sh.interrupt(f"ray shard {sh.shard_id} could not send a batch to shard {job[0]}: "
+                             f"{type(exc).__name__}: {exc}")
+                return
+
+    def _call(self, s: int, peer: Any, peer_inc: int, seq: int, index: bytes,
+              entries: list[tuple[list[int], Any]], refs: list[Any], total: int) -> None:
+        sh = self.shard
+        trace = sh.trace
+        if trace is not None:
+            w0, c0 = time.time(), time.thread_time()
+        buf = self._send_scratch = self._grow(self._send_scratch, total)
+        blob: Any
+        if total <= sh.inline_threshold:
+            blob = bytes(self._fill(entries, buf[:total]))
+        else:
+            # One contiguous argument: Ray stores it once and the receiver reads it zero-copy.
+            blob = self._fill(entries, buf[:total])
+            sh.stats["stored_batches"] += 1
         # Fire and forget: a dead destination is the driver's to notice and report.
-        peer.deliver.remote(
-            sh.shard_id, sh.incarnation, sh.peer_inc[s], seq,
-            msgpack.packb(index), blob, *refs,
-        )
+        peer.deliver.remote(sh.shard_id, sh.incarnation, peer_inc, seq, index, blob, *refs)
         sh.stats["batches"] += 1
+        if trace is not None:
+            trace.sent(w0, c0, len(entries), total)
+
+    def close(self, timeout_s: float) -> None:
+        """Send nothing more; the sender thread drops what is queued and ends."""
+        with self._cond:
+            self.closed = True
+            self._cond.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout_s)
 
     @staticmethod
     def _fill(entries: list[tuple[list[int], Any]], buf: np.ndarray) -> np.ndarray:
@@ -208,7 +281,7 @@ class ShardCore:
         dep = load("protocols", config["protocol"]["name"])(config)
         if dep.prepare is not None:
             dep.prepare()
-        self.placement = place(dep.node_ids, n_shards)
+        self.placement = place(dep.node_ids, n_shards, dep.load)
         self.local = [n for n, sh in sorted(self.placement.items()) if sh == shard_id]
         self.stats = {"wire_bytes": 0, "batches": 0, "stored_batches": 0, "puts": 0,
                       "received_batches": 0, "stale_batches": 0}
@@ -240,6 +313,7 @@ class ShardCore:
         torch = sys.modules.get("torch")
         if torch is not None and threads > 0:
             torch.set_num_threads(threads)
+        self.trace = shardtrace.start("ray", shard_id)
         self.build_s = time.monotonic() - t0
 
     # -- metrics and state, read by the driver's long poll ------------------------------------
@@ -313,6 +387,8 @@ class ShardCore:
 
     def _loop(self) -> None:
         c0, w0 = time.thread_time(), time.monotonic()
+        if self.trace is not None:
+            self.trace.install(self.host)
         try:
             reason = self.host.run(until=self.until, max_events=self.max_events)
             if reason == "paused":  # the driver asked to stop (`interrupt`)
@@ -323,6 +399,8 @@ class ShardCore:
         finally:
             self.busy_s = time.thread_time() - c0
             self.loop_s = time.monotonic() - w0
+            if self.trace is not None:
+                self.trace.loop_ended()
         if reason != ERROR:
             self._finish(reason)
 
@@ -345,7 +423,7 @@ class ShardCore:
 
     def stop(self, timeout_s: float) -> bytes:
         """End the loop, call every node's on_stop, and report rows left and statistics."""
-        self.outbox.closed = True
+        self.outbox.close(timeout_s)
         if self.thread is not None:
             self.interrupt()
             self.thread.join(timeout_s)
@@ -368,6 +446,7 @@ class ShardCore:
                  "dropped": st["dropped"], "queue": len(self.host.sched),
                  "busy_s": self.busy_s, "loop_s": self.loop_s, "build_s": self.build_s,
                  **self.stats}
+        shardtrace.finish(self.trace)
         return encode_plain(self.codec, {"rows": rows, "stats": stats, "error": self.error,
                                          "late": late})
 
@@ -393,6 +472,9 @@ class ShardCore:
     def _unpack(self, src: int, index: bytes, blob: bytes | np.ndarray,
                 frames: tuple[np.ndarray, ...]) -> None:
         self.stats["received_batches"] += 1
+        trace = self.trace
+        if trace is not None:
+            w0, c0 = time.time(), time.thread_time()
         try:
             entries = msgpack.unpackb(index)
             # Bytes when small; a read-only view into the object store when large.
@@ -406,6 +488,8 @@ class ShardCore:
                 else:
                     frame = memoryview(frames[-n - 1])
                 host.deliver(decode(frame), dsts, threadsafe=True)
+            if trace is not None:
+                trace.received(w0, c0, len(entries))
         except Exception as exc:
             self.interrupt(f"a batch from ray shard {src} could not be delivered: "
                            f"{type(exc).__name__}: {exc}")

@@ -368,3 +368,26 @@ def test_any_shard_count_gives_the_inproc_model(local_ray: None, shards: int) ->
     relayed = [row["value"] for row in got.rows if row["name"] == "partials"]
     assert relayed == ([shards - 1] * 3 if shards > 1 else [])
     assert got.result["final_model_sha256"] == want.result["final_model_sha256"]
+
+
+def test_replies_are_coalesced_and_the_server_gets_a_lighter_shard(local_ray: None) -> None:
+    # Every client trains every round; training is instant, so the replies one shard makes in
+    # one look at the clock must share one actor call (the old code made one per reply).
+    def config(kind: str, **transport: Any) -> dict[str, Any]:
+        return validate({
+            "run": {"seed": 2, "rounds": 3, "progress": False},
+            "protocol": {"name": "fedavg", "clients_per_round": 40},
+            "workload": {"model": "linear", "clients": 40, "samples_per_client": 200,
+                         "input_dim": 20, "test_samples": 100},
+            "transport": {"kind": kind, **transport}})
+
+    want = runner.execute(config("inproc"), quiet=True)
+    got = runner.execute(config("ray", shards=2, cpus_per_shard=0.5), quiet=True)
+    assert got.result["final_model_sha256"] == want.result["final_model_sha256"]
+    stats = sorted(got.result["shards"], key=lambda st: st["shard"])
+    server, other = stats  # node 0, the server, is placed first: on shard 0
+    assert server["nodes"] < other["nodes"]  # placement's load hint: fewer clients beside it
+    replies = 3 * (other["nodes"])
+    # One multicast's batch per round the other way; replies in a few calls per round.
+    assert other["batches"] <= 3 * 3 < replies
+    assert server["batches"] <= 3 * 2
