@@ -6,10 +6,12 @@ The driver starts (or joins) Ray, reserves one placement-group bundle per shard,
 actors (each rebuilds the deployment from the config), starts every node, then long-polls the
 shards for metric rows and their state until one node finishes, a limit passes or a shard dies.
 
-Start-up overlaps where it can: a local Ray started for the run imports, in the workers it
-prestarts, the modules the deployment's `prepare` declared (`kernel.api.imports`: torch for
-the torch learners) and the shard code (`transport.preload`), so the shards' heaviest
-set-up runs while the driver is still connecting and reserving. `RayTransport.phases` times
+`transport.preload = true` overlaps start-up: a local Ray started for the run imports, in the
+workers it prestarts, the modules the deployment's `prepare` declared (`kernel.api.imports`:
+torch for the torch learners) and the shard code, so the shards' heaviest set-up runs while
+Ray is still starting. Off by default: it pays only where cores are idle during `ray.init`
+(on 2 cores it measured no faster, Ray's own processes already fill them), and every worker
+Ray prestarts (one per CPU) imports the modules, shard or not. `RayTransport.phases` times
 each part of the path (PHASES), for result.json's `timings` and `fedloom run --timings`.
 """
 
@@ -56,7 +58,7 @@ DEFAULTS: dict[str, Any] = {
     "strict": False,  # accepted for configs shared with inproc; ray always encodes across shards
     # A local Ray's prestarted workers import the shard code and the modules the deployment's
     # prepare step declared (torch for the torch learners) before the shards reach them.
-    "preload": True,
+    "preload": False,
 }
 # The parts of a ray run's wall time, in order, as `RayTransport.phases` reports them (seconds):
 # ray_init_s (joining or starting Ray, incl. the driver's probe), placement_s (reserving the
