@@ -9,7 +9,8 @@ is not a fedloom dependency, so keep it in its own venv), from the repository ro
 Both sides use the same model, data and local training (`protocols.learners`, W1's table), the
 same per-client rngs as protocols.fedavg (default_rng([seed, node, round]), node = client + 1)
 and sample-weighted FedAvg, so final accuracies should agree closely. Every run is a fresh
-process (start-up counted); runs alternate Flower, fedloom-ray, fedloom-inproc per repetition.
+process (start-up counted); runs alternate Flower, fedloom-ray, fedloom-inproc, the order
+turning by one each repetition.
 Total wall is measured here from spawn to exit; memory is the peak summed RSS of the process
 tree (perf.procs.TreeSampler, every 0.15 s). Flower is imported only inside the child.
 
@@ -293,18 +294,25 @@ def main() -> None:
         runs["before-ray"] = []
         before_env = {**env, "PYTHONPATH": str(args.before.resolve()),
                       "PYTHONDONTWRITEBYTECODE": "1"}
+
+    def step(name: str, work: Path) -> dict[str, Any]:
+        if name == "flower":
+            return run_flower(sys.executable, work, env)
+        if name == "before-ray":
+            before = args.before.resolve()
+            return run_fedloom(str(before / ".venv" / "bin" / "fedloom"), "ray", work,
+                               before_env, name=name, cwd=before)
+        return run_fedloom(args.fedloom, name.removeprefix("fedloom-"), work, env)
+
     load0 = os.getloadavg()
     with tempfile.TemporaryDirectory(prefix="flower-cmp-") as tmp:
         for i in range(args.reps):
             work = Path(tmp) / f"rep{i}"
             work.mkdir()
-            runs["flower"].append(run_flower(sys.executable, work, env))
-            runs["fedloom-ray"].append(run_fedloom(args.fedloom, "ray", work, env))
-            runs["fedloom-inproc"].append(run_fedloom(args.fedloom, "inproc", work, env))
-            if args.before is not None:
-                runs["before-ray"].append(run_fedloom(
-                    str(args.before.resolve() / ".venv" / "bin" / "fedloom"), "ray", work,
-                    before_env, name="before-ray", cwd=args.before.resolve()))
+            # The order turns each repetition: no engine always follows the heaviest one.
+            order = list(runs)
+            for name in order[i % len(order):] + order[:i % len(order)]:
+                runs[name].append(step(name, work))
             for kind in [n for n in runs if n != "flower"]:
                 print(f"rep {i}: final model flower vs {kind}: "
                       + same_model(runs["flower"][-1]["model"], runs[kind][-1]["model"]))
