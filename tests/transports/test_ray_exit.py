@@ -96,3 +96,12 @@ def test_fedloom_run_on_ray_is_timed_in_parts_and_leaves_no_ray_process(tmp_path
     # Workers that imported torch before the shards set their thread count: same model.
     want = runner.execute(load(W1, [*SMALL, "run.progress=false"]), quiet=True)
     assert result["final_model_sha256"] == want.result["final_model_sha256"]
+
+
+def test_preload_is_a_boolean_off_by_default() -> None:
+    from kernel.options import ConfigError
+    from transports.ray import check_options
+
+    assert check_options({})["preload"] is False
+    with pytest.raises(ConfigError, match=r"\[transport\] preload = 'yes'.*boolean"):
+        check_options({"preload": "yes"})
