@@ -114,7 +114,9 @@ def flower_child(out: Path) -> None:
         server_app=ServerApp(server_fn=server_fn), client_app=ClientApp(client_fn=client_fn),
         num_supernodes=n_clients,
         backend_config={"client_resources": {"num_cpus": 1, "num_gpus": 0.0},
-                        "init_args": {"num_cpus": 2, "include_dashboard": False}},
+                        # "local": a Ray of its own, never one `ray start` left running.
+                        "init_args": {"address": "local", "num_cpus": 2,
+                                      "include_dashboard": False}},
     )
     t_done = time.time()
     last = marks["eval"].get(rounds)
@@ -316,6 +318,8 @@ def main() -> None:
             for kind in [n for n in runs if n != "flower"]:
                 print(f"rep {i}: final model flower vs {kind}: "
                       + same_model(runs["flower"][-1]["model"], runs[kind][-1]["model"]))
+            # Written after every repetition, so a later failure keeps what was measured.
+            args.save.write_text(table(runs, i + 1))
             print(f"rep {i}: " + "; ".join(
                 f"{k} exit {v[-1]['exit_s']:.1f}s acc {v[-1]['acc']:.4f} rss "
                 f"{v[-1]['tree_mb']:.0f}MB" for k, v in runs.items()), flush=True)
