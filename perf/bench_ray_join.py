@@ -41,10 +41,12 @@ def _port() -> int:
         return int(s.getsockname()[1])
 
 
-def _start_head(env: dict[str, str], temp: str, preload: list[str]
-                ) -> tuple[subprocess.Popen[str], int]:
+def start_head(env: dict[str, str], temp: str, preload: list[str],
+               python: str = sys.executable) -> tuple[subprocess.Popen[str], int]:
+    """`ray start --head --block` with its own ports and temp dir (run by `python`); returns the
+    process and its GCS port once it says it started."""
     port = _port()
-    argv = [sys.executable, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
+    argv = [python, "-m", "ray.scripts.scripts", "start", "--head", f"--port={port}",
             f"--temp-dir={temp}", "--include-dashboard=false", f"--dashboard-port={_port()}",
             f"--ray-client-server-port={_port()}", f"--dashboard-agent-listen-port={_port()}",
             "--disable-usage-stats", "--block"]
@@ -59,7 +61,8 @@ def _start_head(env: dict[str, str], temp: str, preload: list[str]
     raise RuntimeError("ray start --head exited before starting")
 
 
-def _stop(proc: subprocess.Popen[str]) -> None:
+def stop(proc: subprocess.Popen[str]) -> None:
+    """Stop a head `start_head` started, by pid (its process tree), never `ray stop`."""
     tree = [psutil.Process(proc.pid), *psutil.Process(proc.pid).children(recursive=True)]
     proc.send_signal(signal.SIGTERM)
     _, alive = psutil.wait_procs(tree, timeout=30)
@@ -101,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
     env.update(RAY_AUTH_MODE="token", RAY_AUTH_TOKEN=secrets.token_hex(32))
     temp = tempfile.mkdtemp(prefix="fljoin", dir="/tmp")
-    head, port = _start_head(env, temp, [m for m in ns.head_preload.split(",") if m])
+    head, port = start_head(env, temp, [m for m in ns.head_preload.split(",") if m])
     cells: dict[str, list[dict[str, float]]] = {"local": [], "joined": []}
     try:
         for rep in range(ns.reps):
@@ -110,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
             cells["joined"].append(_one(ns.config, {**env, "RAY_ADDRESS": f"127.0.0.1:{port}"},
                                         [], out / f"joined-{rep}"))
     finally:
-        _stop(head)
+        stop(head)
     med: dict[str, Any] = {k: {m: statistics.median(r.get(m, 0.0) for r in v) for m in v[0]}
                            for k, v in cells.items()}
     (out / "results.json").write_text(json.dumps({"runs": cells, "medians": med}, indent=2))

@@ -4,7 +4,7 @@ A standalone script, run with a Python that has `flwr[simulation]` and psutil in
 is not a fedloom dependency, so keep it in its own venv), from the repository root:
 
     /tmp/flwr-venv/bin/python -m perf.compare_flower [--reps 3] [--fedloom .venv/bin/fedloom]
-        [--before /path/to/another/checkout]
+        [--before /path/to/another/checkout] [--joined]
 
 Both sides use the same model, data and local training (`protocols.learners`, W1's table), the
 same per-client rngs as protocols.fedavg (default_rng([seed, node, round]), node = client + 1)
@@ -14,9 +14,12 @@ turning by one each repetition.
 Total wall is measured here from spawn to exit; memory is the peak summed RSS of the process
 tree (perf.procs.TreeSampler, every 0.15 s). Flower is imported only inside the child.
 
-`--before DIR` adds a fourth engine in the same alternation: DIR's own `fedloom` on ray (its
+`--before DIR` adds an engine in the same alternation: DIR's own `fedloom` on ray (its
 `.venv/bin/fedloom`, run with DIR as working directory and PYTHONPATH, so none of this
-checkout's code leaks in), to compare two versions at the same load. The fedloom-ray rows are
+checkout's code leaks in), to compare two versions at the same load. `--joined` adds fedloom
+on ray joining a head started once before the repetitions (`ray start --head`, with token
+authentication, not counted; stopped by pid at the end): the fast path, no Ray to start or
+stop per run. The fedloom-ray rows are
 then broken into the parts result.json's `timings` reports (ray.init, shard actors, rounds,
 ...; "write + exit" is spawn-to-exit less everything result.json timed).
 """
@@ -280,6 +283,8 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=3)
     ap.add_argument("--fedloom", default=str(ROOT / ".venv" / "bin" / "fedloom"))
     ap.add_argument("--save", type=Path, default=Path("/tmp/flower_cmp.md"))
+    ap.add_argument("--joined", action="store_true",
+                    help="also fedloom on ray joining a head started beforehand (the fast path)")
     ap.add_argument("--before", type=Path, default=None, metavar="DIR",
                     help="another fedloom checkout to run on ray too (its .venv/bin/fedloom)")
     args = ap.parse_args()
@@ -304,9 +309,43 @@ def main() -> None:
             before = args.before.resolve()
             return run_fedloom(str(before / ".venv" / "bin" / "fedloom"), "ray", work,
                                before_env, name=name, cwd=before)
+        if name == "fedloom-ray-joined":
+            return run_fedloom(args.fedloom, "ray", work, joined_env, name=name)
         return run_fedloom(args.fedloom, name.removeprefix("fedloom-"), work, env)
 
+    head = None
+    joined_env: dict[str, str] = {}
+    if args.joined:
+        import secrets
+
+        from perf.bench_ray_join import start_head
+
+        auth = {"RAY_AUTH_MODE": "token", "RAY_AUTH_TOKEN": secrets.token_hex(32)}
+        head_env = {**{k: v for k, v in env.items() if not k.startswith("RAY_")}, **auth}
+        python = str(Path(args.fedloom).parent / "python")
+        head, port = start_head(head_env, tempfile.mkdtemp(prefix="flcmp", dir="/tmp"), [],
+                                python=python)
+        joined_env = {**env, **auth, "RAY_ADDRESS": f"127.0.0.1:{port}"}
+        runs["fedloom-ray-joined"] = []
+
     load0 = os.getloadavg()
+    try:
+        _repeat(args, runs, step)
+    finally:
+        if head is not None:
+            from perf.bench_ray_join import stop
+
+            stop(head)
+    text = f"flwr {runs['flower'][0]['flwr']}; flower per-round accuracy " \
+           f"{[round(a, 4) for a in runs['flower'][0]['accuracies']]}\n" \
+           f"load average (1, 5, 15 min) before: {load0}, after: {os.getloadavg()}\n\n" \
+           + table(runs, args.reps)
+    print(text)
+    args.save.write_text(text)
+
+
+def _repeat(args: argparse.Namespace, runs: dict[str, list[dict[str, Any]]], step: Any) -> None:
+    """`args.reps` repetitions of every engine, the order turning by one each time."""
     with tempfile.TemporaryDirectory(prefix="flower-cmp-") as tmp:
         for i in range(args.reps):
             work = Path(tmp) / f"rep{i}"
@@ -323,12 +362,6 @@ def main() -> None:
             print(f"rep {i}: " + "; ".join(
                 f"{k} exit {v[-1]['exit_s']:.1f}s acc {v[-1]['acc']:.4f} rss "
                 f"{v[-1]['tree_mb']:.0f}MB" for k, v in runs.items()), flush=True)
-    text = f"flwr {runs['flower'][0]['flwr']}; flower per-round accuracy " \
-           f"{[round(a, 4) for a in runs['flower'][0]['accuracies']]}\n" \
-           f"load average (1, 5, 15 min) before: {load0}, after: {os.getloadavg()}\n\n" \
-           + table(runs, args.reps)
-    print(text)
-    args.save.write_text(text)
 
 
 if __name__ == "__main__":
