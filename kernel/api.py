@@ -108,6 +108,26 @@ class Deployment:
     load: Mapping[int, float] | None = None
 
 
+def imports(*modules: str) -> Callable[[Any], Any]:
+    """Marks a `prepare` function with the modules it imports, so that a transport starting
+    worker processes may import them there ahead of the run (see `prepare_imports`)."""
+
+    def mark(fn: Any) -> Any:
+        fn.imports = tuple(modules)
+        return fn
+
+    return mark
+
+
+def prepare_imports(deployment: Deployment) -> tuple[str, ...]:
+    """The modules `deployment.prepare` declared with `imports` (a bound method carries its
+    function's mark); empty when it declared none."""
+    found = getattr(deployment.prepare, "imports", ())
+    if not isinstance(found, tuple) or not all(isinstance(m, str) for m in found):
+        return ()
+    return found
+
+
 class Network(_TypingProtocol):
     """What inproc asks of a network model, in virtual time; `transports.netmodel` implements it."""
 

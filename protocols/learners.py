@@ -38,6 +38,7 @@ from typing import Any
 
 import numpy as np
 
+from kernel.api import imports
 from kernel.options import NODE_BYTES, ConfigError, options, require_memory
 
 Tensors = dict[str, np.ndarray]
@@ -377,6 +378,7 @@ class TorchMLP(Learner):
         super().__init__(opts)
         self._net: Any = None
 
+    @imports("torch")
     def prepare(self) -> None:
         # Imported here (1-2 s) so that start-up pays it, not the first round; only where
         # nodes run (a ray or grpc driver never trains).

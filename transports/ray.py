@@ -5,6 +5,14 @@ large bodies through the object store; one machine or a cluster (`transport.addr
 The driver starts (or joins) Ray, reserves one placement-group bundle per shard, makes the shard
 actors (each rebuilds the deployment from the config), starts every node, then long-polls the
 shards for metric rows and their state until one node finishes, a limit passes or a shard dies.
+
+`transport.preload = true` overlaps start-up: a local Ray started for the run imports, in the
+workers it prestarts, the modules the deployment's `prepare` declared (`kernel.api.imports`:
+torch for the torch learners) and the shard code, so the shards' heaviest set-up runs while
+Ray is still starting. Off by default: it pays only where cores are idle during `ray.init`
+(on 2 cores it measured no faster, Ray's own processes already fill them), and every worker
+Ray prestarts (one per CPU) imports the modules, shard or not. `RayTransport.phases` times
+each part of the path (PHASES), for result.json's `timings` and `fedloom run --timings`.
 """
 
 from __future__ import annotations
@@ -22,7 +30,7 @@ from ray.exceptions import ActorUnavailableError, GetTimeoutError, RayActorError
 from ray.util.placement_group import placement_group, remove_placement_group
 from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 
-from kernel.api import RunError
+from kernel.api import RunError, prepare_imports
 from kernel.options import ConfigError, options
 from kernel.wire.codec import Codec, join
 from transports import ray_cluster
@@ -48,7 +56,19 @@ DEFAULTS: dict[str, Any] = {
     "tick": 0.0,  # seconds between flushes of a shard's outbox; 0: after each batch of events
     "inline_threshold": 65536,
     "strict": False,  # accepted for configs shared with inproc; ray always encodes across shards
+    # A local Ray's prestarted workers import the shard code and the modules the deployment's
+    # prepare step declared (torch for the torch learners) before the shards reach them.
+    "preload": False,
 }
+# The parts of a ray run's wall time, in order, as `RayTransport.phases` reports them (seconds):
+# ray_init_s (joining or starting Ray, incl. the driver's probe), placement_s (reserving the
+# placement group), actors_s (shard actors created until every one has built its nodes; of
+# which shard_build_s is the slowest shard's own build), connect_s, on_start_s (nodes'
+# on_start and the loops started), watch_s (the rounds, until one node finished), stop_s
+# (shards stopped, their last rows and statistics), release_s (actors and placement group
+# released), shutdown_s (ray.shutdown; 0 on the CLI's fast exit, see close_for_exit).
+PHASES = ("ray_init_s", "placement_s", "actors_s", "shard_build_s", "connect_s", "on_start_s",
+          "watch_s", "stop_s", "release_s", "shutdown_s")
 STRATEGIES = ("PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD")
 LOG_CHOICES = {None: "errors", "errors": "errors", True: True, "all": True, False: False,
                "none": False}
@@ -117,9 +137,10 @@ class RayTransport(Transport):
         self._own_pg = True
         self._started_ray = False
         self._joined = False  # this run joined a cluster itself (address or RAY_ADDRESS)
+        self.phases: dict[str, float] = {}  # see PHASES
 
     # -- set-up -----------------------------------------------------------------------------
-    def _ensure_ray(self) -> None:
+    def _ensure_ray(self, job: Job) -> None:
         if ray.is_initialized():
             self.info = ray_cluster.info("(already initialised)", False)
             return
@@ -128,7 +149,8 @@ class RayTransport(Transport):
                 f"[transport] num_cpus sizes a local Ray, but this run joins "
                 f"{ray_cluster.joined_from(self.opts['address'])}; drop num_cpus or set "
                 "address = 'local'")
-        address, started = ray_cluster.init(self.opts)
+        preload = _preload(job) if self.opts["preload"] else ()
+        address, started = ray_cluster.init(self.opts, preload=preload)
         self._started_ray = True  # ours to disconnect (a joined cluster) or stop (a local Ray)
         self._joined = not started
         self.info = ray_cluster.info(address, started)
@@ -186,7 +208,9 @@ class RayTransport(Transport):
     # -- the run ----------------------------------------------------------------------------
     def run(self, job: Job) -> Outcome:
         t0 = time.monotonic()
-        self._ensure_ray()
+        self.phases = dict.fromkeys(PHASES, 0.0)
+        self._ensure_ray(job)
+        self.phases["ray_init_s"] = time.monotonic() - t0
         job.on_metric({"t": 0.0, "node": -1, "name": "status",
                        "value": ray_cluster.where_line(self.info)})
         try:
@@ -208,11 +232,14 @@ class RayTransport(Transport):
             shards, cps, gps = ray_cluster.default_layout(o, len(node_ids))
         where = place(node_ids, shards, job.deployment.load)
         self.shard_nodes = [sorted(n for n, s in where.items() if s == i) for i in range(shards)]
+        t = time.monotonic()
         if inherited is not None:
             self._pg, self._own_pg, first = inherited, False, 1
         else:
             self._reserve(job, shards, cps, gps)
             self._own_pg, first = True, 0
+        self.phases["placement_s"] = time.monotonic() - t
+        t = time.monotonic()
         workload = job.config.get("workload", {})
         # The learners set workload.torch_threads (default 1) themselves; the shard applies the
         # same number before they load, so no shard oversubscribes its CPUs meanwhile.
@@ -240,17 +267,26 @@ class RayTransport(Transport):
                           "deployment)", ids)
         incs = [i[0] for i in info]
         self.pids = [int(i[2]) for i in info]
+        ph = self.phases
+        ph["actors_s"] = time.monotonic() - t
+        ph["shard_build_s"] = max(float(i[4]) for i in info)
+        t = time.monotonic()
         self._call([a.connect.remote(self.actors, incs) for a in self.actors], "connect", ids)
+        ph["connect_s"] = time.monotonic() - t
         startup_s = time.monotonic() - t0
         run_t0 = time.monotonic()
         self._call([a.start.remote() for a in self.actors], "on_start", ids)
         self._call([a.go.remote() for a in self.actors], "go", ids)
+        ph["on_start_s"] = time.monotonic() - run_t0
         restarts = [0] * shards
         rows = ReplayFilter(job.on_metric)
         state, result, finished_by = self._watch(job, rows, restarts, incs, run_t0)
         clock_s = time.monotonic() - run_t0
+        ph["watch_s"] = clock_s - ph["on_start_s"]
+        t = time.monotonic()
         stops = self._call([a.stop.remote(o["call_timeout"] / 2) for a in self.actors], "stop",
                            ids)
+        ph["stop_s"] = time.monotonic() - t
         per_shard: list[dict[str, Any]] = []
         errors = []
         for s, frame in enumerate(stops):
@@ -421,6 +457,7 @@ class RayTransport(Transport):
 
     # -- tear-down --------------------------------------------------------------------------
     def _release(self) -> None:
+        t = time.monotonic()
         for a in self.actors:
             with contextlib.suppress(Exception):  # already gone: nothing left to release
                 ray.kill(a, no_restart=True)
@@ -429,12 +466,25 @@ class RayTransport(Transport):
             with contextlib.suppress(Exception):
                 remove_placement_group(self._pg)
         self._pg = None
+        self.phases["release_s"] = self.phases.get("release_s", 0.0) + time.monotonic() - t
 
     def close(self) -> None:
         self._release()
         if self._started_ray:
             self._started_ray = False
+            t = time.monotonic()
             ray.shutdown()
+            self.phases["shutdown_s"] = time.monotonic() - t
+
+    def close_for_exit(self) -> None:
+        """`close` for a process that ends right after (the CLI, once its outputs are
+        written): releases the shards and the placement group but leaves Ray up. A local
+        Ray's processes share this process's fate (Ray starts them so that the kernel, or
+        Ray's reaper, ends them when their parent exits), and a joined cluster ends the
+        job of a driver that exits, so the second or more of ray.shutdown's graceful waits
+        buys nothing. Ray's own atexit hook still shuts down a process that does not exit
+        at once."""
+        self._release()
 
 
 _ANSI = re.compile(r"\x1b\[[0-9;]*m")
@@ -501,6 +551,17 @@ class ReplayFilter:
                     return
                 self.rounds.add(key)
         self.sink(row)
+
+
+def _preload(job: Job) -> tuple[str, ...]:
+    """What a local Ray's prestarted workers import before the shards reach them: the modules
+    the deployment's prepare step declared, the shard code, and the protocol's module when it
+    ships with fedloom (a user's module may not be importable before the job's paths are)."""
+    mods = [*prepare_imports(job.deployment), Shard.__module__]
+    proto = getattr(job.deployment.make_node, "__module__", None)
+    if isinstance(proto, str) and proto.split(".")[0] in ("kernel", "protocols", "transports"):
+        mods.append(proto)
+    return tuple(dict.fromkeys(mods))
 
 
 def _hashable(x: Any) -> Any:

@@ -76,10 +76,12 @@ def auth_mode() -> str:
     return "token" if os.environ.get("RAY_AUTH_MODE", "").lower() == "token" else "disabled"
 
 
-def init(opts: Mapping[str, Any], *, runtime_env: Mapping[str, Any] | None = None
-         ) -> tuple[str, bool]:
+def init(opts: Mapping[str, Any], *, runtime_env: Mapping[str, Any] | None = None,
+         preload: Sequence[str] = ()) -> tuple[str, bool]:
     """Join or start Ray as `opts` say (with a job-wide `runtime_env`, where given); returns
-    (the address given to ray.init, started)."""
+    (the address given to ray.init, started). A local Ray imports `preload` in each worker it
+    prestarts (Ray's `preload_python_modules`), before any task or actor reaches the worker;
+    a joined cluster keeps its own setting (`RAY_preload_python_modules` where it started)."""
     address = target(opts["address"])
     log = opts["log_to_driver"]
     kw: dict[str, Any] = {"log_to_driver": log is not False, "logging_level": logging.ERROR}
@@ -97,6 +99,8 @@ def init(opts: Mapping[str, Any], *, runtime_env: Mapping[str, Any] | None = Non
                   include_dashboard=bool(opts["dashboard"]), dashboard_host="127.0.0.1")
         if opts["temp_dir"]:
             kw["_temp_dir"] = str(Path(opts["temp_dir"]).expanduser().resolve())
+        if preload:
+            kw["_system_config"] = {"preload_python_modules": list(preload)}
     else:
         kw["address"] = address
         probe(address, opts["address"])

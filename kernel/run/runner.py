@@ -8,6 +8,11 @@ neither. Timing and memory fields of the result (all wall-clock, so they differ 
 - `build_s`: the protocol's `build(config)`; `startup_s`: what the transport reports as its own
   start-up (Ray init, shard processes); `rounds_s`: time inside `transport.run` minus startup_s;
   `close_s`: `transport.close()`.
+- `timings`: the run's path in order, in seconds: `start_s` (process start until the runner
+  began: interpreter, imports, reading the config), `build_s`, `transport_import_s` (importing
+  the transport, e.g. Ray), `run_s` (all of `transport.run`), then the transport's own parts
+  where it reports them (`transport.phases`; for ray see `transports.ray.PHASES`), `close_s`.
+  `fedloom run --timings` adds what follows: writing the outputs and the process's exit.
 - `peak_rss_mb`: the largest sum of resident memory over this process, all its descendants and
   the processes the transport reports (`Outcome.pids`), sampled every `RSS_INTERVAL_S` by a
   background thread, and never less than this process's own peak (getrusage). Shared pages
@@ -79,6 +84,7 @@ def run(
     checkpoint_every: int | None = None,
     resume: str | Path | None = None,
     force: bool = False,
+    exiting: bool = False,
 ) -> dict[str, Any]:
     """Run `config` and return result.json's content; with `out_dir`, also write the run's
     files there (see `kernel.run.outputs.write_outputs`) and checkpoints (see the module doc).
@@ -89,7 +95,11 @@ def run(
     `force`, must not hold the checkpoint of a run that has not finished. On a transport
     without checkpoints, metrics.jsonl is written as rows arrive; a run that fails or is
     interrupted there (or fails anywhere) still writes result.json, whose `reason` is
-    "interrupted" or "failed: ..." and whose `error` holds the message."""
+    "interrupted" or "failed: ..." and whose `error` holds the message.
+
+    `exiting=True` says the process ends as soon as this returns (the `fedloom run` command):
+    a transport that offers `close_for_exit` is closed with it, leaving what dies with the
+    process (a local Ray) to die with it."""
     if resume is not None and out_dir is None:
         out_dir = resume_dir(resume)
     if out_dir is not None:
@@ -98,7 +108,7 @@ def run(
     try:
         record = execute(config, quiet=quiet, progress=progress, started_at=started_at,
                          checkpoint_dir=out_dir, checkpoint_every=checkpoint_every,
-                         resume=resume, stream=stream)
+                         resume=resume, stream=stream, exiting=exiting)
     except ckpt.RunInterrupted:
         raise  # the checkpoint holds everything; the folder holds only it
     except BaseException as exc:
@@ -148,6 +158,7 @@ def execute(
     checkpoint_every: int | None = None,
     resume: str | Path | None = None,
     stream: MetricsStream | None = None,
+    exiting: bool = False,
 ) -> RunRecord:
     """Run `config` and keep everything in memory (what `run` writes to disk), but for
     checkpoints, which go to `checkpoint_dir` (see the module doc).
@@ -156,10 +167,11 @@ def execute(
     `[run] progress = false`. `stream` (from `run`) receives every metric row as it comes.
     Errors of the run (`RunError`, `CheckpointError`) and of the
     config (`ConfigError`) propagate with their messages; Ctrl-C during a checkpointed run
-    raises `RunInterrupted` once the checkpoint is written.
+    raises `RunInterrupted` once the checkpoint is written. `exiting`: as for `run`.
     """
     if started_at is None:
         started_at = process_start_time()
+    start_s = max(time.time() - started_at, 0.0)
     # A checkpoint is read and verified before anything else happens.
     loaded = ckpt.read(resume) if resume is not None else None
     if loaded is not None:
@@ -195,7 +207,9 @@ def execute(
     n_nodes = len(deployment.node_ids)
     require_memory(f"a deployment of {n_nodes} nodes", n_nodes * NODE_BYTES)
 
+    t = time.perf_counter()
     transport_cls = _load("transports", kind, "transport")
+    transport_import_s = time.perf_counter() - t
     virtual = bool(getattr(transport_cls, "virtual_clock", False))
     if virtual and deployment.prepare is not None:
         # The nodes run in this process (inproc): their heavy set-up counts as building.
@@ -258,7 +272,8 @@ def execute(
             rss.sample()
         finally:
             t = time.perf_counter()
-            transport.close()
+            closer = getattr(transport, "close_for_exit", None) if exiting else None
+            (closer if callable(closer) else transport.close)()
             close_s = time.perf_counter() - t
     finally:
         rss.stop()
@@ -296,6 +311,9 @@ def execute(
         "peak_rss_mb": rss.peak_mb(),
         "shards": outcome.shards,
         "transport_info": dict(getattr(outcome, "info", {}) or {}),
+        "timings": {"start_s": start_s, "build_s": build_s,
+                    "transport_import_s": transport_import_s, "run_s": run_s,
+                    **_phases(transport), "close_s": close_s},
         "extra": {k: v for k, v in res.items() if k not in _PROMOTED},
     }
     if plan is not None and (plan.saved or loaded is not None):
@@ -305,6 +323,14 @@ def execute(
             "resumed_from_round": loaded.round if loaded is not None else None,
         }
     return RunRecord(jsonable(result), rows, model, cfg)
+
+
+def _phases(transport: Any) -> dict[str, float]:
+    """The transport's own timing of its parts (`phases`: name -> seconds), where it has one."""
+    phases = getattr(transport, "phases", None)
+    if not isinstance(phases, Mapping):
+        return {}
+    return {str(k): float(v) for k, v in phases.items() if isinstance(v, int | float)}
 
 
 def _plan(cfg: dict[str, Any], kind: str, transport_cls: Any, build: Any,

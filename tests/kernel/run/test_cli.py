@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from kernel.run.cli import EXIT_ERROR, EXIT_OK, EXIT_UNFINISHED, EXIT_USAGE, main
@@ -160,3 +161,93 @@ def test_same_config_same_files_process_after_process(toy_file: Path, tmp_path: 
     sha = [json.loads((tmp_path / n / "result.json").read_text())["final_model_sha256"]
            for n in ("a", "b")]
     assert sha[0] == sha[1] is not None
+
+
+# -- the fast exit of `fedloom run` ------------------------------------------------------------
+
+PROBE = "tests.kernel.run.exit_probe:build"
+
+
+def _gone(pid: int) -> bool:
+    """Whether `pid` ended (waiting at most a few seconds for a kill already sent to land)."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+    except psutil.NoSuchProcess:
+        return True
+    _, alive = psutil.wait_procs([proc], timeout=5)
+    return not alive or proc.status() == psutil.STATUS_ZOMBIE
+
+
+@pytest.mark.parametrize("failing", [False, True], ids=["finished", "failed"])
+def test_fedloom_run_exits_at_once_with_its_outputs_complete(
+        toy_file: Path, tmp_path: Path, failing: bool) -> None:
+    # The probe's build leaves a running child and an atexit handler: after `fedloom run`,
+    # the child must be gone and the handler must not have run (the interpreter's teardown
+    # was skipped), while every output, stdout included, is complete and the code is right.
+    out = tmp_path / "out"
+    args = ["run", str(toy_file), "--out", str(out), "--set", f"protocol.name={PROBE}",
+            "--timings"] + (["--set", "protocol.fail_round=2"] if failing else [])
+    path = [str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])]
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join(path), "FEDLOOM_EXIT_PROBE": str(tmp_path)}
+    proc = subprocess.run([sys.executable, "-m", "kernel.run.cli", *args], cwd=tmp_path,
+                          env=env, capture_output=True, text=True, timeout=120)
+    assert _gone(int((tmp_path / "child.pid").read_text()))
+    assert not (tmp_path / "atexit-ran").exists()
+    if failing:
+        assert proc.returncode == EXIT_ERROR
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("fedloom: error:")]
+        assert len(errors) == 1 and "refuses round 2" in errors[0], proc.stderr
+        assert "Traceback" not in proc.stderr and proc.stdout == ""
+        assert proc.stderr.startswith("round 1/3")  # progress written before the error
+        assert not out.exists()  # as main() leaves it: a failed inproc run writes no files
+        return
+    result = json.loads((out / "result.json").read_text())
+    assert proc.returncode == EXIT_OK, proc.stderr
+    assert sorted(p.name for p in out.iterdir()) == [
+        "config.toml", "final_model.npz", "metrics.jsonl", "result.json"]
+    from kernel.run.outputs import model_sha256
+
+    with np.load(out / "final_model.npz") as npz:
+        assert model_sha256(dict(npz)) == result["final_model_sha256"] is not None
+    assert [r["value"] for r in read_metrics(out / "metrics.jsonl")
+            if r["name"] == "round"] == [1, 2, 3]
+    # stdout is a pipe here (block-buffered): the summary's last line arrives only if flushed.
+    assert proc.stdout.rstrip().endswith(f"outputs        {out}")
+    timings = result["timings"]
+    assert set(timings) == {"start_s", "build_s", "transport_import_s", "run_s", "close_s"}
+    assert sum(timings.values()) <= result["wall_s"] + timings["close_s"] + 0.05
+    printed = proc.stderr[proc.stderr.index("timings (seconds"):].splitlines()
+    labels = [ln[:40].strip() for ln in printed[1:]]
+    assert labels == ["start (python, imports, config)", "build the deployment",
+                      "import the transport", "transport run", "close transport",
+                      "write outputs, exit", "total"]
+    total = float(printed[-1].split()[-1])
+    assert total == pytest.approx(sum(float(ln.split()[-1]) for ln in printed[1:-1]), abs=0.01)
+
+
+def test_main_called_as_a_library_leaves_the_interpreter_alone(
+        toy_file: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+        capsys: pytest.CaptureFixture[str]) -> None:
+    # Only `entry` (the console script) ends the process; main() returns its code.
+    monkeypatch.setenv("FEDLOOM_EXIT_PROBE", str(tmp_path))
+    import kernel.run.cli as cli
+
+    called: list[int] = []
+    monkeypatch.setattr(cli, "exit_now", called.append)
+    code = main(["run", str(toy_file), "--out", str(tmp_path / "o"), "--quiet",
+                 "--set", f"protocol.name={PROBE}"])
+    assert code == EXIT_OK and called == []
+    import psutil
+
+    child = psutil.Process(int((tmp_path / "child.pid").read_text()))
+    assert child.is_running()  # the library path kills nothing it did not start itself
+    child.kill()
+    child.wait(5)
+    monkeypatch.setattr(sys, "argv", ["fedloom", "run", str(toy_file), "--quiet", "--out",
+                                      str(tmp_path / "p"), "--set", f"protocol.name={PROBE}"])
+    with pytest.raises(SystemExit):  # the stub returns, so entry goes on to sys.exit
+        cli.entry()
+    assert called == [EXIT_OK]
+    psutil.Process(int((tmp_path / "child.pid").read_text())).kill()
