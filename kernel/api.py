@@ -19,6 +19,10 @@ class Context:
     neighbours: tuple[int, ...]
     n_nodes: int
     params: Mapping[str, Any]
+    # True where every message body reaches its receivers as the very objects sent, read by
+    # nothing before delivery (inproc without strict mode): a sender may then still fill an
+    # array it sent, as long as it does so before anyone reads it (sync gossip's batches).
+    shares_bodies: bool = False
 
     @property
     def now(self) -> float:

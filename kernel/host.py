@@ -65,7 +65,8 @@ class NodeContext(Context):
         """A subclass whose instances share `host`'s constants as class attributes."""
         return type(cls.__name__, (cls,), {
             "__slots__": (), "__module__": cls.__module__, "__qualname__": cls.__qualname__,
-            "n_nodes": host.n_nodes, "params": host.params, "_host": host})
+            "n_nodes": host.n_nodes, "params": host.params, "_host": host,
+            "shares_bodies": host.strict is None and host.outbox is None})
 
     def __init__(self, host: Host, node: int, neighbours: tuple[int, ...]) -> None:
         if getattr(type(self), "_host", None) is not host:
@@ -209,6 +210,8 @@ class Host:
         # Set by `request_pause`: the loop returns "paused" after the event running now.
         self._pause = False
         self._timer_token = 0
+        # Set by `run`: deliver a FANOUT's messages in one dispatch (see `_fanout`).
+        self._whole = False
         self._direct = self.sched._fifo.append if network is None and strict is None else None
         # Counters (see `stats`); messages are counted from the senders' sequence numbers.
         self._extra_messages = 0
@@ -294,6 +297,9 @@ class Host:
         # A transport may have cleared `error` (after interrupting the loop on purpose).
         self._stop = self.result is not None or self.error is not None or self._pause
         if not self._stop:
+            # A FANOUT runs whole in one dispatch only where events are not counted one by one
+            # against a limit and no other thread can hand events in between.
+            self._whole = max_events is None and not self.sched.wall
             reason, n = self.sched.run(self._dispatch, until=until, max_events=max_events)
             self._events += n
         else:
@@ -354,20 +360,46 @@ class Host:
 
     def _fanout(self, i: int, msg: Message) -> bool:
         """Deliver a FANOUT's next message; the rest go back to the front of the FIFO, where
-        the DELIVER events they stand for would be."""
+        the DELIVER events they stand for would be. On a virtual clock with no event limit
+        (`_whole`) the rest run here at once instead, which is the same order: nothing can
+        come between them (every event they cause goes behind them), and a stop puts the
+        rest back first."""
         dsts: tuple[int, ...] = msg[1]  # type: ignore[assignment]
-        dst = dsts[i]
-        if i + 1 < len(dsts):
-            self.sched._fifo.appendleft((FANOUT, i + 1, msg))
-        m = _new_message(Message, (msg[0], dst, msg[2], msg[3], msg[4], msg[5]))
-        ctx = self.ctxs[dst]
-        if ctx.hold > self.sched.now:
-            return self._hold(ctx, DELIVER, m)
-        try:
-            ctx.proto.on_message(ctx, m)  # type: ignore[union-attr]
-        except Exception as exc:
-            self._fail(dst, "on_message", exc, m)
-        return self._stop
+        fifo = self.sched._fifo
+        if not self._whole:
+            dst = dsts[i]
+            if i + 1 < len(dsts):
+                fifo.appendleft((FANOUT, i + 1, msg))
+            m = _new_message(Message, (msg[0], dst, msg[2], msg[3], msg[4], msg[5]))
+            ctx = self.ctxs[dst]
+            if ctx.hold > self.sched.now:
+                return self._hold(ctx, DELIVER, m)
+            try:
+                ctx.proto.on_message(ctx, m)  # type: ignore[union-attr]
+            except Exception as exc:
+                self._fail(dst, "on_message", exc, m)
+            return self._stop
+        ctxs, now, n = self.ctxs, self.sched.now, len(dsts)
+        src, kind, body, t, seq = msg[0], msg[2], msg[3], msg[4], msg[5]
+        while True:
+            dst = dsts[i]
+            m = _new_message(Message, (src, dst, kind, body, t, seq))
+            ctx = ctxs[dst]
+            if ctx.hold > now:
+                self._hold(ctx, DELIVER, m)
+            else:
+                try:
+                    ctx.proto.on_message(ctx, m)  # type: ignore[union-attr]
+                except Exception as exc:
+                    self._fail(dst, "on_message", exc, m)
+            i += 1
+            if i == n:
+                return self._stop
+            # The loop counted this dispatch as one event; each further delivery is one more.
+            self._events += 1
+            if self._stop:
+                fifo.appendleft((FANOUT, i, msg))
+                return True
 
     def _hold(self, ctx: NodeContext, etype: int, payload: Any) -> bool:
         """An event for a node that is down (dropped) or busy (kept in its mailbox)."""

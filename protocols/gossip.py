@@ -53,7 +53,7 @@ import numpy as np
 from kernel.api import Context, Deployment, Protocol
 from kernel.messages import Message
 from kernel.options import NODE_BYTES, ConfigError, options, require_memory
-from protocols import common, learners, topology
+from protocols import common, learners, mixbatch, topology
 
 GOSSIP_DEFAULTS: dict[str, Any] = {
     "name": "gossip",
@@ -85,6 +85,9 @@ DSGD_DEFAULTS: dict[str, Any] = {
 _EMPTY = np.empty(0, np.float32)
 # The largest shared buffer block sync gossip reserves (bigger runs use per-node buffers).
 _BLOCK_MAX = 1 << 30
+# Plain sync gossip of at most this many floats per node defers its mixes into batches
+# (`protocols.mixbatch`); longer vectors gain nothing (each numpy call has enough to do).
+LAZY_DIM = 64
 
 
 def initial_vector(node: int, dim: int) -> np.ndarray:
@@ -152,7 +155,8 @@ class _Plan:
     rounds, initial values. Each node computes its own row of weights when it is made, so
     nothing per node is held here (a million nodes' rows as tuples would be ~0.5 GB)."""
 
-    def __init__(self, g: topology.Graph, rule: str, rounds: int, track: bool) -> None:
+    def __init__(self, g: topology.Graph, rule: str, rounds: int, track: bool,
+                 lazy: bool = False) -> None:
         if g.directed:
             raise ValueError("mixing weights need an undirected graph; push-sum handles "
                              "directed ones")
@@ -171,6 +175,46 @@ class _Plan:
         # from before the crash may still point into its rows.
         self._block: np.ndarray | None = None
         self._claimed: np.ndarray | None = None
+        # Deferred mixing (plain gossip only, `lazy`): decided when the first node starts
+        # (None until then), and off for good once a node cannot take part (a restart, or a
+        # transport that reads bodies before delivering them). Nodes then fall back to
+        # per-node mixing exactly where they are (see `SyncGossip._unbatch`).
+        self.lazy: bool | None = None if lazy else False
+        self.batch = mixbatch.Batch(g.out, rounds) if lazy else None
+
+    def flush(self) -> None:
+        """Compute every deferred mix (before anything reads the block)."""
+        if self.batch is not None and self.batch.pending:
+            assert self._block is not None
+            self.batch.flush(self._block)
+
+    def stop_lazy(self) -> None:
+        """Turn deferred mixing off for the rest of the run, computing what is deferred."""
+        self.flush()
+        self.lazy = False
+
+    # A checkpoint must see computed values: saving flushes first (and restores the fields).
+    def state(self) -> dict[str, Any]:
+        """All fields as plain data, after computing every deferred mix (what a checkpoint
+        saves)."""
+        self.flush()
+        out = dict(vars(self))
+        if self.batch is not None:
+            out["batch"] = dict(vars(self.batch))
+        return out
+
+    def load_state(self, data: Mapping[str, Any]) -> None:
+        """Restore the fields `state()` gave."""
+        if type(data) is not dict or set(data) != set(vars(self)) or (
+                self.batch is None) != (data["batch"] is None) or (
+                self.batch is not None and (type(data["batch"]) is not dict
+                                            or set(data["batch"]) != set(vars(self.batch)))):
+            raise ValueError("a gossip plan's state must hold the fields of this config's plan")
+        data = dict(data)
+        if self.batch is not None:
+            vars(self.batch).update(data.pop("batch"))
+            data["batch"] = self.batch
+        vars(self).update(data)
 
     def buffers(self, node: int, like: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """None when `node`'s rows of the shared block are its buffers (now claimed); else two
@@ -194,7 +238,11 @@ class _Plan:
         pos = sum(1 for j in neigh if j < i)
         ws = tuple(self._weights.setdefault(w, w) for _, w in ids_w)
         if len(set(ws)) == 1:
+            if self.batch is not None:
+                self.batch.set_row(i, ws[0], None)
             return pos, ws[0], None
+        if self.batch is not None:
+            self.batch.set_row(i, None, ws)
         return pos, None, ws
 
 
@@ -205,10 +253,16 @@ class SyncGossip(Protocol):
 
     Values for round r + 1 are kept by position in the sorted (neighbours + self) order, the
     mixing order, in `cur`; values that arrive earlier for later rounds (after a neighbour's
-    restart, say) wait in `ahead`, keyed by round."""
+    restart, say) wait in `ahead`, keyed by round.
+
+    With deferred mixing (`_Plan.lazy`: plain gossip of short vectors where bodies reach their
+    receivers as they were sent) a node keeps no values: what it has of round r + 1 is a bit
+    mask of the positions still missing (`miss`; `ahead` then maps later rounds to such
+    masks), its mix is recorded in the plan's batch, and the values are the block rows its
+    neighbours' messages point to."""
 
     __slots__ = ("id", "plan", "init", "neigh", "pos", "w", "ws", "r", "x", "sent", "cur",
-                 "got", "ahead", "bufs", "tmp", "reports")
+                 "got", "ahead", "bufs", "tmp", "reports", "miss")
 
     def __init__(self, node: int, plan: _Plan, init: Callable[[int], np.ndarray]) -> None:
         self.id = node
@@ -221,7 +275,8 @@ class SyncGossip(Protocol):
         self.sent: np.ndarray = self.x  # the value this node contributes to the next round
         self.cur: list[np.ndarray | None] | None = None
         self.got = 0
-        self.ahead: dict[int, list[np.ndarray | None]] | None = None
+        self.ahead: dict[int, Any] | None = None
+        self.miss: int | None = None
         # Private buffers, or None for the node's rows of the plan's block.
         self.bufs: tuple[np.ndarray, np.ndarray] | None = None
         self.tmp: np.ndarray | None = None
@@ -229,13 +284,49 @@ class SyncGossip(Protocol):
 
     def on_start(self, ctx: Context) -> None:
         self.r = 0
-        self.cur, self.got, self.ahead = None, 0, None
+        self.cur, self.got, self.ahead, self.miss = None, 0, None, None
         x0 = self.init(self.id)
-        self.bufs = self.plan.buffers(self.id, x0)
+        plan = self.plan
+        self.bufs = plan.buffers(self.id, x0)
+        if plan.lazy is not False:
+            cls = type(self)
+            ok = (self.bufs is None and x0.size <= LAZY_DIM and ctx.shares_bodies
+                  and cls.local_update is SyncGossip.local_update and cls._mix is SyncGossip._mix)
+            if plan.lazy is None:
+                plan.lazy = ok
+            elif not ok:
+                plan.stop_lazy()
         # x^0 goes into buffer 0 (x^r lives in buffer r % 2), so no array is kept per node.
         self.x = self._buffer(0)
         np.copyto(self.x, x0)
+        if plan.lazy:
+            self.miss = self._full()
         self._send_round(ctx)
+
+    def _full(self) -> int:
+        """The mask of every neighbour's position in the mixing order (own position clear)."""
+        return ((2 << len(self.neigh)) - 1) ^ (1 << self.pos)
+
+    def _unbatch(self) -> None:
+        """Deferred mixing was turned off: turn the masks into the lists of values the
+        messages carried (the senders' block rows, computed by `_Plan.stop_lazy`)."""
+        block = self.plan._block
+        assert block is not None and self.miss is not None
+        order = sorted((self.id, *self.neigh))
+
+        def values(rnd: int, miss: int) -> list[np.ndarray | None]:
+            src = (rnd - 1) & 1
+            return [None if (miss >> k) & 1 or k == self.pos else block[j, src]
+                    for k, j in enumerate(order)]
+
+        full = self._full()
+        self.cur, self.got = None, 0
+        if self.miss != full:
+            self.cur = values(self.r + 1, self.miss)
+            self.got = sum(1 for v in self.cur if v is not None)
+        if self.ahead:
+            self.ahead = {rnd: values(rnd, m) for rnd, m in self.ahead.items()}
+        self.miss = None
 
     def _buffer(self, k: int) -> np.ndarray:
         if self.bufs is not None:
@@ -265,6 +356,24 @@ class SyncGossip(Protocol):
             k = self.neigh.index(msg[0])
             if k >= self.pos:
                 k += 1
+            miss = self.miss
+            if miss is not None:
+                if self.plan.lazy:
+                    bit = 1 << k
+                    if rnd == r + 1:
+                        if miss & bit:
+                            self.miss = miss = miss ^ bit
+                            if not miss and rnd <= self.plan.rounds:
+                                self._advance(ctx)
+                                if self.r < self.plan.rounds:
+                                    self._send_round(ctx)
+                        return
+                    ahead = self.ahead
+                    if ahead is None:
+                        ahead = self.ahead = {}
+                    ahead[rnd] = ahead.get(rnd, self._full()) & ~bit
+                    return
+                self._unbatch()
             if rnd == r + 1:
                 vals = self.cur
                 if vals is None:
@@ -290,6 +399,10 @@ class SyncGossip(Protocol):
 
     def _advance(self, ctx: Context) -> bool:
         """Complete round r + 1 if every value for it is in; True when it did."""
+        if self.miss is not None:
+            if self.plan.lazy:
+                return self._advance_lazy(ctx)
+            self._unbatch()
         nxt = self.r + 1
         need = len(self.neigh)
         if nxt > self.plan.rounds or (need and self.got < need):
@@ -313,6 +426,30 @@ class SyncGossip(Protocol):
                 self._report(ctx, 0, self.x)
             else:
                 ctx.send(0, "final", x=self.x)
+        return True
+
+    def _advance_lazy(self, ctx: Context) -> bool:
+        """`_advance` with deferred mixing: record the mix instead of computing it."""
+        nxt = self.r + 1
+        plan = self.plan
+        if nxt > plan.rounds or self.miss:
+            return False
+        block = plan._block
+        assert block is not None and plan.batch is not None
+        plan.batch.add(self.id, nxt, block)
+        miss = self.ahead.pop(nxt + 1, None) if self.ahead else None
+        self.miss = self._full() if miss is None else miss
+        self.x = x = block[self.id, nxt & 1]
+        self.r = nxt
+        if self.id == 0:
+            plan.flush()
+            src = (nxt - 1) & 1
+            self.on_round(ctx, nxt, {j: block[j, src] for j in sorted((self.id, *self.neigh))})
+        if nxt == plan.rounds:
+            if self.id == 0:
+                self._report(ctx, 0, x)
+            else:
+                ctx.send(0, "final", x=x)
         return True
 
     def _mix(self, out: np.ndarray, vals: list[np.ndarray]) -> None:
@@ -359,6 +496,7 @@ class SyncGossip(Protocol):
     def _report(self, ctx: Context, src: int, x: np.ndarray) -> None:
         assert self.reports is not None
         if self.reports.add(src, x) and self.r == self.plan.rounds:
+            self.plan.flush()
             self.reports.finish(ctx, self.model(), self.r, **self.extra_result())
 
     def extra_result(self) -> dict[str, Any]:
@@ -382,7 +520,7 @@ def build(config: Mapping[str, Any]) -> Deployment:
 
     params = {"seed": seed, "rounds": rounds, "mode": o["mode"], "dim": dim, "nodes": g.n}
     if o["mode"] == "sync":
-        plan = _Plan(g, rule, rounds, o["track"])
+        plan = _Plan(g, rule, rounds, o["track"], lazy=dim <= LAZY_DIM)
         make: Callable[[int], Protocol] = lambda i: SyncGossip(i, plan, init)  # noqa: E731
     else:
         period, drain = o["period"], o["drain"]
