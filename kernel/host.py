@@ -395,11 +395,11 @@ class Host:
             i += 1
             if i == n:
                 return self._stop
-            # The loop counted this dispatch as one event; each further delivery is one more.
-            self._events += 1
             if self._stop:
                 fifo.appendleft((FANOUT, i, msg))
                 return True
+            # The loop counted this dispatch as one event; each further delivery is one more.
+            self._events += 1
 
     def _hold(self, ctx: NodeContext, etype: int, payload: Any) -> bool:
         """An event for a node that is down (dropped) or busy (kept in its mailbox)."""
