@@ -44,6 +44,7 @@ for reports `drain` seconds after its own.
 
 from __future__ import annotations
 
+import bisect
 import weakref
 from collections.abc import Callable, Hashable, Mapping
 from typing import Any
@@ -234,8 +235,16 @@ class _Plan:
         """(position of i among its sorted neighbours and itself, the weight shared by all of
         them or None, else every weight in that order)."""
         neigh = self.neighbours[i]
+        # Neighbour tuples are sorted (topology.Graph), so the position is a bisection.
+        pos = bisect.bisect_left(neigh, i)
+        if self.rule == "uniform":
+            # mixing_row's uniform row without building it: 1 / (d + 1) everywhere.
+            w = 1.0 / (len(neigh) + 1)
+            w = self._weights.setdefault(w, w)
+            if self.batch is not None:
+                self.batch.set_row(i, w, None)
+            return pos, w, None
         ids_w = topology.mixing_row(self.neighbours, i, self.rule, self.dmax)
-        pos = sum(1 for j in neigh if j < i)
         ws = tuple(self._weights.setdefault(w, w) for _, w in ids_w)
         if len(set(ws)) == 1:
             if self.batch is not None:
