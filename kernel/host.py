@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import functools
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 from typing import Protocol as _TypingProtocol
 
@@ -412,6 +412,10 @@ class Host:
                 self._fail(dst, "on_message", exc, m)
             return self._stop
         ctxs, now, n = self.ctxs, self.sched.now, len(dsts)
+        cls = type(ctxs[dsts[i]].proto)
+        many = getattr(cls, "on_multicast", None)
+        if many is not None:
+            return self._fanout_many(i, msg, cls, many)
         src, kind, body, t, seq = msg[0], msg[2], msg[3], msg[4], msg[5]
         while True:
             dst = dsts[i]
@@ -432,6 +436,60 @@ class Host:
                 return True
             # The loop counted this dispatch as one event; each further delivery is one more.
             self._events += 1
+
+    def _fanout_many(self, i: int, msg: Message, cls: type,
+                     many: Callable[[Message, Iterator[tuple[NodeContext, Any]]], None]) -> bool:
+        """`_fanout` (whole) through the class's `on_multicast`: deliveries to nodes of `cls`
+        that can take them now are yielded to it; the rest run as they would otherwise (held,
+        dropped, or `on_message` of another class). Same order, same event count."""
+        dsts: tuple[int, ...] = msg[1]  # type: ignore[assignment]
+        ctxs, now, n = self.ctxs, self.sched.now, len(dsts)
+        src, kind, body, t, seq = msg[0], msg[2], msg[3], msg[4], msg[5]
+        j = i  # the delivery at hand
+        done = False
+
+        def deliveries() -> Generator[tuple[NodeContext, Any], None, None]:
+            nonlocal j, done
+            while True:
+                dst = dsts[j]
+                ctx = ctxs[dst]
+                proto = ctx.proto
+                if ctx.hold > now:
+                    self._hold(ctx, DELIVER, _new_message(Message, (src, dst, kind, body, t, seq)))
+                elif type(proto) is cls:
+                    yield ctx, proto
+                else:
+                    m = _new_message(Message, (src, dst, kind, body, t, seq))
+                    try:
+                        proto.on_message(ctx, m)  # type: ignore[union-attr]
+                    except Exception as exc:
+                        self._fail(dst, "on_message", exc, m)
+                j += 1
+                if j == n or self._stop:
+                    done = True
+                    return
+                # The loop counted this dispatch as one event; each further delivery is one more.
+                self._events += 1
+
+        gen = deliveries()
+        try:
+            many(msg, gen)
+        except Exception as exc:
+            gen.close()
+            j = min(j, n - 1)
+            dst = dsts[j]
+            m = _new_message(Message, (src, dst, kind, body, t, seq))
+            self._fail(dst, "on_message", exc, m)
+            j += 1
+        else:
+            if not done:
+                gen.close()
+                self._fail(dsts[j], "on_multicast", RuntimeError(
+                    f"{cls.__name__}.on_multicast returned before taking every delivery"))
+                j += 1
+        if j < n:
+            self.sched._fifo.appendleft((FANOUT, j, msg))
+        return self._stop
 
     def _hold(self, ctx: NodeContext, etype: int, payload: Any) -> bool:
         """An event for a node that is down (dropped) or busy (kept in its mailbox)."""

@@ -46,7 +46,7 @@ from __future__ import annotations
 
 import bisect
 import weakref
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -354,6 +354,30 @@ class SyncGossip(Protocol):
                 ctx.multicast(self.neigh, "g", r=self.r + 1, x=self.sent)
             if not self._advance(ctx) or self.r >= self.plan.rounds:
                 return
+
+    @staticmethod
+    def on_multicast(msg: Message, deliveries: Iterator[tuple[Context, Any]]) -> None:
+        """A round's value for every neighbour of its sender in one call (see
+        `kernel.api.Protocol.on_multicast`): the common case, a value for the round a node
+        waits for with deferred mixing on, inline; anything else through `on_message`."""
+        body = msg[3]
+        src = msg[0]
+        rnd = body["r"] if msg[2] == "g" else None
+        for ctx, node in deliveries:
+            miss = node.miss
+            if miss is None or rnd != node.r + 1 or not node.plan.lazy:
+                node.on_message(ctx, Message(src, ctx.id, msg[2], body, msg[4], msg[5]))
+                continue
+            k = node.neigh.index(src)
+            if k >= node.pos:
+                k += 1
+            bit = 1 << k
+            if miss & bit:
+                node.miss = miss = miss ^ bit
+                if not miss and rnd <= node.plan.rounds:
+                    node._advance(ctx)
+                    if node.r < node.plan.rounds:
+                        node._send_round(ctx)
 
     def on_message(self, ctx: Context, msg: Message) -> None:
         body = msg[3]
