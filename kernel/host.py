@@ -468,8 +468,6 @@ class Host:
                 if j == n or self._stop:
                     done = True
                     return
-                # The loop counted this dispatch as one event; each further delivery is one more.
-                self._events += 1
 
         gen = deliveries()
         try:
@@ -487,6 +485,8 @@ class Host:
                 self._fail(dsts[j], "on_multicast", RuntimeError(
                     f"{cls.__name__}.on_multicast returned before taking every delivery"))
                 j += 1
+        # Deliveries i .. j - 1 ran: the loop counted the first as this dispatch's event.
+        self._events += j - i - 1
         if j < n:
             self.sched._fifo.appendleft((FANOUT, j, msg))
         return self._stop

@@ -383,9 +383,10 @@ class SyncGossip(Protocol):
             if miss & bit:
                 node.miss = miss = miss ^ bit
                 if not miss and rnd <= node.plan.rounds:
-                    node._advance(ctx)
+                    # `_advance` then `_send_round`, knowing the node defers its mixes.
+                    node._advance_lazy(ctx)
                     if node.r < node.plan.rounds:
-                        node._send_round(ctx)
+                        node._send_lazy(ctx)
 
     def on_message(self, ctx: Context, msg: Message) -> None:
         body = msg[3]
@@ -469,6 +470,16 @@ class SyncGossip(Protocol):
                 ctx.send(0, "final", x=self.x)
         return True
 
+    def _send_lazy(self, ctx: Context) -> None:
+        """`_send_round` of a node that defers its mixes (its local update is its x)."""
+        rounds = self.plan.rounds
+        while True:
+            self.sent = x = self.x
+            if self.neigh:
+                ctx.multicast(self.neigh, "g", r=self.r + 1, x=x)
+            if not self._advance_lazy(ctx) or self.r >= rounds:
+                return
+
     def _advance_lazy(self, ctx: Context) -> bool:
         """`_advance` with deferred mixing: record the mix instead of computing it."""
         nxt = self.r + 1
@@ -476,10 +487,15 @@ class SyncGossip(Protocol):
         if nxt > plan.rounds or self.miss:
             return False
         block = plan._block
-        assert block is not None and plan.batch is not None
-        plan.batch.add(self.id, nxt, block)
+        batch = plan.batch
+        assert block is not None and batch is not None
+        batch.todo[nxt].append(self.id)
+        batch.pending += 1
+        if batch.pending >= mixbatch.FLUSH_AT:
+            batch.flush(block)
         miss = self.ahead.pop(nxt + 1, None) if self.ahead else None
-        self.miss = self._full() if miss is None else miss
+        # (`_full()`, inline)
+        self.miss = ((2 << len(self.neigh)) - 1) ^ (1 << self.pos) if miss is None else miss
         self.x = x = block[self.id, nxt & 1]
         self.r = nxt
         if self.id == 0:

@@ -55,7 +55,8 @@ class Batch:
         self.wpos[node, :len(ws)] = ws
 
     def add(self, node: int, r: int, block: np.ndarray) -> None:
-        """Record that `node` mixes round `r` (computed by the next `flush`)."""
+        """Record that `node` mixes round `r` (computed by the next `flush`; SyncGossip does
+        the same inline)."""
         self.todo[r].append(node)
         self.pending += 1
         if self.pending >= FLUSH_AT:
@@ -76,7 +77,7 @@ class Batch:
         if order is None:
             nb = self.neighbours
             n, width = len(nb), self.dmax + 1
-            order = np.full((n, width), -1, np.int64)
+            order = np.full((n, width), -1, np.int32 if n < 2**31 else np.int64)
             for i, o in enumerate(nb):
                 row = sorted((i, *o))
                 order[i, :len(row)] = row
