@@ -27,7 +27,7 @@ from typing import Protocol as _TypingProtocol
 import numpy as np
 
 from kernel.api import Context, Deployment, Network, Protocol, RunError
-from kernel.loop import CALL, CRASH, DELIVER, FANOUT, RESTART, TIMER, WAKE, Scheduler
+from kernel.loop import CALL, CRASH, DELIVER, FANOUT, RESTART, TIMER, WAKE, Scheduler, quiet_gc
 from kernel.messages import Message
 
 _INF = float("inf")
@@ -255,10 +255,10 @@ class Host:
             raise ValueError(f"local nodes {sorted(missing)} are not in the deployment's node_ids")
         nb = deployment.neighbours
         make_ctx = NodeContext.for_host(self)
-        for node in sorted(local):
-            neigh = tuple(nb(node)) if nb is not None else ()
-            ctx = make_ctx(self, node, neigh)
-            self.ctxs[node] = ctx
+        with quiet_gc():
+            for node in sorted(local):
+                neigh = tuple(nb(node)) if nb is not None else ()
+                self.ctxs[node] = make_ctx(self, node, neigh)
         ctxs = self.ctxs
         if ctxs and all(type(k) is int for k in ctxs):
             lo, hi = min(ctxs), max(ctxs) + 1
@@ -297,10 +297,11 @@ class Host:
                     self.sched.push(t, CRASH if what == "crash" else RESTART, node, None)
                     if what == "crash":
                         self._crash_at.setdefault(node, []).append(t)
-        for node in sorted(self.local):
-            self._start_node(node)
-            if self.result is not None or self.error is not None:
-                return
+        with quiet_gc():
+            for node in sorted(self.local):
+                self._start_node(node)
+                if self.result is not None or self.error is not None:
+                    return
 
     def _start_node(self, node: int) -> None:
         ctx = self.ctxs[node]
