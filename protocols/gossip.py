@@ -148,13 +148,33 @@ class _Reports:
         ids = sorted(self.got)
         dev = 0.0
         if ids:
-            mean = np.zeros(np.shape(self.got[ids[0]]), np.float64)
-            for i in ids:
-                mean += self.got[i]
-            mean /= len(ids)
-            dev = max(float(np.max(np.abs(self.got[i] - mean), initial=0.0)) for i in ids)
+            dev = _max_abs_dev([self.got[i] for i in ids])
         ctx.finish({"model": dict(model), "rounds": rounds, "max_abs_dev": dev,
                     "reports": len(ids), **extra})
+
+
+# Numbers per numpy call when node 0 sums the final reports.
+_REPORT_CHUNK = 1 << 20
+
+
+def _max_abs_dev(vals: list[np.ndarray]) -> float:
+    """max_i max|x_i - mean| with the mean summed in float64 one vector after another, in the
+    order given; `_REPORT_CHUNK` numbers at a time (a running sum by `np.cumsum` is that
+    same sequence of additions), so a million reports cost a few numpy calls."""
+    shape = np.shape(vals[0])
+    if any(np.shape(v) != shape for v in vals):
+        raise ValueError(f"final vectors of different shapes: {shape} and others")
+    step = max(1, _REPORT_CHUNK // max(1, int(np.prod(shape))))
+    mean = np.zeros(shape, np.float64)
+    for k in range(0, len(vals), step):
+        rows = np.stack(vals[k:k + step]).astype(np.float64)
+        mean = np.cumsum(np.concatenate([mean[None], rows]), axis=0)[-1]
+    mean /= len(vals)
+    dev = 0.0
+    for k in range(0, len(vals), step):
+        rows = np.stack(vals[k:k + step]).astype(np.float64)
+        dev = max(dev, float(np.max(np.abs(rows - mean), initial=0.0)))
+    return dev
 
 
 # -- synchronous rounds ----------------------------------------------------------------------

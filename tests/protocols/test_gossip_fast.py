@@ -188,3 +188,23 @@ def test_a_hook_that_skips_deliveries_is_a_clear_error() -> None:
     with pytest.raises(Exception, match="Quitter.on_multicast returned before taking every "
                                         "delivery"):
         host.run()
+
+
+@settings(max_examples=40, deadline=None)
+@given(n=st.integers(1, 60), dim=st.integers(0, 5), f64=st.booleans(),
+       seed=st.integers(0, 2**32 - 1), scale=st.sampled_from([1e-30, 1.0, 1e30]),
+       chunk=st.integers(1, 40))
+def test_the_final_deviation_is_the_one_vector_at_a_time_figure(
+        n: int, dim: int, f64: bool, seed: int, scale: float, chunk: int) -> None:
+    rng = np.random.default_rng(seed)
+    vals = [(rng.standard_normal(dim) * scale).astype(np.float64 if f64 else np.float32)
+            for _ in range(n)]
+    mean = np.zeros(dim, np.float64)
+    for v in vals:
+        mean += v
+    mean /= n
+    want = max(float(np.max(np.abs(v - mean), initial=0.0)) for v in vals)
+    with pytest.MonkeyPatch.context() as m:
+        m.setattr(gossip, "_REPORT_CHUNK", chunk)  # numbers per numpy call: any grouping
+        got = gossip._max_abs_dev(vals)
+    assert got == want and type(got) is float
