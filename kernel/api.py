@@ -23,6 +23,9 @@ class Context:
     # nothing before delivery (inproc without strict mode): a sender may then still fill an
     # array it sent, as long as it does so before anyone reads it (sync gossip's batches).
     shares_bodies: bool = False
+    # How many shards (processes or actors) run the nodes: 1 on inproc unless
+    # `transport.shards` says otherwise; `shard_of` says which one runs a node.
+    shards: int = 1
 
     @property
     def now(self) -> float:
@@ -33,6 +36,11 @@ class Context:
     def rng(self) -> np.random.Generator:
         """A generator seeded from the run seed and this node's id, the same on every transport."""
         raise NotImplementedError
+
+    def shard_of(self, node: int) -> int:
+        """The shard (0 .. shards - 1) running `node`: messages between nodes of one shard stay
+        in its memory, others cross between processes."""
+        return 0
 
     def send(self, dst: int, kind: str, **body: Any) -> None:
         """Send one message; it arrives later (never inside this call), or is lost."""

@@ -29,6 +29,7 @@ import numpy as np
 from kernel.api import Context, Deployment, Network, Protocol, RunError
 from kernel.loop import CALL, CRASH, DELIVER, FANOUT, RESTART, TIMER, WAKE, Scheduler, quiet_gc
 from kernel.messages import Message
+from kernel.placement import Placement
 
 _INF = float("inf")
 # Building the tuple directly skips the namedtuple's Python-level __new__ on the hot path.
@@ -71,6 +72,7 @@ class NodeContext(Context):
         return type(cls.__name__, (cls,), {
             "__slots__": (), "__module__": cls.__module__, "__qualname__": cls.__qualname__,
             "n_nodes": host.n_nodes, "params": host.params, "_host": host,
+            "shards": host.placement.shards,
             "shares_bodies": host.strict is None and host.outbox is None})
 
     def __init__(self, host: Host, node: int, neighbours: tuple[int, ...]) -> None:
@@ -121,6 +123,9 @@ class NodeContext(Context):
         if self._rng is None:
             self._rng = np.random.default_rng([self._host.seed, self.id])
         return self._rng
+
+    def shard_of(self, node: int) -> int:
+        return self._host.placement(node)
 
     def send(self, dst: int, kind: str, **body: Any) -> None:
         if dst in self._local:
@@ -216,8 +221,11 @@ class Host:
         outbox: Outbox | None = None,
         on_metric: Callable[[dict[str, Any]], None] | None = None,
         sizer: Callable[[dict[str, Any]], int] | None = None,
+        placement: Placement | None = None,
     ) -> None:
         self.deployment = deployment
+        # Which shard runs each node, for protocols (ctx.shard_of); one shard unless given.
+        self.placement = placement or Placement()
         self.seed = seed
         self.n_nodes = len(deployment.node_ids)
         self.params = deployment.params

@@ -18,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from protocols.exactsum import Accumulator
+from protocols.exactsum import Accumulator, Running
 
 Tensors = dict[str, np.ndarray]
 Items = Sequence[tuple[float, Mapping[str, np.ndarray]]]
@@ -63,12 +63,12 @@ def weighted_mean(items: Items) -> Tensors:
     return acc.mean()
 
 
-def streaming(fn: Any) -> Callable[[], Accumulator] | None:
-    """For an aggregator that is a (weighted) mean, a factory of accumulators that give the
+def streaming(fn: Any) -> Callable[[], Running] | None:
+    """For an aggregator that is a (weighted) mean, a factory of running sums that give the
     same result (`acc.mean(weighted)` after `acc.add(w, t)` per item, in any order): a
     caller may then sum replies as they arrive instead of holding them. None for the others
     (median, Krum, ...), which need every item at once."""
-    return Accumulator if fn in (mean, weighted_mean) else None
+    return Running if fn in (mean, weighted_mean) else None
 
 
 def median(items: Items) -> Tensors:

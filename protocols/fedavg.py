@@ -6,7 +6,10 @@ server samples clients with its seeded rng, multicasts the global model, and agg
 replies (models + sample counts) once all arrive or the deadline passes. With a (weighted)
 mean, the exact sum of `protocols.exactsum`, each reply is added as it arrives and dropped, so
 the server holds one sum, not every reply, and arrival order cannot change a bit; other
-aggregators (median, Krum, ...) gather the replies and get them in sender-id order.
+aggregators (median, Krum, ...) gather the replies and get them in sender-id order. On more
+than one shard such a mean is summed where the replies are produced: one client per other shard
+relays its shard's replies as one exact partial sum per round (`shard_partials`,
+`partial_timeout`; protocols/partials.py, docs/aggregation.md), the same bits either way.
 Replies for an older round are counted as late and discarded (metric rows "late"; a second
 copy of a reply in its own round is a "duplicate"). Clients keep no state; each reply carries
 the local loss, steps and any extra training metrics, averaged (by samples) into the round row
@@ -32,7 +35,7 @@ import numpy as np
 from kernel.api import Context, Deployment, Protocol
 from kernel.messages import Message
 from kernel.options import ConfigError, options
-from protocols import aggregators, learners, threats
+from protocols import aggregators, learners, partials, threats
 from protocols.common import Aggregate, Gather, Tensors, aggregator, derive_rng, sample
 from protocols.learning import evaluation
 
@@ -41,6 +44,7 @@ DEFAULTS: dict[str, Any] = {
     "aggregator": "weighted_mean", "aggregator_args": {},
     "round_timeout": None, "min_replies": 1, "eval_every": 1, "mu": 0.0,
     "server_opt": "none", "server_lr": None, "momentum": 0.9, "betas": [0.9, 0.99], "tau": 1e-3,
+    "shard_partials": True, "partial_timeout": None, "partial_piece": 1 << 16,
 }
 SERVER_OPTS = ("none", "avgm", "adam", "yogi", "adagrad")
 # The adaptive optimisers take small steps: their update is about server_lr per coordinate.
@@ -67,6 +71,16 @@ class Options:
     momentum: float = 0.9  # avgm
     betas: tuple[float, float] = (0.9, 0.99)  # adam, yogi (beta1 also adagrad's momentum)
     tau: float = 1e-3  # adaptivity: the second moment starts at tau^2 and tau joins its root
+    # Shard-local partial sums (protocols/partials.py): on more than one shard, a streaming
+    # (weighted) mean has each other shard's clients summed there and one exact partial sent
+    # per round; the model is the same bits either way. False: every reply goes to the server.
+    shard_partials: bool = True
+    # A relay's deadline, seconds after a round's first message reaches it; None: 3/4 of
+    # round_timeout (or none without one). Below round_timeout, so the partial still counts.
+    partial_timeout: float | None = None
+    # Sums per partial message: the server holds its own sum and one piece of a partial at a
+    # time (512 KB by default); 0 sends each partial whole.
+    partial_piece: int = 1 << 16
 
     # Keys a subclass adds to DEFAULTS (its own fields, with their defaults).
     EXTRA: ClassVar[dict[str, Any]] = {}
@@ -99,6 +113,11 @@ class Options:
               "two numbers in [0, 1)")
         o["betas"] = (float(b[0]), float(b[1]))
         check("tau", o["tau"] > 0, "a number > 0")
+        check("partial_piece", o["partial_piece"] >= 0, "an integer >= 0 (0: whole partials)")
+        pt = o["partial_timeout"]
+        check("partial_timeout", pt is None or (isinstance(pt, num) and not isinstance(pt, bool)
+                                                and pt > 0 and (to is None or pt < to)),
+              "a number > 0" + ("" if to is None else f" and below round_timeout = {to}"))
         if fr is not None and k is not None:
             raise ConfigError("[protocol] give fraction or clients_per_round, not both")
         cls.check_extra(o, check)
@@ -179,8 +198,19 @@ class Server(Protocol):
         self.stream = aggregators.streaming(self.aggregate) if own else None
         self.weighted = self.aggregate is not aggregators.mean
         # Made here, not per round only, so a checkpoint finds one in a fresh server.
-        self.acc: aggregators.Accumulator | None = self.stream() if self.stream else None
+        self.acc: aggregators.Running | None = self.stream() if self.stream else None
         self.streaming = False  # this round sums replies as they arrive
+        # Set by `deploy` where relays may sum shards' replies (protocols.partials).
+        self.relaying: partials.Partials | None = None
+        self.relayed = 0  # partial sums merged this round
+        self.held = 0  # the most bytes of sums and one incoming message held at once
+        # Partials whose pieces are still arriving: (relay, senders) -> [pieces merged,
+        # replies (from piece 0)]; partials done with this round; their senders meanwhile.
+        self.pieces: dict[tuple[int, tuple[int, ...]], list[Any]] = {}
+        self.finished: set[tuple[int, tuple[int, ...]]] = set()
+        self.arriving: set[int] = set()
+        # The deadline passed while pieces were arriving: the round waits for them a while.
+        self.closing = False
         self.opt = ServerOpt(opts)
         self.round, self.late = 0, 0
         self.model: Tensors = {}
@@ -213,7 +243,14 @@ class Server(Protocol):
             self._end_round(ctx)
             return
         self.gather.arm(ctx, self.o.round_timeout)
-        ctx.multicast(clients, "train", round=self.round, **self.request())
+        body = self.request()
+        self.relayed = self.held = 0
+        self.pieces, self.finished, self.arriving, self.closing = {}, set(), set(), False
+        if self.streaming and self.relaying is not None and ctx.shards > 1:
+            gs = partials.groups(ctx, clients)
+            if gs:
+                body["groups"] = gs
+        ctx.multicast(clients, "train", round=self.round, **body)
 
     def request(self) -> dict[str, Any]:
         """The body of this round's train request (besides `round`): the global model."""
@@ -256,24 +293,113 @@ class Server(Protocol):
         """A reply the round did not take ("late" or "duplicate"); FedAvg forgets it."""
 
     def on_message(self, ctx: Context, msg: Message) -> None:
+        if msg.kind == "partial":
+            self._partial(ctx, msg)
+            return
+        src = msg.src
+        if msg.kind == "seen":  # a relay's note of a second copy it did not sum again
+            src = msg.client
+            if msg.round == self.round and not self.gather.closed:
+                self.gather.refused += 1
+            else:
+                self.gather.late += 1
+            self._refused(ctx, src, msg.round)
+            return
+        if "relayed_from" in msg.body:  # a reply a relay passed on after its partial left
+            src = msg.relayed_from
+        if self.closing:  # past the deadline, waiting only for a partial's pieces
+            self.gather.late += 1
+            self.discarded(ctx, msg, self._refused(ctx, src, msg.round, late=True))
+            return
         acc = self.acc if self.streaming else None
         item = self.reply(msg)
         if acc is not None:  # the model goes into the round's sum, not into the gather
             item = (item[0], None, *item[2:])
-        if self.gather.offer(msg.src, msg.round, item):
+        if self.gather.offer(src, msg.round, item):
             if acc is not None:
                 acc.add(float(msg.n_samples) if self.weighted else 1.0, msg.model)
+                self.held = max(self.held, acc.nbytes() + _nbytes(msg.model))
             if self.gather.complete:
                 self._end_round(ctx)
             return
-        # Discarded: a reply to an earlier round is late; anything else a duplicate.
-        what = "late" if msg.round != self.round else "duplicate"
+        self.discarded(ctx, msg, self._refused(ctx, src, msg.round))
+
+    def _refused(self, ctx: Context, src: int, rnd: int, late: bool = False) -> str:
+        """Count and report a reply the round did not take: a reply to an earlier round (or
+        after the deadline) is late; anything else a duplicate."""
+        what = "late" if late or rnd != self.round else "duplicate"
         self.late += what == "late"
-        ctx.emit(what, 1, src=msg.src, round=msg.round, current=self.round)
-        self.discarded(ctx, msg, what)
+        ctx.emit(what, 1, src=src, round=rnd, current=self.round)
+        return what
+
+    def _partial(self, ctx: Context, msg: Message) -> None:
+        """A piece of a relay's partial sum (protocols.partials). The first piece to arrive
+        decides: if the round is open and every sender new and expected, the partial is taken
+        and each piece is added to the round's sum as it comes (the exact sum does not care
+        in which order); its senders join the gather once every piece is in. Otherwise every
+        sender counts as late (or duplicate), once per partial."""
+        senders = tuple(int(s) for s in msg.senders)
+        key = (msg.src, senders)
+        if msg.round == self.round:
+            if key in self.finished:
+                return  # another copy of a piece of a partial merged or refused already
+            if key in self.pieces:
+                self._piece(ctx, key, msg)
+                return
+        g = self.gather
+        current = msg.round == self.round and not g.closed and not self.closing
+        fresh = current and self.streaming and self.acc is not None and all(
+            src not in g.replies and src not in self.arriving
+            and (g.expected is None or src in g.expected) for src in senders)
+        if not fresh:
+            if msg.round == self.round:
+                self.finished.add(key)
+            elif msg.part != 0:
+                return  # an older round's partial counts once, with its first piece
+            for src in senders:  # counted as Gather.offer counts what it refuses
+                if current:
+                    g.refused += 1
+                else:
+                    g.late += 1
+                self._refused(ctx, src, msg.round, late=self.closing)
+            return
+        self.pieces[key] = [set(), None]
+        self.arriving.update(senders)
+        self._piece(ctx, key, msg)
+
+    def _piece(self, ctx: Context, key: tuple[int, tuple[int, ...]], msg: Message) -> None:
+        got = self.pieces[key]
+        part = int(msg.part)
+        if part in got[0]:
+            return  # a second copy of this piece
+        assert self.acc is not None
+        self.acc.merge_packed(msg.sum)
+        self.held = max(self.held, self.acc.nbytes() + _nbytes(msg.sum))
+        got[0].add(part)
+        if part == 0:
+            got[1] = [(int(src), int(n), stats) for src, n, stats in msg.replies]
+        if len(got[0]) < int(msg.parts):
+            return
+        del self.pieces[key]
+        self.finished.add(key)
+        self.arriving.difference_update(key[1])
+        for src, n, stats in got[1]:  # checked when the first piece came
+            self.gather.replies[src] = (n, None, stats)
+        self.relayed += 1
+        if self.closing:
+            if not self.pieces:
+                self._end_round(ctx)
+        elif self.gather.complete:
+            self._end_round(ctx)
 
     def on_timer(self, ctx: Context, key: Hashable) -> None:
         if key == self.gather.timer_key:
+            if self.pieces:
+                # A partial whose first piece came in time counts: the round waits for the
+                # rest (sent back to back, and never lost: see `_partials`), taking nothing
+                # else meanwhile.
+                self.closing = True
+                return
             self._end_round(ctx)
 
     def _end_round(self, ctx: Context) -> None:
@@ -291,6 +417,9 @@ class Server(Protocol):
             ev = self.evaluation = self.learner.evaluate(self.model)
         extra = {f"test_{k}": v for k, v in (ev or {}).items() if k not in ("accuracy", "loss")}
         extra.update(_train_means([(item[0], item[2]) for _, item in replies]))
+        if ctx.shards > 1 and self.streaming:
+            # Its own row, so that round rows stay the same for any shard count.
+            ctx.emit("partials", self.relayed, round=self.round, sum_peak_bytes=self.held)
         if self.ev.clients > 0 and (self.round % self.ev.every == 0 or last):
             self.client_summary = self._evaluate_clients(ctx)
             extra.update(self.client_summary)
@@ -382,20 +511,50 @@ class StatefulServer(Server):
 
 
 class Client(Protocol):
-    """Nodes 1..N: train on the received model, reply with the result; hold nothing between."""
+    """Nodes 1..N: train on the received model, reply with the result; hold nothing between
+    (but a round's partial sum, on a node that relays its shard's replies: protocols.partials)."""
+
+    # Set by `deploy` where relays may sum shards' replies (then each node has its own object).
+    relaying: partials.Partials | None = None
 
     def __init__(self, opts: Options, learner: learners.Learner, seed: int,
                  guard: threats.Guard | None = None) -> None:
         self.mu, self.learner, self.seed = opts.mu, learner, seed
         self.guard = guard or threats.Guard()
+        self.relay: partials.Relay | None = None  # where relaying is on (set by `deploy`)
+
+    def _relay(self) -> partials.Relay:
+        assert self.relay is not None, "a relay's message reached a node that cannot relay"
+        return self.relay
 
     def on_message(self, ctx: Context, msg: Message) -> None:
+        if msg.kind == "update":  # a reply from this relay's shard
+            self._relay().take(ctx, msg.src, msg.round,
+                               {k: v for k, v in msg.body.items() if k != "round"})
+            return
         client = ctx.id - 1
+        group = None
+        if self.relaying is not None:
+            group = partials.group_of(msg.body.get("groups"), ctx.id)
+        relay = None
+        if group is not None and group[0] == ctx.id:
+            relay = self._relay()
+            relay.start(ctx, msg.round, group, msg.src)
         work = self.learner.work(client)
         if work:
             ctx.compute(work=work, label="train")
         rng = derive_rng(self.seed, ctx.id, msg.round)
-        ctx.send(msg.src, "update", round=msg.round, **self.local(client, msg, rng))
+        body = self.local(client, msg, rng)
+        if group is None:
+            ctx.send(msg.src, "update", round=msg.round, **body)
+        elif relay is not None:
+            relay.take(ctx, ctx.id, msg.round, body)
+        else:
+            ctx.send(group[0], "update", round=msg.round, **body)
+
+    def on_timer(self, ctx: Context, key: Hashable) -> None:
+        if self.relay is not None:
+            self.relay.on_timer(ctx, key)
 
     def local(self, client: int, msg: Message, rng: np.random.Generator) -> dict[str, Any]:
         """Train on `msg`'s request and return the reply body: model and sample count
@@ -445,18 +604,23 @@ def deploy(config: Mapping[str, Any], name: str, opts_cls: type[Options] = Optio
     # [adversary] and [privacy] (protocols.threats): honoured by the protocols whose build
     # lists them in `honours`; the runner refuses the sections for the others.
     guard = threats.Guard.from_config(config, learner, seed, sampled=opts.clients_per_round)
+    relays = _partials(config, opts, server_cls, client_cls, guard)
 
     def client() -> Client:
         c = client_cls(opts, learner, seed)
         c.guard = guard
+        if relays is not None:
+            c.relaying, c.relay = relays, partials.Relay(relays)
         return c
 
-    shared = None if issubclass(client_cls, StatefulClient) else client()
+    per_node = issubclass(client_cls, StatefulClient) or relays is not None
+    shared = None if per_node else client()
 
     def make_node(i: int) -> Protocol:
         if i == 0:
             server = server_cls(opts, learner, rounds, ev, seed)
             server.guard = copy.deepcopy(guard)  # the server's own: it keeps adaptive state
+            server.relaying = relays
             return server
         return shared if shared is not None else client()
 
@@ -468,9 +632,52 @@ def deploy(config: Mapping[str, Any], name: str, opts_cls: type[Options] = Optio
     )
 
 
+def _partials(config: Mapping[str, Any], opts: Options, server_cls: type[Server],
+              client_cls: type[Client], guard: threats.Guard) -> partials.Partials | None:
+    """How relays sum shards' replies, where they may (else None): `shard_partials` on, a
+    server that streams a (weighted) mean (`Server._streams`: FedAvg's own reply, combine and
+    round, no [adversary] or [privacy]), clients that relay as `Client` does, no lossy codec
+    (its stages may pick the partial's tensors too), and a transport that may run more than
+    one shard (inproc: `shards` > 1)."""
+    tr = config.get("transport", {})
+    maybe_shards = tr.get("shards", 1 if tr.get("kind", "inproc") == "inproc" else 0) != 1
+    agg = aggregator(opts.aggregator, opts.aggregator_args)
+    own = all(getattr(server_cls, f) is getattr(Server, f)
+              for f in ("combine", "reply", "on_message", "_end_round")) and all(
+        getattr(client_cls, f) is getattr(Client, f) for f in ("on_message", "on_timer"))
+    codec = config.get("codec", {})
+    lossy = bool(codec.get("stages") or codec.get("rules"))
+    if not (opts.shard_partials and maybe_shards and own and not lossy
+            and aggregators.streaming(agg) is not None
+            and guard.attack is None and guard.dp is None):
+        return None
+    timeout = opts.partial_timeout
+    if timeout is None and opts.round_timeout is not None:
+        timeout = 0.75 * opts.round_timeout
+    # In pieces, so the server never holds a whole second sum. A round waits for the rest of
+    # a partial it has begun to add (it cannot take it apart again), so where a network model
+    # may lose messages (loss, crashes, partitions) partials go whole: they arrive or not.
+    net = config.get("network") or {}
+    loses = bool(net.get("crashes") or net.get("partitions")) or any(
+        float(d.get("loss") or 0) > 0 for d in [net, *(net.get("links") or [])])
+    return partials.Partials(weighted=agg is not aggregators.mean, timeout=timeout,
+                             piece=0 if loses else opts.partial_piece)
+
+
 def build(config: Mapping[str, Any]) -> Deployment:
     """The FedAvg deployment for a validated run config (cheap: nothing heavy is made here)."""
     return deploy(config, "fedavg")
+
+
+def _nbytes(x: Any) -> int:
+    """Bytes of the arrays in a message body's value (dicts and lists walked)."""
+    if isinstance(x, np.ndarray):
+        return int(x.nbytes)
+    if isinstance(x, Mapping):
+        return sum(_nbytes(v) for v in x.values())
+    if isinstance(x, list | tuple):
+        return sum(_nbytes(v) for v in x)
+    return 0
 
 
 def _train_means(items: list[tuple[float, Mapping[str, float] | None]]

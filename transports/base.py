@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from typing import Any, ClassVar
 
+from kernel.placement import place
 from kernel.run.job import Job, Outcome
 
 __all__ = ["Job", "Outcome", "Transport", "place"]
@@ -26,10 +27,3 @@ class Transport(ABC):
 
     def close(self) -> None:  # noqa: B027 - most transports have nothing to release
         """Release processes, actors and sockets (called even when `run` raised)."""
-
-
-def place(node_ids: Sequence[int], shards: int) -> dict[int, int]:
-    """Round-robin placement by sorted node id: shard loads differ by at most one node."""
-    if shards < 1:
-        raise ValueError(f"transport.shards must be >= 1, got {shards}")
-    return {node: i % shards for i, node in enumerate(sorted(node_ids))}

@@ -29,6 +29,7 @@ from kernel import registry
 from kernel.api import RunError
 from kernel.host import Host
 from kernel.messages import Message
+from kernel.placement import Placement
 from kernel.wire.codec import Codec, CodecError, body_nbytes
 from transports.base import place
 from transports.grpc import (
@@ -468,7 +469,8 @@ class Shard:
         else:
             strict, sizer = None, body_nbytes
         host = Host(self.deployment, self.local, seed=self.seed, wall=True, outbox=self,
-                    on_metric=self._on_metric, strict=strict, sizer=sizer)
+                    on_metric=self._on_metric, strict=strict, sizer=sizer,
+                    placement=Placement(int(self.opts["shards"]), self.placement))
         with self._lock:
             for msg, dsts in self._early:
                 host.deliver(msg, dsts, threadsafe=True)

@@ -2,6 +2,11 @@
 deterministic. Strict mode passes every message through the codec, proving it would cross a
 process boundary unchanged.
 
+`transport.shards` (default 1): how many shards protocols are told the nodes are placed on
+(`ctx.shards`, `ctx.shard_of`, placed as ray and grpc place them). Every node still runs here;
+it lets a protocol's per-shard behaviour (FedAvg's shard-local partial sums) run under the
+network model, deterministically.
+
 Checkpoints (`job.checkpoint`): after the event that emits a "round" row due for one (or
 after Ctrl-C), the host pauses between events, the whole state is saved, and the loop goes on
 (or, interrupted, stops with reason "interrupted"). A resumed job restores a fresh host from
@@ -13,7 +18,8 @@ from __future__ import annotations
 from typing import Any
 
 from kernel.host import Host
-from kernel.options import options
+from kernel.options import ConfigError, options
+from kernel.placement import Placement
 from kernel.run import checkpoint
 from kernel.wire.codec import Codec, body_nbytes
 from transports.base import Job, Outcome, Transport
@@ -28,7 +34,10 @@ class InprocTransport(Transport):
 
     def run(self, job: Job) -> Outcome:
         dep = job.deployment
-        opts = options("transport", self.options, {"strict": False})
+        opts = options("transport", self.options, {"strict": False, "shards": 1})
+        if opts["shards"] < 1:
+            raise ConfigError(f"[transport] shards = {opts['shards']!r}; expected an integer "
+                              f">= 1 (shards protocols are told of; inproc runs them all here)")
         network = NetworkModel.from_config(job.config.get("network", {}), job.seed, dep.node_ids)
         codec = Codec.from_config(job.config.get("codec", {}))
         # Lossy stages must reach every message, or inproc would differ from ray and grpc.
@@ -64,6 +73,7 @@ class InprocTransport(Transport):
             strict=strict,
             on_metric=on_metric,
             sizer=body_nbytes,
+            placement=Placement.of(dep.node_ids, min(opts["shards"], len(dep.node_ids))),
         )
         if plan is not None and plan.resume is not None:
             checkpoint.restore(host, network, plan.resume.state, plan.fresh())

@@ -25,6 +25,7 @@ from kernel.api import RunError
 from kernel.host import Host
 from kernel.loop import CALL
 from kernel.messages import Message
+from kernel.placement import Placement
 from kernel.registry import load
 from kernel.wire.codec import Codec, body_nbytes, join
 from transports.base import place
@@ -222,7 +223,8 @@ class ShardCore:
         self.host = Host(dep, self.local, seed=int(config["run"]["seed"]), wall=True,
                          outbox=self.outbox, on_metric=self._on_metric,
                          strict=self.codec if lossy else None,
-                         sizer=None if lossy else body_nbytes)
+                         sizer=None if lossy else body_nbytes,
+                         placement=Placement(n_shards, self.placement))
         self.peers: list[Any] = []
         self.peer_inc: list[int] = []
         self.out_seq: dict[int, int] = {}

@@ -147,3 +147,129 @@ def test_bad_input_is_named() -> None:
         acc.add(float("nan"), {"x": np.zeros(3, np.float32)})
     with pytest.raises(ValueError, match="no items"):
         Accumulator().mean()
+
+
+special = st.sampled_from([math.inf, -math.inf, math.nan])
+
+
+@settings(max_examples=60, deadline=None)
+@given(items(), st.data())
+def test_packed_partials_merge_to_the_same_bits(its, data) -> None:
+    """A group's sum sent as `pack()` (float64 nearest plus the exact remainder where that is
+    not exact) and merged with `merge_packed` is the same as merging the accumulator itself:
+    the same total and mean, bit for bit, for any grouping; inf and nan included."""
+    if data.draw(st.booleans()):
+        w, t = its[0]
+        t["a"][data.draw(st.integers(0, DIM - 1))] = data.draw(special)
+    whole = Accumulator()
+    for w, t in its:
+        whole.add(w, t)
+    cuts = sorted(data.draw(st.lists(st.integers(0, len(its)), max_size=3)))
+    merged = Accumulator()
+    for a, b in zip([0, *cuts], [*cuts, len(its)]):
+        part = Accumulator()
+        for w, t in its[a:b]:
+            part.add(w, t)
+        merged.merge_packed(part.pack())
+    assert _bits(merged.total()) == _bits(whole.total())
+    assert merged.weights == whole.weights
+    if whole.weight() > 0:
+        assert _bits(merged.mean()) == _bits(whole.mean())
+
+
+def test_a_pack_sends_a_remainder_only_where_the_float64_is_not_exact() -> None:
+    acc = Accumulator()
+    # Integer weights times float32s of nearby magnitude: the exact sums fit a float64.
+    for w in (3, 5, 7):
+        acc.add(float(w), {"x": np.array([0.25, 1.5, -3.0], np.float32)})
+    packed = acc.pack()
+    assert "idx" not in packed["tensors"]["x"]
+    assert packed["tensors"]["x"]["hi"].tolist() == [3.75, 22.5, -45.0]
+    # 1 + 2^-60 needs 61 bits: the float64 is 1, the remainder 2^-60 goes along exactly.
+    acc.add(1.0, {"x": np.array([2.0**-60, 0.0, 0.0], np.float32)})
+    acc.add(1.0, {"x": np.array([1.0, 0.0, 0.0], np.float32)})
+    packed = acc.pack()
+    assert packed["tensors"]["x"]["idx"].tolist() == [0]
+    back = Accumulator()
+    back.merge_packed(packed)
+    assert _bits(back.total()) == _bits(acc.total())
+    assert packed["tensors"]["x"]["hi"][0] == 4.75
+    assert sum(v[0] for v in packed["tensors"]["x"]["rest"].values()) == 2.0**-60
+
+
+@settings(max_examples=80, deadline=None)
+@given(items(), st.data())
+def test_running_sums_give_the_accumulators_bits(its, data) -> None:
+    """`Running` (one float64 per element, an exact remainder only where needed) reads out the
+    same bits as `Accumulator` for the same items, added one by one in any order, merged in
+    groups or packed; inf and nan included."""
+    if data.draw(st.booleans()):
+        w, t = its[0]
+        t["b"][0, data.draw(st.integers(0, DIM - 1))] = data.draw(special)
+    whole = Accumulator()
+    for w, t in its:
+        whole.add(w, t)
+    order = data.draw(st.permutations(range(len(its))))
+    run = exactsum.Running()
+    cut = data.draw(st.integers(0, len(its)))
+    for i in order[:cut]:
+        run.add(*its[i])
+    other = exactsum.Running() if data.draw(st.booleans()) else Accumulator()
+    for i in order[cut:]:
+        other.add(*its[i])
+    if other.weights:
+        run.merge_packed(other.pack())
+    assert _bits(run.total()) == _bits(whole.total())
+    if whole.weight() > 0:
+        assert _bits(run.mean()) == _bits(whole.mean())
+    again = exactsum.Running()
+    again.load_state(run.state())
+    assert _bits(again.total()) == _bits(whole.total())
+
+
+def test_running_sum_of_model_like_replies_holds_one_float64_per_element() -> None:
+    rng = np.random.default_rng(0)
+    base = rng.normal(0, 0.05, 10_000).astype(np.float32)
+    run, acc = exactsum.Running(), Accumulator()
+    for _ in range(50):
+        t = {"w": (base + rng.normal(0, 1e-3, base.size)).astype(np.float32)}
+        n = float(rng.integers(100, 600))
+        run.add(n, t)
+        acc.add(n, t)
+    assert _bits(run.mean()) == _bits(acc.mean())
+    assert run.nbytes() < 1.1 * base.size * 8 < acc.nbytes()
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.tuples(st.floats(0.01, 3.0),
+                          st.lists(st.integers(-(2**20), 2**20), min_size=4, max_size=4),
+                          st.integers(0, 12)), min_size=1, max_size=4))
+def test_running_sum_rounds_the_tiniest_products_as_the_accumulator_does(raw) -> None:
+    """Fractional weights times float32s near the bottom of the subnormal range have bits
+    below 2^-180, the accumulator's finest unit: both round them alike (the same bits)."""
+    run, acc = exactsum.Running(), Accumulator()
+    for w, ints, shift in raw:
+        x = {"x": (np.array(ints, np.float64) * 2.0 ** (shift - 149)).astype(np.float32)}
+        run.add(w, x)
+        acc.add(w, x)
+    assert _bits(run.total()) == _bits(acc.total())
+
+
+@settings(max_examples=60, deadline=None)
+@given(items(), st.integers(1, 2 * DIM + 1), st.data())
+def test_a_pack_cut_into_pieces_merges_to_the_same_bits(its, elements, data) -> None:
+    """`split` cuts a pack into pieces of at most `elements` sums; merging every piece, in any
+    order, into a Running sum gives the bits of merging the whole (inf and nan included)."""
+    if data.draw(st.booleans()):
+        its[0][1]["a"][data.draw(st.integers(0, DIM - 1))] = data.draw(special)
+    whole = Accumulator()
+    for w, t in its:
+        whole.add(w, t)
+    pieces = exactsum.split(whole.pack(), elements)
+    assert all(sum(len(np.ravel(e.get("hi", ()))) for e in p["tensors"].values()) <= elements
+               for p in pieces)
+    run = exactsum.Running()
+    for p in data.draw(st.permutations(pieces)):
+        run.merge_packed(p)
+    assert _bits(run.total()) == _bits(whole.total())
+    assert run.weights == whole.weights

@@ -354,7 +354,8 @@ def test_any_shard_count_gives_the_inproc_model(local_ray: None, shards: int) ->
     def config(kind: str, **transport: Any) -> dict[str, Any]:
         return validate({
             "run": {"seed": 5, "rounds": 3, "progress": False},
-            "protocol": {"name": "fedavg", "aggregator": "weighted_mean", "server_opt": "adam"},
+            "protocol": {"name": "fedavg", "aggregator": "weighted_mean", "server_opt": "adam",
+                         "partial_piece": 5},  # partials in pieces of 5 of 21 sums
             "workload": {"model": "linear", "clients": 9, "samples_per_client": 40,
                          "samples_min": 5, "input_dim": 20, "test_samples": 100},
             "transport": {"kind": kind, **transport}})
@@ -362,4 +363,8 @@ def test_any_shard_count_gives_the_inproc_model(local_ray: None, shards: int) ->
     want = runner.execute(config("inproc"), quiet=True)
     got = runner.execute(config("ray", shards=shards, cpus_per_shard=0.5), quiet=True)
     assert got.result["reason"] == "finished" and len(got.result["shards"]) == shards
+    # With more than one shard, the other shards' replies came summed (protocols.partials):
+    # 9 clients placed round-robin leave 3 or more on every shard but the server's.
+    relayed = [row["value"] for row in got.rows if row["name"] == "partials"]
+    assert relayed == ([shards - 1] * 3 if shards > 1 else [])
     assert got.result["final_model_sha256"] == want.result["final_model_sha256"]

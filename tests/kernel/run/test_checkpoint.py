@@ -73,6 +73,12 @@ CONFIGS: dict[str, dict[str, Any]] = {
                     "protocol": {"name": "gossip", "nodes": 8, "dim": 20}},
     "dsgd": {"run": {"seed": 2, "rounds": 5}, "protocol": {"name": "dsgd"},
              "workload": LINEAR, "network": STRAGGLERS},
+    # Three (virtual) shards: relays hold partial sums of their shard's replies (and whom
+    # each sent partial summed) across the checkpoint.
+    "fedavg-shards": {"run": {"seed": 1, "rounds": 5},
+                      "protocol": {"name": "fedavg", "round_timeout": 0.7, "partial_piece": 7},
+                      "transport": {"kind": "inproc", "shards": 3},
+                      "workload": dict(LINEAR, clients=9), "network": STRAGGLERS},
     # Error-feedback residuals live in one object `build` shares between all clients.
     "fedavg_ef": {"run": {"seed": 1, "rounds": 5},
                   "protocol": {"name": "protocols.compression:fedavg_ef",
