@@ -391,15 +391,32 @@ class SyncGossip(Protocol):
         waits for with deferred mixing on, inline; anything else through `on_message`."""
         body = msg[3]
         src = msg[0]
+        dsts: tuple[int, ...] = msg[1]  # type: ignore[assignment]
         rnd = body["r"] if msg[2] == "g" else None
+        rev: bytes | None = None
+        base = j = 0
         for ctx, node in deliveries:
             miss = node.miss
             if miss is None or rnd != node.r + 1 or not node.plan.lazy:
                 node.on_message(ctx, Message(src, ctx.id, msg[2], body, msg[4], msg[5]))
                 continue
-            k = node.neigh.index(src)
-            if k >= node.pos:
-                k += 1
+            if rev is None:
+                # The sender's position in each receiver's mixing order, by the slot of the
+                # receiver in the sender's neighbour tuple (what `on_message` computes).
+                plan = node.plan
+                rev = plan.batch.rev if dsts is plan.neighbours[src] else None
+                rev = rev or b""
+                base = src * plan.batch.deg
+            if rev:
+                dst = ctx.id
+                while dsts[j] != dst:
+                    j += 1
+                k = rev[base + j]
+                j += 1
+            else:
+                k = node.neigh.index(src)
+                if k >= node.pos:
+                    k += 1
             bit = 1 << k
             if miss & bit:
                 node.miss = miss = miss ^ bit
