@@ -154,7 +154,7 @@ class _Reports:
 
 
 # Numbers per numpy call when node 0 sums the final reports.
-_REPORT_CHUNK = 1 << 20
+_REPORT_CHUNK = 1 << 18
 
 
 def _max_abs_dev(vals: list[np.ndarray]) -> float:
@@ -165,15 +165,24 @@ def _max_abs_dev(vals: list[np.ndarray]) -> float:
     if any(np.shape(v) != shape for v in vals):
         raise ValueError(f"final vectors of different shapes: {shape} and others")
     step = max(1, _REPORT_CHUNK // max(1, int(np.prod(shape))))
+    def rows(k: int) -> np.ndarray:
+        part = vals[k:k + step]
+        if len(shape) == 1:
+            # Not np.stack: it makes a view object per vector (100 MB at a million).
+            out = np.concatenate(part).reshape(len(part), *shape)
+        else:
+            out = np.empty((len(part), *shape), np.float64)  # exact for float32 values
+            for m, v in enumerate(part):
+                out[m] = v
+        return out.astype(np.float64)
+
     mean = np.zeros(shape, np.float64)
     for k in range(0, len(vals), step):
-        rows = np.stack(vals[k:k + step]).astype(np.float64)
-        mean = np.cumsum(np.concatenate([mean[None], rows]), axis=0)[-1]
+        mean = np.cumsum(np.concatenate([mean[None], rows(k)]), axis=0)[-1]
     mean /= len(vals)
     dev = 0.0
     for k in range(0, len(vals), step):
-        rows = np.stack(vals[k:k + step]).astype(np.float64)
-        dev = max(dev, float(np.max(np.abs(rows - mean), initial=0.0)))
+        dev = max(dev, float(np.max(np.abs(rows(k) - mean), initial=0.0)))
     return dev
 
 

@@ -104,9 +104,13 @@ class Batch:
                 # Every row full: the neighbour tuples and the node itself, sorted, at once.
                 order = np.empty((n, width), kind)
                 order[:, 0] = np.arange(n)
-                if width > 1:
-                    order[:, 1:] = np.asarray(nb, kind).reshape(n, width - 1)
-                order.sort(axis=1)
+                step = 1 << 16
+                for lo in range(0, n, step):
+                    # In slices: converting a million tuples at once peaks at ~100 MB.
+                    if width > 1:
+                        order[lo:lo + step, 1:] = np.asarray(nb[lo:lo + step], kind).reshape(
+                            -1, width - 1)
+                    order[lo:lo + step].sort(axis=1)
             else:
                 order = np.full((n, width), -1, kind)
                 for i, o in enumerate(nb):

@@ -191,15 +191,16 @@ def test_a_hook_that_skips_deliveries_is_a_clear_error() -> None:
 
 
 @settings(max_examples=40, deadline=None)
-@given(n=st.integers(1, 60), dim=st.integers(0, 5), f64=st.booleans(),
-       seed=st.integers(0, 2**32 - 1), scale=st.sampled_from([1e-30, 1.0, 1e30]),
-       chunk=st.integers(1, 40))
+@given(n=st.integers(1, 60), shape=st.sampled_from([(), (0,), (1,), (3,), (5,), (2, 3)]),
+       f64=st.booleans(), seed=st.integers(0, 2**32 - 1),
+       scale=st.sampled_from([1e-30, 1.0, 1e30]), chunk=st.integers(1, 40))
 def test_the_final_deviation_is_the_one_vector_at_a_time_figure(
-        n: int, dim: int, f64: bool, seed: int, scale: float, chunk: int) -> None:
+        n: int, shape: tuple[int, ...], f64: bool, seed: int, scale: float,
+        chunk: int) -> None:
     rng = np.random.default_rng(seed)
-    vals = [(rng.standard_normal(dim) * scale).astype(np.float64 if f64 else np.float32)
+    vals = [np.asarray(rng.standard_normal(shape) * scale, np.float64 if f64 else np.float32)
             for _ in range(n)]
-    mean = np.zeros(dim, np.float64)
+    mean = np.zeros(shape, np.float64)
     for v in vals:
         mean += v
     mean /= n
