@@ -459,53 +459,58 @@ class Host:
         that can take them now are yielded to it; the rest run as they would otherwise (held,
         dropped, or `on_message` of another class). Same order, same event count."""
         dsts: tuple[int, ...] = msg[1]  # type: ignore[assignment]
-        ctxs, now, n = self._by_id, self.sched.now, len(dsts)
-        src, kind, body, t, seq = msg[0], msg[2], msg[3], msg[4], msg[5]
-        j = i  # the delivery at hand
-        done = False
-
-        def deliveries() -> Generator[tuple[NodeContext, Any], None, None]:
-            nonlocal j, done
-            while True:
-                dst = dsts[j]
-                ctx = ctxs[dst]
-                proto = ctx.proto
-                if ctx.hold > now:
-                    self._hold(ctx, DELIVER, _new_message(Message, (src, dst, kind, body, t, seq)))
-                elif type(proto) is cls:
-                    yield ctx, proto
-                else:
-                    m = _new_message(Message, (src, dst, kind, body, t, seq))
-                    try:
-                        proto.on_message(ctx, m)  # type: ignore[union-attr]
-                    except Exception as exc:
-                        self._fail(dst, "on_message", exc, m)
-                j += 1
-                if j == n or self._stop:
-                    done = True
-                    return
-
-        gen = deliveries()
+        n = len(dsts)
+        # [the delivery at hand (the next one once done), 1 once every one was taken]
+        at = [i, 0]
+        gen = self._deliveries(at, msg, cls)
         try:
             many(msg, gen)
         except Exception as exc:
             gen.close()
-            j = min(j, n - 1)
-            dst = dsts[j]
-            m = _new_message(Message, (src, dst, kind, body, t, seq))
-            self._fail(dst, "on_message", exc, m)
-            j += 1
+            j = min(at[0], n - 1)
+            m = _new_message(Message, (msg[0], dsts[j], msg[2], msg[3], msg[4], msg[5]))
+            self._fail(dsts[j], "on_message", exc, m)
+            at[0] = j + 1
         else:
-            if not done:
+            if not at[1]:
                 gen.close()
-                self._fail(dsts[j], "on_multicast", RuntimeError(
+                self._fail(dsts[at[0]], "on_multicast", RuntimeError(
                     f"{cls.__name__}.on_multicast returned before taking every delivery"))
-                j += 1
+                at[0] += 1
+        j = at[0]
         # Deliveries i .. j - 1 ran: the loop counted the first as this dispatch's event.
         self._events += j - i - 1
         if j < n:
             self.sched._fifo.appendleft((FANOUT, j, msg))
         return self._stop
+
+    def _deliveries(self, at: list[int], msg: Message, cls: type) -> Generator[
+            tuple[NodeContext, Any], None, None]:
+        """What `_fanout_many` hands the hook (a generator method, not a closure: its locals
+        stay fast); keeps `at` up to date."""
+        dsts: tuple[int, ...] = msg[1]  # type: ignore[assignment]
+        ctxs, now, n = self._by_id, self.sched.now, len(dsts)
+        j = at[0]
+        while True:
+            dst = dsts[j]
+            ctx = ctxs[dst]
+            proto = ctx.proto
+            if ctx.hold > now:
+                self._hold(ctx, DELIVER, _new_message(
+                    Message, (msg[0], dst, msg[2], msg[3], msg[4], msg[5])))
+            elif type(proto) is cls:
+                at[0] = j
+                yield ctx, proto
+            else:
+                m = _new_message(Message, (msg[0], dst, msg[2], msg[3], msg[4], msg[5]))
+                try:
+                    proto.on_message(ctx, m)  # type: ignore[union-attr]
+                except Exception as exc:
+                    self._fail(dst, "on_message", exc, m)
+            j += 1
+            if j == n or self._stop:
+                at[0], at[1] = j, 1
+                return
 
     def _hold(self, ctx: NodeContext, etype: int, payload: Any) -> bool:
         """An event for a node that is down (dropped) or busy (kept in its mailbox)."""
