@@ -33,7 +33,8 @@ class Batch:
     def __init__(self, neighbours: Sequence[Sequence[int]], rounds: int) -> None:
         n = len(neighbours)
         self.neighbours = neighbours
-        # todo[r]: nodes whose round-r mix is recorded, not yet computed.
+        # todo[r]: nodes whose round-r mix is recorded, not yet computed (SyncGossip appends
+        # and counts `pending` itself, and flushes at `FLUSH_AT`).
         self.todo: list[list[int]] = [[] for _ in range(rounds + 1)]
         self.pending = 0
         # Per node: the weight shared by its whole row (float64, as the node holds it), or
@@ -75,14 +76,6 @@ class Batch:
         if self.wpos is None:
             self.wpos = np.zeros((len(self.wshare), self.dmax + 1))
         self.wpos[node, :len(ws)] = ws
-
-    def add(self, node: int, r: int, block: np.ndarray) -> None:
-        """Record that `node` mixes round `r` (computed by the next `flush`; SyncGossip does
-        the same inline)."""
-        self.todo[r].append(node)
-        self.pending += 1
-        if self.pending >= FLUSH_AT:
-            self.flush(block)
 
     def flush(self, block: np.ndarray) -> None:
         """Compute every recorded mix, round by round, into `block`."""
