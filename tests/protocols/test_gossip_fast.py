@@ -18,7 +18,7 @@ from kernel.messages import Message
 from kernel.run import checkpoint as ckpt
 from kernel.run.outputs import WALL_FIELDS
 from kernel.run.runner import RunRecord, execute
-from protocols import gossip
+from protocols import gossip, mixbatch
 from tests.kernel.run.interrupt import InterruptAt
 
 COMPARED = ("final_model_sha256", "rounds", "reason", "finished_by", "clock_s", "messages",
@@ -75,10 +75,13 @@ def configs(draw: st.DrawFn) -> dict[str, Any]:
 
 
 @settings(max_examples=40, deadline=None)
-@given(cfg=configs())
-def test_the_fast_paths_give_exactly_the_per_message_run(cfg: dict[str, Any]) -> None:
+@given(cfg=configs(), flush_at=st.sampled_from([1, 5, 37, mixbatch.FLUSH_AT]))
+def test_the_fast_paths_give_exactly_the_per_message_run(cfg: dict[str, Any],
+                                                         flush_at: int) -> None:
     with pytest.MonkeyPatch.context() as m:
-        assert plain(execute(cfg, quiet=True)) == plain(per_message(cfg, m))
+        want = plain(per_message(cfg, m))
+        m.setattr(mixbatch, "FLUSH_AT", flush_at)  # batches flushed by size at any point
+        assert plain(execute(cfg, quiet=True)) == want
 
 
 @settings(max_examples=3, deadline=None)
