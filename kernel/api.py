@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, ClassVar
 from typing import Protocol as _TypingProtocol
 
 import numpy as np
@@ -19,6 +19,10 @@ class Context:
     neighbours: tuple[int, ...]
     n_nodes: int
     params: Mapping[str, Any]
+    # True where every message body reaches its receivers as the very objects sent, read by
+    # nothing before delivery (inproc without strict mode): a sender may then still fill an
+    # array it sent, as long as it does so before anyone reads it (sync gossip's batches).
+    shares_bodies: bool = False
     # How many shards (processes or actors) run the nodes: 1 on inproc unless
     # `transport.shards` says otherwise; `shard_of` says which one runs a node.
     shards: int = 1
@@ -86,6 +90,15 @@ class Protocol:
 
     def on_stop(self, ctx: Context) -> None:
         """Called once when the run ends, for nodes that exist then."""
+
+    # Optional, for speed at scale (a static method taking (msg, deliveries)): one multicast
+    # message for many nodes of this class at once. `deliveries` yields (ctx, node) for each
+    # destination in turn (skipping those the kernel holds back, or runs itself); handle each
+    # exactly as `node.on_message(ctx, msg)` would, where msg.dst is then the tuple of every
+    # destination (ctx.id is the one at hand), and take every item. The kernel may call
+    # `on_message` per destination instead at any time, so both must do the same.
+    # Typed loosely: a static method (msg, deliveries) -> None, or None for "not offered".
+    on_multicast: ClassVar[Callable[..., None] | None] = None
 
 
 @dataclass(frozen=True)

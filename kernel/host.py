@@ -20,14 +20,14 @@ from __future__ import annotations
 
 import functools
 from collections import deque
-from collections.abc import Callable, Hashable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Generator, Hashable, Iterable, Iterator, Mapping, Sequence
 from typing import Any
 from typing import Protocol as _TypingProtocol
 
 import numpy as np
 
 from kernel.api import Context, Deployment, Network, Protocol, RunError
-from kernel.loop import CALL, CRASH, DELIVER, FANOUT, RESTART, TIMER, WAKE, Scheduler
+from kernel.loop import CALL, CRASH, DELIVER, FANOUT, RESTART, TIMER, WAKE, Scheduler, quiet_gc
 from kernel.messages import Message
 from kernel.placement import Placement
 
@@ -55,11 +55,16 @@ class NodeContext(Context):
     (the host, node count, params) live on a per-host subclass (`for_host`), not in each
     instance: ~24 bytes less per node, 24 MB at a million nodes."""
 
-    __slots__ = ("id", "neighbours", "proto", "on_message", "busy_until", "hold", "pending",
-                 "_timers", "_rng", "_seq", "_sched", "_direct", "_local", "_sizer")
+    # What every delivery reads first (hold, proto), then what a send reads: at a million
+    # nodes each delivery touches a cold context, and this keeps that to one cache line.
+    __slots__ = ("hold", "proto", "busy_until", "_seq", "id", "_sched", "_direct", "_sizer",
+                 "neighbours", "on_message", "pending", "_timers", "_rng", "_local")
     n_nodes: int
     params: Mapping[str, Any]
     _host: Host
+    # (lo, hi) when the host runs exactly the nodes lo .. hi - 1: then a range check says a
+    # destination is local, with no look-up in a table of a million ids (set by the Host).
+    _span: tuple[int, int] | None = None
 
     @classmethod
     def for_host(cls, host: Host) -> type[NodeContext]:
@@ -67,7 +72,8 @@ class NodeContext(Context):
         return type(cls.__name__, (cls,), {
             "__slots__": (), "__module__": cls.__module__, "__qualname__": cls.__qualname__,
             "n_nodes": host.n_nodes, "params": host.params, "_host": host,
-            "shards": host.placement.shards})
+            "shards": host.placement.shards,
+            "shares_bodies": host.strict is None and host.outbox is None})
 
     def __init__(self, host: Host, node: int, neighbours: tuple[int, ...]) -> None:
         if getattr(type(self), "_host", None) is not host:
@@ -136,7 +142,31 @@ class NodeContext(Context):
         self._host.send(self, (dst,), kind, body)
 
     def multicast(self, dsts: Iterable[int], kind: str, **body: Any) -> None:
-        self._host.send(self, tuple(dsts), kind, body)
+        dsts = tuple(dsts)
+        span = self._span
+        direct = self._direct
+        sched = self._sched
+        # The fast path of `Host.send` (no network model, no codec, not busy, every
+        # destination local): the same message, counters and FANOUT entry, made here.
+        if span is None or direct is None or len(dsts) < 2 or self.busy_until > sched.now:
+            self._host.send(self, dsts, kind, body)
+            return
+        lo, hi = span
+        try:
+            for d in dsts:
+                if not lo <= d < hi:
+                    self._host.send(self, dsts, kind, body)
+                    return
+        except TypeError:
+            self._host.send(self, dsts, kind, body)
+            return
+        self._seq = seq = self._seq + 1
+        host = self._host
+        n = len(dsts)
+        host._extra_messages += n - 1
+        if self._sizer is not None:
+            host._bytes += self._sizer(body) * n
+        direct((FANOUT, 0, _new_message(Message, (self.id, dsts, kind, body, sched.now, seq))))
 
     def set_timer(self, delay: float, key: Hashable) -> None:
         if not delay >= 0:
@@ -217,6 +247,8 @@ class Host:
         # Set by `request_pause`: the loop returns "paused" after the event running now.
         self._pause = False
         self._timer_token = 0
+        # Set by `run`: deliver a FANOUT's messages in one dispatch (see `_fanout`).
+        self._whole = False
         self._direct = self.sched._fifo.append if network is None and strict is None else None
         # Counters (see `stats`); messages are counted from the senders' sequence numbers.
         self._extra_messages = 0
@@ -233,10 +265,20 @@ class Host:
             raise ValueError(f"local nodes {sorted(missing)} are not in the deployment's node_ids")
         nb = deployment.neighbours
         make_ctx = NodeContext.for_host(self)
-        for node in sorted(local):
-            neigh = tuple(nb(node)) if nb is not None else ()
-            ctx = make_ctx(self, node, neigh)
-            self.ctxs[node] = ctx
+        with quiet_gc():
+            for node in sorted(local):
+                neigh = tuple(nb(node)) if nb is not None else ()
+                self.ctxs[node] = make_ctx(self, node, neigh)
+        ctxs = self.ctxs
+        # What the hot path indexes by node id: for ids 0..n-1 a list (one memory access
+        # fewer per delivery than a table of a million int keys), else `ctxs` itself.
+        self._by_id: Sequence[NodeContext] | dict[int, NodeContext] = ctxs
+        if ctxs and all(type(k) is int for k in ctxs):
+            lo, hi = min(ctxs), max(ctxs) + 1
+            if hi - lo == len(ctxs):
+                make_ctx._span = (lo, hi)
+                if lo == 0:
+                    self._by_id = list(ctxs.values())
 
     @functools.cached_property
     def all_ids(self) -> frozenset[int]:
@@ -270,10 +312,11 @@ class Host:
                     self.sched.push(t, CRASH if what == "crash" else RESTART, node, None)
                     if what == "crash":
                         self._crash_at.setdefault(node, []).append(t)
-        for node in sorted(self.local):
-            self._start_node(node)
-            if self.result is not None or self.error is not None:
-                return
+        with quiet_gc():
+            for node in sorted(self.local):
+                self._start_node(node)
+                if self.result is not None or self.error is not None:
+                    return
 
     def _start_node(self, node: int) -> None:
         ctx = self.ctxs[node]
@@ -302,6 +345,9 @@ class Host:
         # A transport may have cleared `error` (after interrupting the loop on purpose).
         self._stop = self.result is not None or self.error is not None or self._pause
         if not self._stop:
+            # A FANOUT runs whole in one dispatch only where events are not counted one by one
+            # against a limit and no other thread can hand events in between.
+            self._whole = max_events is None and not self.sched.wall
             reason, n = self.sched.run(self._dispatch, until=until, max_events=max_events)
             self._events += n
         else:
@@ -348,7 +394,7 @@ class Host:
     # -- the hot path ----------------------------------------------------------------------
     def _dispatch(self, etype: int, node: int, payload: Any) -> bool:
         if etype == DELIVER:
-            ctx = self.ctxs[node]
+            ctx = self._by_id[node]
             if ctx.hold > self.sched.now:
                 return self._hold(ctx, etype, payload)
             try:
@@ -362,20 +408,109 @@ class Host:
 
     def _fanout(self, i: int, msg: Message) -> bool:
         """Deliver a FANOUT's next message; the rest go back to the front of the FIFO, where
-        the DELIVER events they stand for would be."""
+        the DELIVER events they stand for would be. On a virtual clock with no event limit
+        (`_whole`) the rest run here at once instead, which is the same order: nothing can
+        come between them (every event they cause goes behind them), and a stop puts the
+        rest back first."""
         dsts: tuple[int, ...] = msg[1]  # type: ignore[assignment]
-        dst = dsts[i]
-        if i + 1 < len(dsts):
-            self.sched._fifo.appendleft((FANOUT, i + 1, msg))
-        m = _new_message(Message, (msg[0], dst, msg[2], msg[3], msg[4], msg[5]))
-        ctx = self.ctxs[dst]
-        if ctx.hold > self.sched.now:
-            return self._hold(ctx, DELIVER, m)
+        fifo = self.sched._fifo
+        if not self._whole:
+            dst = dsts[i]
+            if i + 1 < len(dsts):
+                fifo.appendleft((FANOUT, i + 1, msg))
+            m = _new_message(Message, (msg[0], dst, msg[2], msg[3], msg[4], msg[5]))
+            ctx = self._by_id[dst]
+            if ctx.hold > self.sched.now:
+                return self._hold(ctx, DELIVER, m)
+            try:
+                ctx.proto.on_message(ctx, m)  # type: ignore[union-attr]
+            except Exception as exc:
+                self._fail(dst, "on_message", exc, m)
+            return self._stop
+        ctxs, now, n = self._by_id, self.sched.now, len(dsts)
+        cls = type(ctxs[dsts[i]].proto)
+        many = getattr(cls, "on_multicast", None)
+        if many is not None:
+            return self._fanout_many(i, msg, cls, many)
+        src, kind, body, t, seq = msg[0], msg[2], msg[3], msg[4], msg[5]
+        while True:
+            dst = dsts[i]
+            m = _new_message(Message, (src, dst, kind, body, t, seq))
+            ctx = ctxs[dst]
+            if ctx.hold > now:
+                self._hold(ctx, DELIVER, m)
+            else:
+                try:
+                    ctx.proto.on_message(ctx, m)  # type: ignore[union-attr]
+                except Exception as exc:
+                    self._fail(dst, "on_message", exc, m)
+            i += 1
+            if i == n:
+                return self._stop
+            if self._stop:
+                fifo.appendleft((FANOUT, i, msg))
+                return True
+            # The loop counted this dispatch as one event; each further delivery is one more.
+            self._events += 1
+
+    def _fanout_many(self, i: int, msg: Message, cls: type,
+                     many: Callable[[Message, Iterator[tuple[NodeContext, Any]]], None]) -> bool:
+        """`_fanout` (whole) through the class's `on_multicast`: deliveries to nodes of `cls`
+        that can take them now are yielded to it; the rest run as they would otherwise (held,
+        dropped, or `on_message` of another class). Same order, same event count."""
+        dsts: tuple[int, ...] = msg[1]  # type: ignore[assignment]
+        n = len(dsts)
+        # [the delivery at hand (the next one once done), 1 once every one was taken]
+        at = [i, 0]
+        gen = self._deliveries(at, msg, cls)
         try:
-            ctx.proto.on_message(ctx, m)  # type: ignore[union-attr]
+            many(msg, gen)
         except Exception as exc:
-            self._fail(dst, "on_message", exc, m)
+            gen.close()
+            j = min(at[0], n - 1)
+            m = _new_message(Message, (msg[0], dsts[j], msg[2], msg[3], msg[4], msg[5]))
+            self._fail(dsts[j], "on_message", exc, m)
+            at[0] = j + 1
+        else:
+            if not at[1]:
+                gen.close()
+                self._fail(dsts[at[0]], "on_multicast", RuntimeError(
+                    f"{cls.__name__}.on_multicast returned before taking every delivery"))
+                at[0] += 1
+        j = at[0]
+        # Deliveries i .. j - 1 ran: the loop counted the first as this dispatch's event.
+        self._events += j - i - 1
+        if j < n:
+            self.sched._fifo.appendleft((FANOUT, j, msg))
         return self._stop
+
+    def _deliveries(self, at: list[int], msg: Message, cls: type) -> Generator[
+            tuple[NodeContext, Any], None, None]:
+        """What `_fanout_many` hands the hook (a generator method, not a closure: its locals
+        stay fast); keeps `at` up to date."""
+        dsts: tuple[int, ...] = msg[1]  # type: ignore[assignment]
+        ctxs, now, n = self._by_id, self.sched.now, len(dsts)
+        j = at[0]
+        while True:
+            dst = dsts[j]
+            ctx = ctxs[dst]
+            proto = ctx.proto
+            if ctx.hold > now:
+                self._hold(ctx, DELIVER, _new_message(
+                    Message, (msg[0], dst, msg[2], msg[3], msg[4], msg[5])))
+            elif type(proto) is cls:
+                at[0] = j
+                yield ctx, proto
+            else:
+                m = _new_message(Message, (msg[0], dst, msg[2], msg[3], msg[4], msg[5]))
+                try:
+                    proto.on_message(ctx, m)  # type: ignore[union-attr]
+                except Exception as exc:
+                    self._fail(dst, "on_message", exc, m)
+            j += 1
+            if j == n or self._stop:
+                at[0], at[1] = j, 1
+                return
 
     def _hold(self, ctx: NodeContext, etype: int, payload: Any) -> bool:
         """An event for a node that is down (dropped) or busy (kept in its mailbox)."""

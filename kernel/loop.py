@@ -19,12 +19,13 @@ events in with `push_threadsafe` and the loop sleeps on a `threading.Event` betw
 
 from __future__ import annotations
 
+import contextlib
 import gc
 import heapq
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 # Event types; small ints so the tuples compare and dispatch cheaply. WAKE tells a host that a
@@ -43,6 +44,24 @@ IDLE_POLL_S = 0.05
 # New tracked objects alive (gc's young count) after which a virtual-time loop collects the
 # objects the run made, at its next clock advance, then freezes the survivors.
 GC_EVERY = 1_000_000
+
+
+@contextlib.contextmanager
+def quiet_gc() -> Iterator[None]:
+    """Freeze what exists and keep automatic collection off inside (a virtual-time loop, or a
+    host starting a million long-lived nodes: each full collection would walk them all);
+    the collector's state is restored after, and only what this froze is thawed."""
+    enabled = gc.isenabled()
+    thaw = gc.get_freeze_count() == 0
+    gc.disable()
+    gc.freeze()
+    try:
+        yield
+    finally:
+        if thaw:
+            gc.unfreeze()
+        if enabled:
+            gc.enable()
 
 
 def expand(etype: int, node: int, payload: Any) -> list[Event]:
@@ -164,18 +183,8 @@ class Scheduler:
             return "max_events", 0
         if self.wall:
             return self._run_wall(dispatch, until, max_events, idle_wait)
-        enabled = gc.isenabled()
-        # Objects someone else froze stay frozen: only thaw what this loop froze.
-        thaw = gc.get_freeze_count() == 0
-        gc.disable()
-        gc.freeze()
-        try:
+        with quiet_gc():
             return self._run_virtual(dispatch, until, max_events)
-        finally:
-            if thaw:
-                gc.unfreeze()
-            if enabled:
-                gc.enable()
 
     def _run_virtual(
         self,

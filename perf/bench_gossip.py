@@ -14,15 +14,19 @@ rounds, at 100,000 and 1,000,000 nodes, each run in a fresh process of its own (
 RSS is that run's alone): messages per second over `rounds_s` (node start-up, the rounds and
 the final reports), seconds per round, peak RSS, and the process's CPU seconds (a figure
 other load on the machine disturbs less than wall time). Targets: >= 300,000 messages/s at
-100,000 nodes; < 15 s per round and < 1.5 GB at 1,000,000.
+100,000 nodes; < 15 s per round and < 1.5 GB at 1,000,000. `--against DIR` runs the same scale
+runs of the code in DIR (another checkout, say main's) alternating with this one, each in a
+process of its own started in its directory, and reports new against old side by side (the
+ratio of CPU seconds is the figure other load on the machine disturbs least).
 
-    python -m perf.bench_gossip [--quick] [--scale [N ...]]
+    python -m perf.bench_gossip [--quick] [--scale [N ...] [--against DIR] [--repeats K]]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -70,16 +74,51 @@ def scale_one(nodes: int, rounds: int = 10) -> dict[str, Any]:
             "sha": res["final_model_sha256"]}
 
 
+def scale_child(n: int, rounds: int, cwd: str | Path | None = None) -> dict[str, Any]:
+    """One scale run in a fresh process started in `cwd` (default: this checkout), with the
+    1-minute load average before it."""
+    load = os.getloadavg()[0]
+    out = subprocess.run([sys.executable, "-m", "perf.bench_gossip", "--one", str(n),
+                          "--rounds", str(rounds)], capture_output=True, text=True,
+                         check=False, timeout=3600, cwd=cwd or Path(__file__).parents[1])
+    if out.returncode != 0:
+        raise RuntimeError(f"gossip scale run at {n} nodes in {cwd or 'this checkout'} "
+                           f"failed: {out.stderr[-2000:]}")
+    return dict(json.loads(out.stdout.strip().splitlines()[-1]), load=load)
+
+
+def against(base: str, nodes: tuple[int, ...], rounds: int, repeats: int) -> list[str]:
+    """Lines comparing this checkout with the one in `base`, runs alternating."""
+    lines = []
+    for n in nodes:
+        runs: dict[str, list[dict[str, Any]]] = {"old": [], "new": []}
+        for _ in range(repeats):
+            runs["old"].append(scale_child(n, rounds, base))
+            runs["new"].append(scale_child(n, rounds))
+        med = {k: {f: statistics.median(r[f] for r in v)
+                   for f in ("rounds_s", "cpu_s", "peak_rss_mb", "load")}
+               for k, v in runs.items()}
+        shas = {r["sha"] for v in runs.values() for r in v}
+        msgs = runs["new"][0]["messages"]
+        for k in ("old", "new"):
+            m = med[k]
+            lines.append(f"{n:>9,} nodes {k}: {m['rounds_s']:8.2f} s ({msgs / m['rounds_s']:>9,.0f}"
+                         f" msg/s, {m['rounds_s'] / rounds:6.2f} s/round), cpu {m['cpu_s']:8.2f} s"
+                         f" ({msgs / m['cpu_s']:>9,.0f} msg/s of cpu), peak {m['peak_rss_mb']:6.0f}"
+                         f" MB, load {m['load']:.1f}")
+        wall = med["old"]["rounds_s"] / med["new"]["rounds_s"]
+        cpu = med["old"]["cpu_s"] / med["new"]["cpu_s"]
+        lines.append(f"{n:>9,} nodes old/new: wall {wall:.2f}x, cpu {cpu:.2f}x; same sha: "
+                     f"{len(shas) == 1} ({', '.join(sorted(s[:12] for s in shas))}); "
+                     f"medians of {repeats}")
+    return lines
+
+
 def scale(nodes: tuple[int, ...] = SCALE_NODES, rounds: int = 10) -> list[dict[str, Any]]:
     """Rows for the scale runs, each in a child process of its own."""
     rows = []
     for n in nodes:
-        out = subprocess.run([sys.executable, "-m", "perf.bench_gossip", "--one", str(n),
-                              "--rounds", str(rounds)], capture_output=True, text=True,
-                             check=False, timeout=3600)
-        if out.returncode != 0:
-            raise RuntimeError(f"gossip scale run at {n} nodes failed: {out.stderr[-2000:]}")
-        r = json.loads(out.stdout.strip().splitlines()[-1])
+        r = scale_child(n, rounds)
         label = f"gossip random 4-regular, {n:,} nodes x 1 float, {rounds} rounds"
         rate = r["messages"] / r["rounds_s"]
         rows.append({"name": f"{label}: messages/s", "value": rate, "unit": "msg/s",
@@ -219,10 +258,17 @@ def main() -> None:
     parser.add_argument("--scale", type=int, nargs="*", metavar="N",
                         help="the scale runs instead (default 100000 1000000 nodes)")
     parser.add_argument("--rounds", type=int, default=10, help="rounds of the scale runs")
+    parser.add_argument("--against", metavar="DIR",
+                        help="with --scale: also run the checkout in DIR, alternating")
     parser.add_argument("--one", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.one is not None:
         print(json.dumps(scale_one(args.one, args.rounds)))
+        return
+    if args.scale is not None and args.against:
+        for line in against(args.against, tuple(args.scale) or SCALE_NODES, args.rounds,
+                            args.repeats):
+            print(line, flush=True)
         return
     if args.scale is not None:
         rows = scale(tuple(args.scale) or SCALE_NODES, args.rounds)

@@ -44,8 +44,10 @@ for reports `drain` seconds after its own.
 
 from __future__ import annotations
 
+import bisect
+import threading
 import weakref
-from collections.abc import Callable, Hashable, Mapping
+from collections.abc import Callable, Hashable, Iterator, Mapping
 from typing import Any
 
 import numpy as np
@@ -53,7 +55,7 @@ import numpy as np
 from kernel.api import Context, Deployment, Protocol
 from kernel.messages import Message
 from kernel.options import NODE_BYTES, ConfigError, options, require_memory
-from protocols import common, learners, topology
+from protocols import common, learners, mixbatch, seeding, topology
 
 GOSSIP_DEFAULTS: dict[str, Any] = {
     "name": "gossip",
@@ -85,11 +87,21 @@ DSGD_DEFAULTS: dict[str, Any] = {
 _EMPTY = np.empty(0, np.float32)
 # The largest shared buffer block sync gossip reserves (bigger runs use per-node buffers).
 _BLOCK_MAX = 1 << 30
+# Plain sync gossip of at most this many floats per node defers its mixes into batches
+# (`protocols.mixbatch`); longer vectors gain nothing (each numpy call has enough to do).
+LAZY_DIM = 64
+
+
+# One reseeded generator per thread (see protocols.seeding): a million nodes start 4x faster.
+_seeds = threading.local()
 
 
 def initial_vector(node: int, dim: int) -> np.ndarray:
     """Node `node`'s starting vector in `gossip` and `pushsum`: default_rng(node) normals."""
-    return np.random.default_rng(node).standard_normal(dim).astype(np.float32)
+    seeds = getattr(_seeds, "seeds", None)
+    if seeds is None:
+        seeds = _seeds.seeds = seeding.Seeds()
+    return seeds.generator(node).standard_normal(dim).astype(np.float32)
 
 
 def _run_rounds(config: Mapping[str, Any]) -> tuple[int, int]:
@@ -136,13 +148,42 @@ class _Reports:
         ids = sorted(self.got)
         dev = 0.0
         if ids:
-            mean = np.zeros(np.shape(self.got[ids[0]]), np.float64)
-            for i in ids:
-                mean += self.got[i]
-            mean /= len(ids)
-            dev = max(float(np.max(np.abs(self.got[i] - mean), initial=0.0)) for i in ids)
+            dev = _max_abs_dev([self.got[i] for i in ids])
         ctx.finish({"model": dict(model), "rounds": rounds, "max_abs_dev": dev,
                     "reports": len(ids), **extra})
+
+
+# Numbers per numpy call when node 0 sums the final reports.
+_REPORT_CHUNK = 1 << 18
+
+
+def _max_abs_dev(vals: list[np.ndarray]) -> float:
+    """max_i max|x_i - mean| with the mean summed in float64 one vector after another, in the
+    order given; `_REPORT_CHUNK` numbers at a time (a running sum by `np.cumsum` is that
+    same sequence of additions), so a million reports cost a few numpy calls."""
+    shape = np.shape(vals[0])
+    if any(np.shape(v) != shape for v in vals):
+        raise ValueError(f"final vectors of different shapes: {shape} and others")
+    step = max(1, _REPORT_CHUNK // max(1, int(np.prod(shape))))
+    def rows(k: int) -> np.ndarray:
+        part = vals[k:k + step]
+        if len(shape) == 1:
+            # Not np.stack: it makes a view object per vector (100 MB at a million).
+            out = np.concatenate(part).reshape(len(part), *shape)
+        else:
+            out = np.empty((len(part), *shape), np.float64)  # exact for float32 values
+            for m, v in enumerate(part):
+                out[m] = v
+        return out.astype(np.float64)
+
+    mean = np.zeros(shape, np.float64)
+    for k in range(0, len(vals), step):
+        mean = np.cumsum(np.concatenate([mean[None], rows(k)]), axis=0)[-1]
+    mean /= len(vals)
+    dev = 0.0
+    for k in range(0, len(vals), step):
+        dev = max(dev, float(np.max(np.abs(rows(k) - mean), initial=0.0)))
+    return dev
 
 
 # -- synchronous rounds ----------------------------------------------------------------------
@@ -152,7 +193,8 @@ class _Plan:
     rounds, initial values. Each node computes its own row of weights when it is made, so
     nothing per node is held here (a million nodes' rows as tuples would be ~0.5 GB)."""
 
-    def __init__(self, g: topology.Graph, rule: str, rounds: int, track: bool) -> None:
+    def __init__(self, g: topology.Graph, rule: str, rounds: int, track: bool,
+                 lazy: bool = False) -> None:
         if g.directed:
             raise ValueError("mixing weights need an undirected graph; push-sum handles "
                              "directed ones")
@@ -171,6 +213,46 @@ class _Plan:
         # from before the crash may still point into its rows.
         self._block: np.ndarray | None = None
         self._claimed: np.ndarray | None = None
+        # Deferred mixing (plain gossip only, `lazy`): decided when the first node starts
+        # (None until then), and off for good once a node cannot take part (a restart, or a
+        # transport that reads bodies before delivering them). Nodes then fall back to
+        # per-node mixing exactly where they are (see `SyncGossip._unbatch`).
+        self.lazy: bool | None = None if lazy else False
+        self.batch = mixbatch.Batch(g.out, rounds) if lazy else None
+
+    def flush(self) -> None:
+        """Compute every deferred mix (before anything reads the block)."""
+        if self.batch is not None and self.batch.pending:
+            assert self._block is not None
+            self.batch.flush(self._block)
+
+    def stop_lazy(self) -> None:
+        """Turn deferred mixing off for the rest of the run, computing what is deferred."""
+        self.flush()
+        self.lazy = False
+
+    # A checkpoint must see computed values: saving flushes first (and restores the fields).
+    def state(self) -> dict[str, Any]:
+        """All fields as plain data, after computing every deferred mix (what a checkpoint
+        saves)."""
+        self.flush()
+        out = dict(vars(self))
+        if self.batch is not None:
+            out["batch"] = dict(vars(self.batch))
+        return out
+
+    def load_state(self, data: Mapping[str, Any]) -> None:
+        """Restore the fields `state()` gave."""
+        if type(data) is not dict or set(data) != set(vars(self)) or (
+                self.batch is None) != (data["batch"] is None) or (
+                self.batch is not None and (type(data["batch"]) is not dict
+                                            or set(data["batch"]) != set(vars(self.batch)))):
+            raise ValueError("a gossip plan's state must hold the fields of this config's plan")
+        data = dict(data)
+        if self.batch is not None:
+            vars(self.batch).update(data.pop("batch"))
+            data["batch"] = self.batch
+        vars(self).update(data)
 
     def buffers(self, node: int, like: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
         """None when `node`'s rows of the shared block are its buffers (now claimed); else two
@@ -190,11 +272,23 @@ class _Plan:
         """(position of i among its sorted neighbours and itself, the weight shared by all of
         them or None, else every weight in that order)."""
         neigh = self.neighbours[i]
+        # Neighbour tuples are sorted (topology.Graph), so the position is a bisection.
+        pos = bisect.bisect_left(neigh, i)
+        if self.rule == "uniform":
+            # mixing_row's uniform row without building it: 1 / (d + 1) everywhere.
+            w = 1.0 / (len(neigh) + 1)
+            w = self._weights.setdefault(w, w)
+            if self.batch is not None:
+                self.batch.set_row(i, w, None)
+            return pos, w, None
         ids_w = topology.mixing_row(self.neighbours, i, self.rule, self.dmax)
-        pos = sum(1 for j in neigh if j < i)
         ws = tuple(self._weights.setdefault(w, w) for _, w in ids_w)
         if len(set(ws)) == 1:
+            if self.batch is not None:
+                self.batch.set_row(i, ws[0], None)
             return pos, ws[0], None
+        if self.batch is not None:
+            self.batch.set_row(i, None, ws)
         return pos, None, ws
 
 
@@ -205,10 +299,17 @@ class SyncGossip(Protocol):
 
     Values for round r + 1 are kept by position in the sorted (neighbours + self) order, the
     mixing order, in `cur`; values that arrive earlier for later rounds (after a neighbour's
-    restart, say) wait in `ahead`, keyed by round."""
+    restart, say) wait in `ahead`, keyed by round.
 
-    __slots__ = ("id", "plan", "init", "neigh", "pos", "w", "ws", "r", "x", "sent", "cur",
-                 "got", "ahead", "bufs", "tmp", "reports")
+    With deferred mixing (`_Plan.lazy`: plain gossip of short vectors where bodies reach their
+    receivers as they were sent) a node keeps no values: what it has of round r + 1 is a bit
+    mask of the positions still missing (`miss`; `ahead` then maps later rounds to such
+    masks), its mix is recorded in the plan's batch, and the values are the block rows its
+    neighbours' messages point to."""
+
+    # What a delivery reads first: at a million nodes each one touches a cold node.
+    __slots__ = ("miss", "r", "neigh", "pos", "plan", "id", "x", "sent", "ahead", "w", "ws",
+                 "init", "cur", "got", "bufs", "tmp", "reports")
 
     def __init__(self, node: int, plan: _Plan, init: Callable[[int], np.ndarray]) -> None:
         self.id = node
@@ -221,7 +322,8 @@ class SyncGossip(Protocol):
         self.sent: np.ndarray = self.x  # the value this node contributes to the next round
         self.cur: list[np.ndarray | None] | None = None
         self.got = 0
-        self.ahead: dict[int, list[np.ndarray | None]] | None = None
+        self.ahead: dict[int, Any] | None = None
+        self.miss: int | None = None
         # Private buffers, or None for the node's rows of the plan's block.
         self.bufs: tuple[np.ndarray, np.ndarray] | None = None
         self.tmp: np.ndarray | None = None
@@ -229,13 +331,49 @@ class SyncGossip(Protocol):
 
     def on_start(self, ctx: Context) -> None:
         self.r = 0
-        self.cur, self.got, self.ahead = None, 0, None
+        self.cur, self.got, self.ahead, self.miss = None, 0, None, None
         x0 = self.init(self.id)
-        self.bufs = self.plan.buffers(self.id, x0)
+        plan = self.plan
+        self.bufs = plan.buffers(self.id, x0)
+        if plan.lazy is not False:
+            cls = type(self)
+            ok = (self.bufs is None and x0.size <= LAZY_DIM and ctx.shares_bodies
+                  and cls.local_update is SyncGossip.local_update and cls._mix is SyncGossip._mix)
+            if plan.lazy is None:
+                plan.lazy = ok
+            elif not ok:
+                plan.stop_lazy()
         # x^0 goes into buffer 0 (x^r lives in buffer r % 2), so no array is kept per node.
         self.x = self._buffer(0)
         np.copyto(self.x, x0)
+        if plan.lazy:
+            self.miss = self._full()
         self._send_round(ctx)
+
+    def _full(self) -> int:
+        """The mask of every neighbour's position in the mixing order (own position clear)."""
+        return ((2 << len(self.neigh)) - 1) ^ (1 << self.pos)
+
+    def _unbatch(self) -> None:
+        """Deferred mixing was turned off: turn the masks into the lists of values the
+        messages carried (the senders' block rows, computed by `_Plan.stop_lazy`)."""
+        block = self.plan._block
+        assert block is not None and self.miss is not None
+        order = sorted((self.id, *self.neigh))
+
+        def values(rnd: int, miss: int) -> list[np.ndarray | None]:
+            src = (rnd - 1) & 1
+            return [None if (miss >> k) & 1 or k == self.pos else block[j, src]
+                    for k, j in enumerate(order)]
+
+        full = self._full()
+        self.cur, self.got = None, 0
+        if self.miss != full:
+            self.cur = values(self.r + 1, self.miss)
+            self.got = sum(1 for v in self.cur if v is not None)
+        if self.ahead:
+            self.ahead = {rnd: values(rnd, m) for rnd, m in self.ahead.items()}
+        self.miss = None
 
     def _buffer(self, k: int) -> np.ndarray:
         if self.bufs is not None:
@@ -255,6 +393,48 @@ class SyncGossip(Protocol):
             if not self._advance(ctx) or self.r >= self.plan.rounds:
                 return
 
+    @staticmethod
+    def on_multicast(msg: Message, deliveries: Iterator[tuple[Context, Any]]) -> None:
+        """A round's value for every neighbour of its sender in one call (see
+        `kernel.api.Protocol.on_multicast`): the common case, a value for the round a node
+        waits for with deferred mixing on, inline; anything else through `on_message`."""
+        body = msg[3]
+        src = msg[0]
+        dsts: tuple[int, ...] = msg[1]  # type: ignore[assignment]
+        rnd = body["r"] if msg[2] == "g" else None
+        rev: bytes | None = None
+        base = j = 0
+        for ctx, node in deliveries:
+            miss = node.miss
+            if miss is None or rnd != node.r + 1 or not node.plan.lazy:
+                node.on_message(ctx, Message(src, ctx.id, msg[2], body, msg[4], msg[5]))
+                continue
+            if rev is None:
+                # The sender's position in each receiver's mixing order, by the slot of the
+                # receiver in the sender's neighbour tuple (what `on_message` computes).
+                plan = node.plan
+                rev = plan.batch.rev if dsts is plan.neighbours[src] else None
+                rev = rev or b""
+                base = src * plan.batch.deg
+            if rev:
+                dst = ctx.id
+                while dsts[j] != dst:
+                    j += 1
+                k = rev[base + j]
+                j += 1
+            else:
+                k = node.neigh.index(src)
+                if k >= node.pos:
+                    k += 1
+            bit = 1 << k
+            if miss & bit:
+                node.miss = miss = miss ^ bit
+                if not miss and rnd <= node.plan.rounds:
+                    # `_advance` then `_send_round`, knowing the node defers its mixes.
+                    node._advance_lazy(ctx)
+                    if node.r < node.plan.rounds:
+                        node._send_lazy(ctx)
+
     def on_message(self, ctx: Context, msg: Message) -> None:
         body = msg[3]
         if msg[2] == "g":
@@ -265,6 +445,24 @@ class SyncGossip(Protocol):
             k = self.neigh.index(msg[0])
             if k >= self.pos:
                 k += 1
+            miss = self.miss
+            if miss is not None:
+                if self.plan.lazy:
+                    bit = 1 << k
+                    if rnd == r + 1:
+                        if miss & bit:
+                            self.miss = miss = miss ^ bit
+                            if not miss and rnd <= self.plan.rounds:
+                                self._advance(ctx)
+                                if self.r < self.plan.rounds:
+                                    self._send_round(ctx)
+                        return
+                    ahead = self.ahead
+                    if ahead is None:
+                        ahead = self.ahead = {}
+                    ahead[rnd] = ahead.get(rnd, self._full()) & ~bit
+                    return
+                self._unbatch()
             if rnd == r + 1:
                 vals = self.cur
                 if vals is None:
@@ -290,6 +488,10 @@ class SyncGossip(Protocol):
 
     def _advance(self, ctx: Context) -> bool:
         """Complete round r + 1 if every value for it is in; True when it did."""
+        if self.miss is not None:
+            if self.plan.lazy:
+                return self._advance_lazy(ctx)
+            self._unbatch()
         nxt = self.r + 1
         need = len(self.neigh)
         if nxt > self.plan.rounds or (need and self.got < need):
@@ -313,6 +515,45 @@ class SyncGossip(Protocol):
                 self._report(ctx, 0, self.x)
             else:
                 ctx.send(0, "final", x=self.x)
+        return True
+
+    def _send_lazy(self, ctx: Context) -> None:
+        """`_send_round` of a node that defers its mixes (its local update is its x)."""
+        rounds = self.plan.rounds
+        while True:
+            self.sent = x = self.x
+            if self.neigh:
+                ctx.multicast(self.neigh, "g", r=self.r + 1, x=x)
+            if not self._advance_lazy(ctx) or self.r >= rounds:
+                return
+
+    def _advance_lazy(self, ctx: Context) -> bool:
+        """`_advance` with deferred mixing: record the mix instead of computing it."""
+        nxt = self.r + 1
+        plan = self.plan
+        if nxt > plan.rounds or self.miss:
+            return False
+        block = plan._block
+        batch = plan.batch
+        assert block is not None and batch is not None
+        batch.todo[nxt].append(self.id)
+        batch.pending += 1
+        if batch.pending >= mixbatch.FLUSH_AT:
+            batch.flush(block)
+        miss = self.ahead.pop(nxt + 1, None) if self.ahead else None
+        # (`_full()`, inline)
+        self.miss = ((2 << len(self.neigh)) - 1) ^ (1 << self.pos) if miss is None else miss
+        self.x = x = block[self.id, nxt & 1]
+        self.r = nxt
+        if self.id == 0:
+            plan.flush()
+            src = (nxt - 1) & 1
+            self.on_round(ctx, nxt, {j: block[j, src] for j in sorted((self.id, *self.neigh))})
+        if nxt == plan.rounds:
+            if self.id == 0:
+                self._report(ctx, 0, x)
+            else:
+                ctx.send(0, "final", x=x)
         return True
 
     def _mix(self, out: np.ndarray, vals: list[np.ndarray]) -> None:
@@ -359,6 +600,7 @@ class SyncGossip(Protocol):
     def _report(self, ctx: Context, src: int, x: np.ndarray) -> None:
         assert self.reports is not None
         if self.reports.add(src, x) and self.r == self.plan.rounds:
+            self.plan.flush()
             self.reports.finish(ctx, self.model(), self.r, **self.extra_result())
 
     def extra_result(self) -> dict[str, Any]:
@@ -382,7 +624,7 @@ def build(config: Mapping[str, Any]) -> Deployment:
 
     params = {"seed": seed, "rounds": rounds, "mode": o["mode"], "dim": dim, "nodes": g.n}
     if o["mode"] == "sync":
-        plan = _Plan(g, rule, rounds, o["track"])
+        plan = _Plan(g, rule, rounds, o["track"], lazy=dim <= LAZY_DIM)
         make: Callable[[int], Protocol] = lambda i: SyncGossip(i, plan, init)  # noqa: E731
     else:
         period, drain = o["period"], o["drain"]
