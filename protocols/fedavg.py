@@ -222,6 +222,12 @@ class Server(Protocol):
         self._next_round(ctx)
 
     def _next_round(self, ctx: Context) -> None:
+        if not self._begin(ctx):
+            self._end_round(ctx)  # nobody sampled: the round ends at once
+
+    def _begin(self, ctx: Context) -> bool:
+        """Finish the run after its last round, else sample the next round's clients and send
+        them the request; False when no client was sampled (the caller ends that round)."""
         if self.round == self.rounds:
             result: dict[str, Any] = {"model": self.model, "rounds": self.round, "late": self.late}
             if self.evaluation is not None:
@@ -229,7 +235,7 @@ class Server(Protocol):
                               test_loss=self.evaluation["loss"])
             result.update(self.client_summary)
             ctx.finish({**result, **self.guard.result_fields()})
-            return
+            return True
         self.round += 1
         pop, fr, k = range(1, ctx.n_nodes), self.o.fraction, self.o.clients_per_round
         clients = self.guard.sample(ctx.rng, pop, fr, k)  # Poisson sampling under [privacy]
@@ -240,8 +246,7 @@ class Server(Protocol):
         if self.stream is not None and self.streaming:
             self.acc = self.stream()
         if not clients:
-            self._end_round(ctx)
-            return
+            return False
         self.gather.arm(ctx, self.o.round_timeout)
         body = self.request()
         self.relayed = self.held = 0
@@ -251,6 +256,7 @@ class Server(Protocol):
             if gs:
                 body["groups"] = gs
         ctx.multicast(clients, "train", round=self.round, **body)
+        return True
 
     def request(self) -> dict[str, Any]:
         """The body of this round's train request (besides `round`): the global model."""
@@ -411,31 +417,43 @@ class Server(Protocol):
             aggregated = combined is not None
             if combined is not None:
                 self.model = combined
-        ev = None
-        last = self.round == self.rounds
-        if self.round % self.o.eval_every == 0 or last:
-            ev = self.evaluation = self.learner.evaluate(self.model)
-        extra = {f"test_{k}": v for k, v in (ev or {}).items() if k not in ("accuracy", "loss")}
-        extra.update(_train_means([(item[0], item[2]) for _, item in replies]))
+        r, last = self.round, self.round == self.rounds
+        row: dict[str, Any] = dict(clients=len(replies), sampled=self.gather.need,
+                                   late=self.gather.late, aggregated=aggregated)
+        row.update(self.guard.end_round([src for src, _ in replies] if aggregated else []))
+        trained = _train_means([(item[0], item[2]) for _, item in replies])
         if ctx.shards > 1 and self.streaming:
             # Its own row, so that round rows stay the same for any shard count.
-            ctx.emit("partials", self.relayed, round=self.round, sum_peak_bytes=self.held)
-        if self.ev.clients > 0 and (self.round % self.ev.every == 0 or last):
-            self.client_summary = self._evaluate_clients(ctx)
+            ctx.emit("partials", self.relayed, round=r, sum_peak_bytes=self.held)
+        # The next round's requests leave before this round's model is evaluated, so that on
+        # parallel shards the evaluation overlaps the clients' training. Nothing here reads
+        # what `_begin` changes (the model stays until the next round ends), so the results
+        # and the rows are those of evaluating first.
+        began = True if last else self._begin(ctx)
+        ev = None
+        if r % self.o.eval_every == 0 or last:
+            ev = self.evaluation = self.learner.evaluate(self.model)
+        extra = {f"test_{k}": v for k, v in (ev or {}).items() if k not in ("accuracy", "loss")}
+        extra.update(trained)
+        if self.ev.clients > 0 and (r % self.ev.every == 0 or last):
+            self.client_summary = self._evaluate_clients(ctx, r)
             extra.update(self.client_summary)
-        ctx.emit("round", self.round, accuracy=ev and ev["accuracy"], loss=ev and ev["loss"],
-                 clients=len(replies), sampled=self.gather.need, late=self.gather.late,
-                 aggregated=aggregated, **extra,
-                 **self.guard.end_round([src for src, _ in replies] if aggregated else []))
-        self._next_round(ctx)
+        ctx.emit("round", r, accuracy=ev and ev["accuracy"], loss=ev and ev["loss"],
+                 **{k: row[k] for k in ("clients", "sampled", "late", "aggregated")}, **extra,
+                 **{k: v for k, v in row.items()
+                    if k not in ("clients", "sampled", "late", "aggregated")})
+        if last:
+            self._begin(ctx)  # finishes the run
+        elif not began:
+            self._end_round(ctx)  # the next round sampled nobody
 
-    def _evaluate_clients(self, ctx: Context) -> dict[str, Any]:
+    def _evaluate_clients(self, ctx: Context, r: int) -> dict[str, Any]:
         """Score the global model on a seeded sample of clients' held-out splits: one
         `client_eval` row each, and the summary for the round row."""
         n = ctx.n_nodes - 1
         fraction = None if self.ev.clients >= 1 else self.ev.clients
         # Its own stream (seed, server, round, 1): the training sample's rng is untouched.
-        chosen = sample(derive_rng(self.seed, 0, self.round, 1), range(n), fraction=fraction)
+        chosen = sample(derive_rng(self.seed, 0, r, 1), range(n), fraction=fraction)
         accs = []
         for client in chosen:
             res = self.learner.evaluate(self.model, client=client)
@@ -445,7 +463,7 @@ class Server(Protocol):
             # A learner's own metric named like a row field is kept under a prefix.
             fields = {(f"metric_{k}" if k in _ROW_FIELDS else k): v
                       for k, v in res.items() if k != "accuracy"}
-            ctx.emit("client_eval", float(res["accuracy"]), round=self.round, client=client,
+            ctx.emit("client_eval", float(res["accuracy"]), round=r, client=client,
                      **fields)
         return evaluation.summary(accs)
 

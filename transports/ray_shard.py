@@ -122,10 +122,12 @@ class ShardOutbox:
                 self.pending_since[s] = now
             batch.append((ds, item))
             self.pending_bytes[s] = self.pending_bytes.get(s, 0) + n
-            if self.pending_bytes[s] >= FLUSH_BYTES or (
-                    sh.tick <= 0 and now - self.pending_since[s] >= COALESCE_S):
-                # Bulk, or replies that have waited long enough: the destination should not
-                # wait for whatever else this shard has to do in this tick.
+            if self.pending_bytes[s] >= FLUSH_BYTES or (sh.tick <= 0 and (
+                    len(dsts) > 1 or now - self.pending_since[s] >= COALESCE_S)):
+                # Bulk, a multicast (a server's "train" to its clients: remote nodes must not
+                # wait while the sender finishes its handler, evaluating say, and this shard's
+                # own nodes train), or replies that have waited long enough: the destination
+                # should not wait for whatever else this shard has to do in this tick.
                 self._send(s)
         sh.stats["wire_bytes"] += n * len(groups)
         if self.pending and not self.scheduled:

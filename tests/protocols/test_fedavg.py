@@ -13,6 +13,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from kernel.api import Context
+from kernel.messages import Message
 from kernel.options import ConfigError
 from protocols import aggregators, common, learners
 from protocols.fedavg import build
@@ -253,3 +255,86 @@ def test_server_holds_a_sum_not_the_replies():
     assert rounds(rows)[0]["clients"] == 6
     kept = build(config(rounds=1, aggregator="median")).make_node(0)
     assert kept.stream is None
+
+
+class _Recording(Context):
+    """A node's context that records what the node does, for checking the order of its acts."""
+
+    def __init__(self, node: int, n_nodes: int, log: list[tuple[Any, ...]]) -> None:
+        self.id, self.n_nodes, self.neighbours, self.params = node, n_nodes, (), {}
+        self.log, self._rng = log, np.random.default_rng(node)
+
+    @property
+    def now(self) -> float:
+        return 0.0
+
+    @property
+    def rng(self) -> np.random.Generator:
+        return self._rng
+
+    def send(self, dst: int, kind: str, **body: Any) -> None:
+        self.log.append(("send", self.id, dst, kind, body))
+
+    def multicast(self, dsts: Any, kind: str, **body: Any) -> None:
+        self.log.append(("multicast", body["round"], list(dsts), kind, body))
+
+    def set_timer(self, delay: float, key: Any) -> None:
+        pass
+
+    def cancel_timer(self, key: Any) -> None:
+        pass
+
+    def compute(self, work: float = 1.0, label: str = "train") -> float:
+        return 0.0
+
+    def emit(self, name: str, value: Any, **fields: Any) -> None:
+        self.log.append(("emit", name, value))
+
+    def finish(self, result: Any) -> None:
+        self.log.append(("finish",))
+
+
+class _SpyLearner:
+    def __init__(self, inner: Any, log: list[tuple[Any, ...]]) -> None:
+        self.inner, self.log = inner, log
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def evaluate(self, model: Any, client: int | None = None) -> Any:
+        self.log.append(("evaluate", client))
+        return self.inner.evaluate(model, client=client)
+
+
+@pytest.mark.parametrize("holdout", [0.0, 0.25])
+def test_the_next_rounds_requests_leave_before_this_round_is_evaluated(holdout: float) -> None:
+    # On parallel shards evaluating the model then overlaps the clients' training; the rows
+    # and the run's result must be those of evaluating first.
+    cfg = config(rounds=3, clients_per_round=2)
+    if holdout:  # and every client is scored each round
+        cfg["workload"] = {"model": "logreg", "clients": 4, "batch_size": 8}
+        cfg["data"] = {"holdout": holdout}
+    dep = build(cfg)
+    log: list[tuple[Any, ...]] = []
+    server = dep.make_node(0)
+    server.learner = _SpyLearner(server.learner, log)
+    ctx = _Recording(0, len(dep.node_ids), log)
+    server.on_start(ctx)
+    start = -1
+    for rnd in (1, 2, 3):
+        request = [e for e in log if e[0] == "multicast" and e[1] == rnd][-1]
+        for dst in request[2]:
+            replies: list[tuple[Any, ...]] = []
+            msg = Message(0, dst, "train", request[4], 0.0)
+            dep.make_node(dst).on_message(_Recording(dst, len(dep.node_ids), replies), msg)
+            (_, src, _, kind, body), = replies
+            server.on_message(ctx, Message(src, 0, kind, body, 0.0))
+        end = next(i for i, e in enumerate(log) if e[:3] == ("emit", "round", rnd))
+        evaluated = [i for i, e in enumerate(log) if start < i < end and e[0] == "evaluate"]
+        assert len(evaluated) == 1 + (4 if holdout else 0)
+        nxt = [i for i, e in enumerate(log) if e[0] == "multicast" and e[1] == rnd + 1]
+        if rnd < 3:
+            assert len(nxt) == 1 and start < nxt[0] < min(evaluated)
+        else:
+            assert not nxt and log[-1] == ("finish",)
+        start = end
