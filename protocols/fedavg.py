@@ -16,6 +16,8 @@ the local loss, steps and any extra training metrics, averaged (by samples) into
 as `train_loss`, `train_<metric>`. The server also scores the global model on clients'
 held-out splits as `[eval]` says (protocols.learning.evaluation): `client_eval` rows and the
 spread of client accuracy per round. Extra metrics `evaluate` returns appear as `test_<name>`.
+A round's model is evaluated just after the next round's requests leave (the same rows, in the
+same order), so that on parallel shards the evaluation overlaps the clients' training.
 
 The round structure is shared: SCAFFOLD, FedNova and FedDyn (protocols/scaffold.py, fednova.py,
 feddyn.py) subclass `Options`, `Server` and `Client` and override the few points where they
