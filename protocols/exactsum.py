@@ -74,7 +74,29 @@ def _carry(limbs: list[np.ndarray | None]) -> None:
                 nxt += c
 
 
-class Accumulator:
+class _Sums:
+    """What both exact sums read out the same way: the weights' sum and the mean."""
+
+    weights: list[float]
+
+    def total(self) -> dict[str, np.ndarray]:
+        raise NotImplementedError
+
+    def weight(self) -> float:
+        """The sum of the weights, correctly rounded (so independent of order too)."""
+        return math.fsum(self.weights)
+
+    def mean(self, weighted: bool = True) -> dict[str, np.ndarray]:
+        """total / (sum of weights, or the item count) as float32."""
+        if not self.weights:
+            raise ValueError("nothing to average (no items)")
+        d = self.weight() if weighted else float(len(self.weights))
+        if not d > 0:
+            raise ValueError(f"the weights sum to {d}; a mean needs a positive sum")
+        return {n: (t / d).astype(np.float32) for n, t in self.total().items()}
+
+
+class Accumulator(_Sums):
     """A weighted sum of named float32 tensors, exact until read: the same total for any
     order or grouping of the same items."""
 
@@ -299,19 +321,6 @@ class Accumulator:
             out[name] = acc.reshape(shape)
         return out
 
-    def weight(self) -> float:
-        """The sum of the weights, correctly rounded (so independent of order too)."""
-        return math.fsum(self.weights)
-
-    def mean(self, weighted: bool = True) -> dict[str, np.ndarray]:
-        """total / (sum of weights, or the item count) as float32."""
-        if not self.weights:
-            raise ValueError("nothing to average (no items)")
-        d = self.weight() if weighted else float(len(self.weights))
-        if not d > 0:
-            raise ValueError(f"the weights sum to {d}; a mean needs a positive sum")
-        return {n: (t / d).astype(np.float32) for n, t in self.total().items()}
-
 
 def split(packed: Mapping[str, Any], elements: int) -> list[dict[str, Any]]:
     """Cut a `pack` into pieces of at most `elements` sums each (slices of the tensors in name
@@ -363,7 +372,7 @@ def split(packed: Mapping[str, Any], elements: int) -> list[dict[str, Any]]:
 _TINY = math.ldexp(1.0, BASE_EXP + 53)  # below this a float64 may have bits under 2^BASE_EXP
 
 
-class Running:
+class Running(_Sums):
     """The same exact sums as `Accumulator` (the same total and mean, bit for bit) in about
     half the memory, for a server that sums replies as they arrive: one float64 per element
     (`hi`) and, only at the elements where a float64 addition was not exact, the exact
@@ -588,15 +597,3 @@ class Running:
             out[name] = acc.reshape(shape)
         return out
 
-    def weight(self) -> float:
-        """The sum of the weights, correctly rounded (so independent of order too)."""
-        return math.fsum(self.weights)
-
-    def mean(self, weighted: bool = True) -> dict[str, np.ndarray]:
-        """total / (sum of weights, or the item count) as float32."""
-        if not self.weights:
-            raise ValueError("nothing to average (no items)")
-        d = self.weight() if weighted else float(len(self.weights))
-        if not d > 0:
-            raise ValueError(f"the weights sum to {d}; a mean needs a positive sum")
-        return {n: (t / d).astype(np.float32) for n, t in self.total().items()}

@@ -420,9 +420,9 @@ class Server(Protocol):
             if combined is not None:
                 self.model = combined
         r, last = self.round, self.round == self.rounds
-        row: dict[str, Any] = dict(clients=len(replies), sampled=self.gather.need,
-                                   late=self.gather.late, aggregated=aggregated)
-        row.update(self.guard.end_round([src for src, _ in replies] if aggregated else []))
+        counts = dict(clients=len(replies), sampled=self.gather.need, late=self.gather.late,
+                      aggregated=aggregated)
+        guarded = self.guard.end_round([src for src, _ in replies] if aggregated else [])
         trained = _train_means([(item[0], item[2]) for _, item in replies])
         if ctx.shards > 1 and self.streaming:
             # Its own row, so that round rows stay the same for any shard count.
@@ -440,10 +440,8 @@ class Server(Protocol):
         if self.ev.clients > 0 and (r % self.ev.every == 0 or last):
             self.client_summary = self._evaluate_clients(ctx, r)
             extra.update(self.client_summary)
-        ctx.emit("round", r, accuracy=ev and ev["accuracy"], loss=ev and ev["loss"],
-                 **{k: row[k] for k in ("clients", "sampled", "late", "aggregated")}, **extra,
-                 **{k: v for k, v in row.items()
-                    if k not in ("clients", "sampled", "late", "aggregated")})
+        ctx.emit("round", r, accuracy=ev and ev["accuracy"], loss=ev and ev["loss"], **counts,
+                 **extra, **guarded)
         if last:
             self._begin(ctx)  # finishes the run
         elif not began:
